@@ -1,20 +1,218 @@
-"""The `rungate` command line."""
+"""The `rungate` command line: serve, demo, agents, keys, runs, replay, verify, rebuild.
+
+Operator commands work on the database directly (the same event log the server writes), so they run
+beside a live server or without one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from rungate import __version__
+import orjson
+from aiohttp import web
+
+from rungate import __version__, queries
+from rungate.admin import add_provider_key, create_agent
+from rungate.config import Settings, load_settings
+from rungate.crypto import load_keyring
+from rungate.errors import ConfigError, RungateError
+from rungate.log import configure
+from rungate.runs import run_stream
+from rungate.store import EventStore, open_store
+from rungate.views import agent_view, provider_key_view, run_view, step_view
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+async def _with_store(settings: Settings, work: Callable[[EventStore], Awaitable[int]]) -> int:
+    store = open_store(settings)
+    await store.start()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def _serve(settings: Settings) -> int:
+    from rungate.proxy.app import create_app
+
+    app = create_app(settings)
+    print(f"rungate {__version__} listening on http://{settings.host}:{settings.port}"
+          f" (database {settings.database_url}{', mock provider' if settings.mock else ''})", flush=True)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
+
+
+async def _agents_create(store: EventStore, name: str) -> int:
+    row, token = await create_agent(store, name)
+    _print_json(agent_view(row, token))
+    print(f"\nToken (shown once): {token}", file=sys.stderr)
+    return 0
+
+
+async def _agents_list(store: EventStore) -> int:
+    _print_json([agent_view(r) for r in await queries.list_agents(store)])
+    return 0
+
+
+async def _keys_add(settings: Settings, store: EventStore, provider: str, name: str, key_env: str | None) -> int:
+    if key_env:
+        import os
+
+        secret = os.environ.get(key_env)
+        if not secret:
+            raise ConfigError(f"{key_env} is empty or not set")
+    else:
+        import getpass
+
+        secret = getpass.getpass(f"{provider} API key for {name!r}: ") if sys.stdin.isatty() else sys.stdin.readline()
+    row = await add_provider_key(store, load_keyring(settings), provider, name, secret.strip())
+    _print_json(provider_key_view(row))
+    return 0
+
+
+async def _keys_list(store: EventStore) -> int:
+    _print_json([provider_key_view(r) for r in await queries.list_provider_keys(store)])
+    return 0
+
+
+async def _runs_list(store: EventStore, agent_id: str | None, status: str | None, limit: int) -> int:
+    rows, _ = await queries.list_runs(store, agent_id=agent_id, status=status, limit=limit)
+    for row in rows:
+        view = run_view(row)
+        print(f"{view['id']}  {view['status']:<9}  steps={view['step_count']:<4}  spend=${view['spend_usd']:<12}"
+              f"  agent={view['agent_id']}  started={view['started_at']}")
+    if not rows:
+        print("no runs")
+    return 0
+
+
+async def _runs_show(store: EventStore, run_id: str) -> int:
+    row = await queries.get_run(store, run_id)
+    if row is None:
+        print(f"run {run_id} not found", file=sys.stderr)
+        return 1
+    _print_json({**run_view(row), "steps": [step_view(s) for s in await queries.run_steps(store, run_id)]})
+    return 0
+
+
+async def _replay(store: EventStore, run_id: str, after: int) -> int:
+    events = await store.read_stream(run_stream(run_id), after_position=after)
+    if not events and await queries.get_run(store, run_id) is None:
+        print(f"run {run_id} not found", file=sys.stderr)
+        return 1
+    for rec in events:
+        sys.stdout.write(orjson.dumps(rec.as_line()).decode() + "\n")
+    return 0
+
+
+async def _verify(store: EventStore) -> int:
+    report = await store.verify()
+    if report.ok:
+        print(f"ok ({report.events} events)")
+        return 0
+    print(f"broken at position {report.broken_at}: {report.reason}")
+    return 1
+
+
+async def _rebuild(store: EventStore) -> int:
+    count = await store.rebuild()
+    print(f"rebuilt projections from {count} events")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rungate", description="Governance control plane for AI agent runs.")
+    parser.add_argument("--version", action="version", version=f"rungate {__version__}")
+    parser.add_argument("--config", help="YAML configuration file (or RUNGATE_CONFIG)")
+    parser.add_argument("--database-url", help="override RUNGATE_DATABASE_URL")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy and the admin API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--mock", action="store_true", default=None, help="route every call to the built-in mock")
+
+    demo = sub.add_parser("demo", help="run a short scripted agent through the mock provider")
+    demo.add_argument("--port", type=int, default=0)
+
+    agents = sub.add_parser("agents", help="manage agents").add_subparsers(dest="action", required=True)
+    agents.add_parser("create").add_argument("name")
+    agents.add_parser("list")
+
+    keys = sub.add_parser("keys", help="manage provider keys").add_subparsers(dest="action", required=True)
+    add = keys.add_parser("add", help="store a provider key (read from stdin, or --from-env VAR)")
+    add.add_argument("provider", choices=("openai", "anthropic"))
+    add.add_argument("name")
+    add.add_argument("--from-env", metavar="VAR")
+    keys.add_parser("list")
+
+    runs = sub.add_parser("runs", help="inspect runs").add_subparsers(dest="action", required=True)
+    runs_list = runs.add_parser("list")
+    runs_list.add_argument("--agent-id")
+    runs_list.add_argument("--status")
+    runs_list.add_argument("--limit", type=int, default=50)
+    runs.add_parser("show").add_argument("run_id")
+
+    replay = sub.add_parser("replay", help="print a run's events as NDJSON")
+    replay.add_argument("run_id")
+    replay.add_argument("--after", type=int, default=0)
+    sub.add_parser("verify", help="check the event log's hash chain")
+    sub.add_parser("rebuild", help="drop the projections and replay the log into them")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="rungate", description="Governance control plane for AI agent runs.")
-    parser.add_argument("--version", action="version", version=f"rungate {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        overrides: dict[str, Any] = {"database_url": args.database_url}
+        if args.command == "serve":
+            overrides.update(host=args.host, port=args.port, mock=args.mock)
+        settings = load_settings(config_file=args.config, **overrides)
+        configure(settings.log_format, settings.log_level)
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "demo":
+            from rungate.demo import run_demo
+
+            return asyncio.run(run_demo(settings, args.port))
+        return asyncio.run(_with_store(settings, lambda store: _dispatch(args, settings, store)))
+    except ConfigError as exc:
+        print(f"configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    except RungateError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings, store: EventStore) -> int:
+    match (args.command, getattr(args, "action", None)):
+        case ("agents", "create"):
+            return await _agents_create(store, args.name)
+        case ("agents", "list"):
+            return await _agents_list(store)
+        case ("keys", "add"):
+            return await _keys_add(settings, store, args.provider, args.name, args.from_env)
+        case ("keys", "list"):
+            return await _keys_list(store)
+        case ("runs", "list"):
+            return await _runs_list(store, args.agent_id, args.status, args.limit)
+        case ("runs", "show"):
+            return await _runs_show(store, args.run_id)
+        case ("replay", _):
+            return await _replay(store, args.run_id, args.after)
+        case ("verify", _):
+            return await _verify(store)
+        case ("rebuild", _):
+            return await _rebuild(store)
+    raise ConfigError(f"unknown command {args.command}")
 
 
 if __name__ == "__main__":

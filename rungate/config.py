@@ -217,10 +217,10 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     doc = _read_file(path) if path else {}
     raw: dict[str, Any] = dict(doc.get("server") or {})
     names = {name: f"RUNGATE_CONFIG server.{name}" for name in raw}
-    for name, var, *_ in SETTINGS_DOC:
-        if var in env and name != "config":
-            raw[name] = env[var]
-            names[name] = var
+    for name, variable, *_ in SETTINGS_DOC:
+        if variable in env and name != "config":
+            raw[name] = env[variable]
+            names[name] = variable
     for name, value in overrides.items():
         if value is not None:
             raw[name] = value

@@ -1,0 +1,14 @@
+"""Projections: pure folds from recorded events to read-model rows.
+
+A projection turns one recorded event into SQL statements against its own tables; the store executes
+them in the same transaction as the append, so what enforcement reads is never stale. Nothing here does
+I/O, reads a clock or knows HTTP; replaying the log gives the same rows, byte for byte.
+"""
+
+from projections.agents import AgentsProjection
+from projections.base import Projection, Statement
+from projections.runs import RunsProjection
+
+ALL: tuple[Projection, ...] = (AgentsProjection(), RunsProjection())
+
+__all__ = ["ALL", "Projection", "Statement"]

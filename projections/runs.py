@@ -1,0 +1,119 @@
+"""Runs and steps: run state, step count, tokens, spend and open reservations per run; one row per step."""
+
+from __future__ import annotations
+
+import orjson
+
+from projections.base import Projection, Statement
+from rungate.events import Recorded
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+class RunsProjection(Projection):
+    name = "runs"
+    tables = ("steps", "runs")
+    ddl = (
+        """CREATE TABLE IF NOT EXISTS runs (
+            id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT NOT NULL, auto INTEGER NOT NULL,
+            policy TEXT, started_at TEXT NOT NULL, ended_at TEXT, ended_reason TEXT,
+            metadata TEXT NOT NULL DEFAULT '{}', step_count INTEGER NOT NULL DEFAULT 0,
+            tokens_input BIGINT NOT NULL DEFAULT 0, tokens_output BIGINT NOT NULL DEFAULT 0,
+            spend_pusd BIGINT NOT NULL DEFAULT 0, reserved_pusd BIGINT NOT NULL DEFAULT 0,
+            unpriced_steps INTEGER NOT NULL DEFAULT 0, last_activity_at TEXT NOT NULL,
+            position BIGINT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS runs_agent_status ON runs (agent_id, status, auto)",
+        "CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at)",
+        """CREATE TABLE IF NOT EXISTS steps (
+            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+            endpoint TEXT, provider TEXT, model TEXT, tool TEXT, stream INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL, http_status INTEGER, tokens_input BIGINT NOT NULL DEFAULT 0,
+            tokens_output BIGINT NOT NULL DEFAULT 0, tokens_cached BIGINT NOT NULL DEFAULT 0,
+            tokens_cache_write BIGINT NOT NULL DEFAULT 0, tokens_reasoning BIGINT NOT NULL DEFAULT 0,
+            reserved_pusd BIGINT NOT NULL DEFAULT 0, cost_pusd BIGINT, unpriced INTEGER NOT NULL DEFAULT 0,
+            estimated INTEGER NOT NULL DEFAULT 0, latency_ms INTEGER, error TEXT,
+            tool_calls TEXT NOT NULL DEFAULT '[]', started_at TEXT NOT NULL, ended_at TEXT,
+            position BIGINT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS steps_run ON steps (run_id, seq)",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handlers.update({
+            "RunStarted": self._run_started,
+            "RunCompleted": self._run_completed,
+            "StepStarted": self._step_started,
+            "StepCompleted": self._step_completed,
+            "ToolStepLogged": self._tool_step,
+        })
+
+    def _run_started(self, rec: Recorded) -> list[Statement]:
+        d = rec.data
+        policy = _json(d["policy"]) if d.get("policy") else None
+        return [("INSERT INTO runs (id, agent_id, status, auto, policy, started_at, last_activity_at, position)"
+                 " VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
+                 (d["run_id"], d["agent_id"], int(d["auto"]), policy, rec.recorded_at, rec.recorded_at,
+                  rec.position))]
+
+    def _run_completed(self, rec: Recorded) -> list[Statement]:
+        d = rec.data
+        return [("UPDATE runs SET status = ?, ended_at = ?, ended_reason = ?, metadata = ?, position = ?"
+                 " WHERE id = ?",
+                 (d["status"], rec.recorded_at, d["ended_reason"], _json(d.get("metadata") or {}),
+                  rec.position, d["run_id"]))]
+
+    def _step_started(self, rec: Recorded) -> list[Statement]:
+        d = rec.data
+        return [
+            ("INSERT INTO steps (id, run_id, seq, kind, endpoint, provider, model, stream, status,"
+             " reserved_pusd, started_at, position)"
+             " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), ?, ?, ?, ?, ?, 'started', ?, ?, ?)",
+             (d["step_id"], d["run_id"], d["run_id"], d["kind"], d["endpoint"], d["provider"], d["model"],
+              int(d["stream"]), d["reserved_pusd"], rec.recorded_at, rec.position)),
+            ("UPDATE runs SET step_count = step_count + 1, reserved_pusd = reserved_pusd + ?,"
+             " last_activity_at = ?, position = ? WHERE id = ?",
+             (d["reserved_pusd"], rec.recorded_at, rec.position, d["run_id"])),
+        ]
+
+    def _step_completed(self, rec: Recorded) -> list[Statement]:
+        d = rec.data
+        u = d["usage"]
+        total_input = u.get("input", 0) + u.get("cached", 0) + u.get("cache_write", 0) + u.get("cache_write_1h", 0)
+        cost = d["cost_pusd"]
+        return [
+            # Release the reservation first: it reads the step's reserved amount before the step is closed.
+            ("UPDATE runs SET reserved_pusd = reserved_pusd - (SELECT reserved_pusd FROM steps WHERE id = ?),"
+             " tokens_input = tokens_input + ?, tokens_output = tokens_output + ?,"
+             " spend_pusd = spend_pusd + ?, unpriced_steps = unpriced_steps + ?,"
+             " last_activity_at = ?, position = ? WHERE id = ?",
+             (d["step_id"], total_input, u.get("output", 0), cost or 0, int(d["unpriced"]), rec.recorded_at,
+              rec.position, d["run_id"])),
+            ("UPDATE steps SET status = ?, http_status = ?, provider = ?, model = ?, tokens_input = ?,"
+             " tokens_output = ?, tokens_cached = ?, tokens_cache_write = ?, tokens_reasoning = ?,"
+             " reserved_pusd = 0, cost_pusd = ?, unpriced = ?, estimated = ?, latency_ms = ?, error = ?,"
+             " tool_calls = ?, ended_at = ?, position = ? WHERE id = ?",
+             (d["status"], d.get("http_status"), d["provider"], d["model"], total_input, u.get("output", 0),
+              u.get("cached", 0), u.get("cache_write", 0) + u.get("cache_write_1h", 0), u.get("reasoning", 0),
+              cost, int(d["unpriced"]), int(d["estimated"]), d["latency_ms"], d.get("error"),
+              _json(d.get("tool_calls") or []), rec.recorded_at, rec.position, d["step_id"])),
+        ]
+
+    def _tool_step(self, rec: Recorded) -> list[Statement]:
+        d = rec.data
+        u = d.get("usage") or {}
+        cost = d.get("cost_pusd")
+        return [
+            ("INSERT INTO steps (id, run_id, seq, kind, provider, tool, status, tokens_input, tokens_output,"
+             " cost_pusd, latency_ms, error, started_at, ended_at, position)"
+             " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), 'tool', ?, ?, ?, ?, ?, ?, ?, ?,"
+             " ?, ?, ?)",
+             (d["step_id"], d["run_id"], d["run_id"], d.get("provider"), d["tool"], d["status"],
+              u.get("input", 0), u.get("output", 0), cost, d.get("latency_ms", 0), d.get("error"),
+              rec.recorded_at, rec.recorded_at, rec.position)),
+            ("UPDATE runs SET step_count = step_count + 1, tokens_input = tokens_input + ?,"
+             " tokens_output = tokens_output + ?, spend_pusd = spend_pusd + ?, last_activity_at = ?,"
+             " position = ? WHERE id = ?",
+             (u.get("input", 0), u.get("output", 0), cost or 0, rec.recorded_at, rec.position, d["run_id"])),
+        ]

@@ -1,0 +1,145 @@
+"""Operator commands shared by the admin API and the CLI: agents and provider keys.
+
+Each is a store command, so names stay unique under concurrency and every change is an event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rungate.crypto import Keyring, key_hint
+from rungate.errors import BadRequest, Conflict, NotFound
+from rungate.events import NewEvent, stream_name
+from rungate.events.catalogue import (
+    AgentCreated,
+    AgentTokenRotated,
+    AgentUpdated,
+    ProviderKeyAdded,
+    ProviderKeyRemoved,
+)
+from rungate.ids import new_id, new_token, token_hash
+from rungate.store import EventStore, Lookup, Row
+
+PROVIDERS = ("openai", "anthropic")
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise BadRequest(f"{what} name must be a non-empty string of at most 200 characters.", code="invalid_name")
+    return name.strip()
+
+
+@dataclass
+class CreateAgent:
+    name: str
+    metadata: dict[str, Any]
+    agent_id: str = field(default_factory=lambda: new_id("agt"))
+    token: str = field(default_factory=lambda: new_token("rg_agt"))
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("agents", name=self.name),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        if found[self.lookups()[0]] is not None:
+            raise Conflict(f"An agent named {self.name!r} already exists.", code="name_taken")
+        return (NewEvent(stream_name("agent", self.agent_id), AgentCreated(
+            agent_id=self.agent_id, name=self.name, token_hash=token_hash(self.token), metadata=self.metadata)),)
+
+
+@dataclass
+class RotateAgentToken:
+    agent_id: str
+    token: str = field(default_factory=lambda: new_token("rg_agt"))
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("agents", id=self.agent_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        if found[self.lookups()[0]] is None:
+            raise NotFound(f"Agent {self.agent_id} not found.")
+        return (NewEvent(stream_name("agent", self.agent_id),
+                         AgentTokenRotated(agent_id=self.agent_id, token_hash=token_hash(self.token))),)
+
+
+@dataclass
+class UpdateAgent:
+    agent_id: str
+    name: str | None
+    disabled: bool | None
+    metadata: dict[str, Any] | None
+
+    def lookups(self) -> Sequence[Lookup]:
+        out = [Lookup.of("agents", id=self.agent_id)]
+        if self.name is not None:
+            out.append(Lookup.of("agents", name=self.name))
+        return out
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        lookups = self.lookups()
+        if found[lookups[0]] is None:
+            raise NotFound(f"Agent {self.agent_id} not found.")
+        if len(lookups) > 1 and (other := found[lookups[1]]) is not None and other["id"] != self.agent_id:
+            raise Conflict(f"An agent named {self.name!r} already exists.", code="name_taken")
+        return (NewEvent(stream_name("agent", self.agent_id), AgentUpdated(
+            agent_id=self.agent_id, name=self.name, disabled=self.disabled, metadata=self.metadata)),)
+
+
+@dataclass
+class AddProviderKey:
+    name: str
+    provider: str
+    nonce: str
+    ciphertext: str
+    hint: str
+    key_id: str
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("provider_keys", name=self.name),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        if found[self.lookups()[0]] is not None:
+            raise Conflict(f"A provider key named {self.name!r} already exists.", code="name_taken")
+        return (NewEvent(stream_name("provkey", self.key_id), ProviderKeyAdded(
+            key_id=self.key_id, name=self.name, provider=self.provider, nonce=self.nonce,
+            ciphertext=self.ciphertext, hint=self.hint)),)
+
+
+@dataclass
+class RemoveProviderKey:
+    key_id: str
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("provider_keys", id=self.key_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        if found[self.lookups()[0]] is None:
+            raise NotFound(f"Provider key {self.key_id} not found.")
+        return (NewEvent(stream_name("provkey", self.key_id), ProviderKeyRemoved(key_id=self.key_id)),)
+
+
+async def create_agent(store: EventStore, name: Any, metadata: Any = None) -> tuple[Row, str]:
+    """Create an agent; returns its row and the token (shown once)."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadRequest("metadata must be an object.", code="invalid_metadata")
+    command = CreateAgent(_check_name(name, "Agent"), metadata or {})
+    await store.execute(command)
+    row = await store.fetchone("SELECT * FROM agents WHERE id = ?", (command.agent_id,))
+    assert row is not None
+    return row, command.token
+
+
+async def add_provider_key(store: EventStore, keyring: Keyring, provider: Any, name: Any, secret: Any) -> Row:
+    """Store a provider key encrypted; returns its row (without the secret)."""
+    if provider not in PROVIDERS:
+        raise BadRequest(f"provider must be one of {', '.join(PROVIDERS)}.", code="invalid_provider")
+    if not isinstance(secret, str) or len(secret.strip()) < 8:
+        raise BadRequest("api_key must be a string of at least 8 characters.", code="invalid_api_key")
+    key_id = new_id("pk")
+    nonce, ciphertext = keyring.encrypt(key_id, secret.strip())
+    await store.execute(AddProviderKey(_check_name(name, "Key"), provider, nonce, ciphertext,
+                                       key_hint(secret.strip()), key_id))
+    row = await store.fetchone("SELECT * FROM provider_keys WHERE id = ?", (key_id,))
+    assert row is not None
+    return row

@@ -1,0 +1,244 @@
+"""Admin and audit routes under `/api` (admin token), plus `/health` and `/openapi.json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from rungate import __version__, queries
+from rungate.admin import (
+    RemoveProviderKey,
+    RotateAgentToken,
+    UpdateAgent,
+    add_provider_key,
+    create_agent,
+)
+from rungate.auth import check_admin
+from rungate.errors import BadRequest, NotFound, StoreError
+from rungate.openapi import load_spec
+from rungate.proxy.bodies import read_json_object
+from rungate.proxy.keys import KEYRING, SETTINGS, STORE
+from rungate.runs import run_stream
+from rungate.views import agent_view, provider_key_view, run_view, step_view
+
+routes = web.RouteTableDef()
+
+
+def _data(value: Any, status: int = 200, **extra: Any) -> web.Response:
+    return web.json_response({"data": value, **extra}, status=status, dumps=lambda v: orjson.dumps(v).decode())
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    check_admin(request, request.app[SETTINGS])
+    return (await read_json_object(request, request.app[SETTINGS].max_body_bytes, allow_empty=True))[1]
+
+
+def _admin(request: web.Request) -> None:
+    check_admin(request, request.app[SETTINGS])
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"`{name}` must be an integer.", code="invalid_parameter") from None
+    if not low <= value <= high:
+        raise BadRequest(f"`{name}` must be between {low} and {high}.", code="invalid_parameter")
+    return value
+
+
+# --- health and spec --------------------------------------------------------------------------------
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    try:
+        await request.app[STORE].ping()
+    except StoreError:
+        return web.json_response({"status": "unavailable", "version": __version__, "database": "unreachable"},
+                                 status=503)
+    return web.json_response({"status": "ok", "version": __version__, "database": "ok"})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(load_spec())
+
+
+# --- agents -----------------------------------------------------------------------------------------
+
+@routes.post("/api/agents")
+async def agents_create(request: web.Request) -> web.Response:
+    body = await _body(request)
+    row, token = await create_agent(request.app[STORE], body.get("name"), body.get("metadata"))
+    return _data(agent_view(row, token), status=201)
+
+
+@routes.get("/api/agents")
+async def agents_list(request: web.Request) -> web.Response:
+    _admin(request)
+    rows = await queries.list_agents(request.app[STORE])
+    return _data([agent_view(r) for r in rows], next=None)
+
+
+async def _agent_or_404(request: web.Request, agent_id: str) -> dict[str, Any]:
+    row = await queries.get_agent(request.app[STORE], agent_id)
+    if row is None:
+        raise NotFound(f"Agent {agent_id} not found.")
+    return row
+
+
+@routes.get("/api/agents/{agent_id}")
+async def agents_get(request: web.Request) -> web.Response:
+    _admin(request)
+    return _data(agent_view(await _agent_or_404(request, request.match_info["agent_id"])))
+
+
+def _agent_changes(body: dict[str, Any]) -> tuple[str | None, bool | None, dict[str, Any] | None]:
+    name, metadata, disabled = body.get("name"), body.get("metadata"), None
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise BadRequest("name must be a non-empty string.", code="invalid_name")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadRequest("metadata must be an object.", code="invalid_metadata")
+    if "status" in body:
+        if body["status"] not in ("active", "disabled"):
+            raise BadRequest("status must be active or disabled.", code="invalid_status")
+        disabled = body["status"] == "disabled"
+    if "disabled" in body:
+        if not isinstance(body["disabled"], bool):
+            raise BadRequest("disabled must be a boolean.", code="invalid_disabled")
+        disabled = body["disabled"]
+    return name, disabled, metadata
+
+
+@routes.put("/api/agents/{agent_id}")
+@routes.patch("/api/agents/{agent_id}")
+async def agents_update(request: web.Request) -> web.Response:
+    body = await _body(request)
+    agent_id = request.match_info["agent_id"]
+    name, disabled, metadata = _agent_changes(body)
+    await request.app[STORE].execute(UpdateAgent(agent_id, name, disabled, metadata))
+    return _data(agent_view(await _agent_or_404(request, agent_id)))
+
+
+@routes.put("/api/agents/by-name/{name}")
+async def agents_upsert(request: web.Request) -> web.Response:
+    body = await _body(request)
+    store = request.app[STORE]
+    existing = await queries.agent_by_name(store, request.match_info["name"])
+    if existing is None:
+        row, token = await create_agent(store, request.match_info["name"], body.get("metadata"))
+        return _data(agent_view(row, token), status=201)
+    _, disabled, metadata = _agent_changes(body)
+    await store.execute(UpdateAgent(existing["id"], None, disabled, metadata))
+    return _data(agent_view(await _agent_or_404(request, existing["id"])))
+
+
+@routes.post("/api/agents/{agent_id}/rotate-key")
+async def agents_rotate(request: web.Request) -> web.Response:
+    await _body(request)
+    command = RotateAgentToken(request.match_info["agent_id"])
+    await request.app[STORE].execute(command)
+    return _data(agent_view(await _agent_or_404(request, command.agent_id), command.token))
+
+
+# --- provider keys ----------------------------------------------------------------------------------
+
+@routes.post("/api/provider-keys")
+async def keys_create(request: web.Request) -> web.Response:
+    body = await _body(request)
+    row = await add_provider_key(request.app[STORE], request.app[KEYRING], body.get("provider"),
+                                 body.get("name"), body.get("api_key"))
+    return _data(provider_key_view(row), status=201)
+
+
+@routes.get("/api/provider-keys")
+async def keys_list(request: web.Request) -> web.Response:
+    _admin(request)
+    rows = await queries.list_provider_keys(request.app[STORE], request.query.get("provider"))
+    return _data([provider_key_view(r) for r in rows], next=None)
+
+
+@routes.get("/api/provider-keys/{key_id}")
+async def keys_get(request: web.Request) -> web.Response:
+    _admin(request)
+    row = await queries.get_provider_key(request.app[STORE], request.match_info["key_id"])
+    if row is None:
+        raise NotFound(f"Provider key {request.match_info['key_id']} not found.")
+    return _data(provider_key_view(row))
+
+
+@routes.delete("/api/provider-keys/{key_id}")
+async def keys_delete(request: web.Request) -> web.Response:
+    _admin(request)
+    await request.app[STORE].execute(RemoveProviderKey(request.match_info["key_id"]))
+    return _data({"id": request.match_info["key_id"], "deleted": True})
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+@routes.get("/api/runs")
+async def runs_list(request: web.Request) -> web.Response:
+    _admin(request)
+    q = request.query
+    rows, next_cursor = await queries.list_runs(
+        request.app[STORE], agent_id=q.get("agent_id"), status=q.get("status"), since=q.get("since"),
+        until=q.get("until"), limit=_int_param(request, "limit", 50, 1, 500), cursor=q.get("cursor"))
+    return _data([run_view(r) for r in rows], next=next_cursor)
+
+
+async def _run_or_404(request: web.Request) -> dict[str, Any]:
+    row = await queries.get_run(request.app[STORE], request.match_info["run_id"])
+    if row is None:
+        raise NotFound(f"Run {request.match_info['run_id']} not found.")
+    return row
+
+
+@routes.get("/api/runs/{run_id}")
+async def runs_get(request: web.Request) -> web.Response:
+    _admin(request)
+    return _data(run_view(await _run_or_404(request)))
+
+
+@routes.get("/api/runs/{run_id}/steps")
+async def runs_steps(request: web.Request) -> web.Response:
+    _admin(request)
+    run = await _run_or_404(request)
+    return _data([step_view(r) for r in await queries.run_steps(request.app[STORE], run["id"])], next=None)
+
+
+@routes.get("/api/runs/{run_id}/ledger")
+async def runs_ledger(request: web.Request) -> web.Response:
+    _admin(request)
+    run = await _run_or_404(request)
+    steps = [step_view(r) for r in await queries.run_steps(request.app[STORE], run["id"])]
+    view = run_view(run)
+    return _data({"run_id": run["id"], "spend_usd": view["spend_usd"], "reserved_usd": view["reserved_usd"],
+                  "entries": [{"step_id": s["id"], "kind": s["kind"], "model": s["model"], "tool": s["tool"],
+                               "status": s["status"], "cost_usd": s["cost_usd"], "unpriced": s["unpriced"],
+                               "estimated": s["estimated"], "at": s["ended_at"] or s["started_at"]}
+                              for s in steps]})
+
+
+@routes.get("/api/runs/{run_id}/events")
+async def runs_events(request: web.Request) -> web.StreamResponse:
+    """The run's event stream as NDJSON, exactly as stored, after `?after=POSITION`."""
+    _admin(request)
+    run = await _run_or_404(request)
+    after = _int_param(request, "after", 0, 0, 2**62)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    store = request.app[STORE]
+    while True:
+        batch = await store.read_stream(run_stream(run["id"]), after_position=after, limit=1000)
+        for rec in batch:
+            await response.write(orjson.dumps(rec.as_line()) + b"\n")
+        if len(batch) < 1000:
+            break
+        after = batch[-1].position
+    await response.write_eof()
+    return response

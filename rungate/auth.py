@@ -1,0 +1,47 @@
+"""Who is calling: agent tokens (`rg_agt_…`, stored as SHA-256) and admin tokens (`rg_adm_…`).
+
+Lookups go by the token's SHA-256, so the database never compares a secret; the admin token is checked
+with a constant-time comparison of digests.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from rungate.config import Settings
+from rungate.errors import Unauthorized
+from rungate.ids import token_hash
+from rungate.store import EventStore, Row
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token from `Authorization: Bearer …` or `x-api-key` (Anthropic SDKs send either)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    api_key = request.headers.get("x-api-key", "").strip()
+    return api_key or None
+
+
+async def authenticate_agent(request: web.Request, store: EventStore) -> Row:
+    """The calling agent's row; `Unauthorized` when the token is missing or unknown."""
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Missing agent token: send Authorization: Bearer rg_agt_… or x-api-key.")
+    row = await store.fetchone("SELECT id, name, disabled FROM agents WHERE token_hash = ?", (token_hash(token),))
+    if row is None:
+        raise Unauthorized("Unknown agent token.")
+    return row
+
+
+def check_admin(request: web.Request, settings: Settings) -> None:
+    """Accept only the configured admin token; `Unauthorized` otherwise (also when none is configured)."""
+    token = bearer_token(request)
+    expected = settings.admin_token
+    if token is None or expected is None:
+        raise Unauthorized("Admin token required: send Authorization: Bearer rg_adm_….")
+    if not hmac.compare_digest(token_hash(token), token_hash(expected.get_secret_value())):
+        raise Unauthorized("Unknown admin token.")

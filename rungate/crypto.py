@@ -1,0 +1,63 @@
+"""Provider-key encryption: AES-256-GCM under the master key, a fresh 96-bit nonce per record, and the
+key's id as associated data so a ciphertext cannot be moved to another record."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from rungate.config import Settings, parse_master_key
+from rungate.errors import ConfigError, StoreError
+
+
+class Keyring:
+    """Encrypts and decrypts provider keys; the plaintext never leaves this object except to go upstream."""
+
+    def __init__(self, master_key: bytes) -> None:
+        if len(master_key) != 32:
+            raise ConfigError("RUNGATE_MASTER_KEY must be 32 bytes")
+        self._aead = AESGCM(master_key)
+
+    def encrypt(self, key_id: str, plaintext: str) -> tuple[str, str]:
+        """Returns (nonce, ciphertext), both base64."""
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, plaintext.encode("utf-8"), key_id.encode("utf-8"))
+        return base64.b64encode(nonce).decode(), base64.b64encode(sealed).decode()
+
+    def decrypt(self, key_id: str, nonce: str, ciphertext: str) -> str:
+        try:
+            plain = self._aead.decrypt(base64.b64decode(nonce), base64.b64decode(ciphertext), key_id.encode())
+        except (InvalidTag, ValueError) as exc:
+            raise StoreError(f"provider key {key_id} does not decrypt under the configured master key") from exc
+        return plain.decode("utf-8")
+
+
+def key_hint(secret: str) -> str:
+    """At most the last four characters, so an operator can tell keys apart."""
+    return f"…{secret[-4:]}" if len(secret) >= 12 else "…"
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    """The keyring from `RUNGATE_MASTER_KEY`, or from a key file created once beside the SQLite database.
+
+    The generated file is written with mode 0600; losing it makes stored provider keys unreadable, so
+    production deployments should set `RUNGATE_MASTER_KEY` explicitly.
+    """
+    if settings.master_key is not None:
+        return Keyring(settings.master_key_bytes())
+    db_path = settings.sqlite_path
+    if db_path is None:
+        raise ConfigError("RUNGATE_MASTER_KEY must be set when the database is PostgreSQL")
+    key_path = Path(f"{db_path}.key")
+    if not key_path.exists():
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_bytes(32).hex() + "\n")
+    return Keyring(parse_master_key(key_path.read_text().strip(), str(key_path)))

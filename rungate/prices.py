@@ -1,0 +1,405 @@
+"""The shipped price table and the cost of a call, in exact decimal USD.
+
+Prices are USD per 1 million tokens, read from the newest `rungate/data/prices-YYYY-MM-DD.json` (decimal
+strings, never floats) and optionally overridden per model by the configuration's `prices` section.
+
+Contracts:
+
+- A model without a price is *unknown*: `PriceTable.lookup` and `PriceTable.cost` return `None`, never 0.
+  Callers must treat an unknown cost as "charge the reservation", not as free.
+- `cost` is exact: `Decimal` arithmetic with no rounding anywhere (a rounding would raise).
+- Money inside Rungate is an integer number of pico-USD (1e-12 USD); `to_pico` converts a cost, rounding a
+  sub-pico remainder up, and `format_usd` renders pico-USD as the decimal string used on the wire.
+- NaN, Infinity and negative prices are refused with `ConfigError`, whether in the data file or overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from decimal import (
+    Context,
+    Decimal,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    Rounded,
+    localcontext,
+)
+from importlib import resources
+from types import MappingProxyType
+from typing import Any
+
+from rungate.errors import ConfigError
+from rungate.usage import Usage
+
+__all__ = ["PRICE_KEYS", "ModelPrice", "PriceTable", "format_usd", "to_pico"]
+
+PRICE_KEYS: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
+"""The price fields of a model: what the data file and overrides may set (USD per 1M tokens)."""
+
+_REQUIRED_PRICES = ("input", "output")
+_ENTRY_KEYS = frozenset(PRICE_KEYS) | {"provider", "max_output_tokens", "kind", "note"}
+_DATA_PACKAGE = "rungate"
+_DATA_DIR = "data"
+_DATA_FILE = re.compile(r"^prices-\d{4}-\d{2}-\d{2}\.json$")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_SNAPSHOT = re.compile(
+    r"^(?P<base>.+?)-(?:(?:19|20)\d{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+    r"|(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))$"
+)
+_PER_TOKENS = Decimal(1_000_000)
+_PICO_DIGITS = 12
+_PICO_PER_USD = 10**_PICO_DIGITS
+_MAX_ADJUSTED = 30  # `to_pico` refuses amounts of 1e30 USD or more instead of building a huge integer
+# Cost arithmetic runs in this context: any rounding or overflow raises instead of silently losing money.
+_EXACT = Context(prec=200, traps=[InvalidOperation, DivisionByZero, Overflow, Inexact, Rounded])
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """The prices of one model, USD per 1M tokens; all finite and non-negative.
+
+    `cache_read`, `cache_write` and `cache_write_1h` of `None` mean "billed at the next rate down":
+    a cache read or 5-minute write at `input`, a 1-hour write at `cache_write` (else `input`).
+    `reasoning` of `None` means reasoning tokens are billed as output (both vendors do so today).
+    `max_output_tokens` is the model's output limit, used for worst-case reservations; `None` if unknown.
+    `kind` is `"chat"` or `"embedding"`.
+    """
+
+    model: str
+    provider: str | None
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+    reasoning: Decimal | None = None
+    max_output_tokens: int | None = None
+    kind: str = "chat"
+
+    def __post_init__(self) -> None:
+        for key in PRICE_KEYS:
+            value = getattr(self, key)
+            if value is None and key not in _REQUIRED_PRICES:
+                continue
+            if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
+                raise ValueError(f"{self.model}: {key} must be a finite Decimal >= 0, got {value!r}")
+        limit = self.max_output_tokens
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"{self.model}: max_output_tokens must be an int >= 0, got {limit!r}")
+
+    def cost(self, usage: Usage) -> Decimal:
+        """The exact USD cost of `usage` at these prices (reference §5.3); no rounding.
+
+        Reasoning tokens are part of `usage.output`; when `reasoning` is priced they are billed at that
+        rate instead of `output`. Raises `ValueError` if a token count is negative.
+        """
+        counts = usage.as_dict()
+        for key, count in counts.items():
+            if count < 0:
+                raise ValueError(f"usage.{key} must be >= 0, got {count}")
+        cache_read = self.cache_read if self.cache_read is not None else self.input
+        cache_write = self.cache_write if self.cache_write is not None else self.input
+        cache_write_1h = self.cache_write_1h if self.cache_write_1h is not None else cache_write
+        with localcontext(_EXACT):
+            total = (
+                usage.input * self.input
+                + usage.cached * cache_read
+                + usage.cache_write * cache_write
+                + usage.cache_write_1h * cache_write_1h
+            )
+            if self.reasoning is None:
+                total += usage.output * self.output
+            else:
+                reasoning = min(usage.reasoning, usage.output)
+                total += (usage.output - reasoning) * self.output + reasoning * self.reasoning
+            return total / _PER_TOKENS
+
+    def max_cost(self, input_tokens: int, max_output_tokens: int | None = None) -> Decimal:
+        """The worst-case USD cost of a call, for admission and reservation.
+
+        `input_tokens` at the `input` rate plus the output limit (`max_output_tokens`, else the model's own
+        limit, else 0) at the higher of the `output` and `reasoning` rates. Cache writes are not assumed.
+        Raises `ValueError` if a count is negative.
+        """
+        if input_tokens < 0:
+            raise ValueError(f"input_tokens must be >= 0, got {input_tokens}")
+        if max_output_tokens is not None and max_output_tokens < 0:
+            raise ValueError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
+        limit = max_output_tokens if max_output_tokens is not None else (self.max_output_tokens or 0)
+        output_rate = max(self.output, self.reasoning or Decimal(0))
+        with localcontext(_EXACT):
+            return (input_tokens * self.input + limit * output_rate) / _PER_TOKENS
+
+
+class PriceTable:
+    """Model prices by name, with lenient name resolution; immutable once built.
+
+    Build it with `PriceTable.load()` (the shipped file plus configured overrides) or `from_data`.
+    """
+
+    def __init__(self, models: Mapping[str, ModelPrice], *, as_of: str) -> None:
+        self._as_of = as_of
+        self._models: dict[str, ModelPrice] = {}
+        self._index: dict[str, ModelPrice] = {}
+        for name, price in models.items():
+            if name.lower() in self._index:
+                raise ValueError(f"model {name!r} is listed twice (names are case-insensitive)")
+            self._models[name] = price
+            self._index[name.lower()] = price
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Mapping[str, Decimal]] | None = None) -> PriceTable:
+        """Read the newest shipped `data/prices-*.json` and apply `overrides`.
+
+        `overrides` maps a model name (optionally `provider/model`) to some of `PRICE_KEYS`. A known model
+        gets those prices replaced; an unknown one is added and then needs both `input` and `output`.
+        Raises `ConfigError` for a bad data file or override (naming the model and key).
+        """
+        folder = resources.files(_DATA_PACKAGE).joinpath(_DATA_DIR)
+        names = sorted(entry.name for entry in folder.iterdir() if _DATA_FILE.match(entry.name))
+        if not names:
+            raise ConfigError(f"no {_DATA_DIR}/prices-YYYY-MM-DD.json in package {_DATA_PACKAGE}")
+        source = f"{_DATA_DIR}/{names[-1]}"
+        try:
+            text = folder.joinpath(names[-1]).read_text(encoding="utf-8")
+            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"price table {source} cannot be read: {exc}") from None
+        return cls.from_data(data, overrides, source=source)
+
+    @classmethod
+    def from_data(cls, data: Any, overrides: Mapping[str, Mapping[str, Decimal]] | None = None, *,
+                  source: str = "price table") -> PriceTable:
+        """Build a table from a parsed price document (the data file's shape) and apply `overrides`.
+
+        Raises `ConfigError`, naming `source` and the offending model and key, on any invalid entry.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: must be a JSON object")
+        as_of = data.get("as_of")
+        if not isinstance(as_of, str) or not _ISO_DATE.match(as_of):
+            raise ConfigError(f"{source}: as_of must be a YYYY-MM-DD string")
+        raw_models = data.get("models")
+        if not isinstance(raw_models, Mapping) or not raw_models:
+            raise ConfigError(f"{source}: models must be a non-empty object")
+        models: dict[str, ModelPrice] = {}
+        seen: set[str] = set()
+        for name, entry in raw_models.items():
+            if not isinstance(name, str) or not name or name.lower() in seen:
+                raise ConfigError(f"{source}: model name {name!r} is empty or listed twice")
+            seen.add(name.lower())
+            models[name] = _parse_entry(name, entry, source)
+        table = cls(models, as_of=as_of)
+        return table._with_overrides(overrides) if overrides else table
+
+    @property
+    def as_of(self) -> str:
+        """The date (YYYY-MM-DD) the shipped prices were taken."""
+        return self._as_of
+
+    @property
+    def models(self) -> Mapping[str, ModelPrice]:
+        """Every priced model by its table name (read-only)."""
+        return MappingProxyType(self._models)
+
+    def __iter__(self) -> Iterator[ModelPrice]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def lookup(self, model: str) -> ModelPrice | None:
+        """The prices of `model`, or `None` if it is not priced (never a zero price).
+
+        Resolution, case-insensitive: the exact name; else the name without a trailing date snapshot
+        (`-YYYY-MM-DD` or `-YYYYMMDD`: `gpt-4o-2024-08-06` -> `gpt-4o`). A `provider/model` name is then
+        resolved the same way without its prefix, but only to a model of that provider (or of none):
+        `anthropic/claude-haiku-4-5` resolves, `azure/gpt-4o` does not.
+        """
+        name = model.lower()
+        found = self._resolve(name)
+        if found is not None:
+            return found
+        prefix, slash, rest = name.partition("/")
+        if slash and prefix and rest:
+            found = self._resolve(rest)
+            if found is not None and found.provider in (None, prefix):
+                return found
+        return None
+
+    def cost(self, model: str, usage: Usage) -> Decimal | None:
+        """The exact USD cost of `usage` on `model` (see `ModelPrice.cost`), or `None` if unpriced."""
+        price = self.lookup(model)
+        return None if price is None else price.cost(usage)
+
+    def max_cost(self, model: str, input_tokens: int, max_output_tokens: int | None) -> Decimal | None:
+        """The worst-case USD cost on `model` (see `ModelPrice.max_cost`), or `None` if unpriced."""
+        price = self.lookup(model)
+        return None if price is None else price.max_cost(input_tokens, max_output_tokens)
+
+    def _resolve(self, name: str) -> ModelPrice | None:
+        found = self._index.get(name)
+        if found is None:
+            match = _SNAPSHOT.match(name)
+            if match is not None:
+                found = self._index.get(match.group("base"))
+        return found
+
+    def _with_overrides(self, overrides: Mapping[str, Mapping[str, Decimal]]) -> PriceTable:
+        models = dict(self._models)
+        canonical = {name.lower(): name for name in models}
+        for key, entry in overrides.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"prices: model name {key!r} must be a non-empty string")
+            if not isinstance(entry, Mapping) or not entry:
+                raise ConfigError(f"prices.{key} must be a non-empty mapping of {list(PRICE_KEYS)}")
+            unknown = sorted(str(k) for k in entry if k not in PRICE_KEYS)
+            if unknown:
+                raise ConfigError(f"prices.{key} has unknown keys {unknown}; allowed: {list(PRICE_KEYS)}")
+            values = {k: _override_amount(key, k, v) for k, v in entry.items()}
+            name, provider = key, None
+            if key.lower() not in canonical:
+                prefix, slash, rest = key.partition("/")
+                if slash and prefix and rest:
+                    name, provider = rest, prefix.lower()
+            existing = canonical.get(name.lower())
+            if existing is not None:
+                current = models[existing]
+                if provider is not None and current.provider not in (None, provider):
+                    raise ConfigError(f"prices.{key}: {existing} is a {current.provider} model, "
+                                      f"not {provider}")
+                models[existing] = _with_prices(current, values)
+                continue
+            missing = [k for k in _REQUIRED_PRICES if k not in values]
+            if missing:
+                raise ConfigError(f"prices.{key}: {key} is not in the shipped price table, so it needs "
+                                  f"{' and '.join(missing)}")
+            models[name] = _with_prices(
+                ModelPrice(model=name, provider=provider, input=values["input"], output=values["output"]),
+                values)
+            canonical[name.lower()] = name
+        return PriceTable(models, as_of=self._as_of)
+
+
+def to_pico(amount: Decimal) -> int:
+    """`amount` USD as an integer number of pico-USD (1e-12 USD), rounding any remainder up (ceiling).
+
+    Exact for every amount with at most 12 decimal places. Raises `ValueError` for NaN, Infinity, or a
+    magnitude of 1e30 USD or more.
+    """
+    if not isinstance(amount, Decimal) or not amount.is_finite():
+        raise ValueError(f"amount must be a finite Decimal, got {amount!r}")
+    if amount.is_zero():
+        return 0
+    if amount.adjusted() >= _MAX_ADJUSTED:
+        raise ValueError(f"amount {amount} USD is out of range")
+    sign, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # finite, checked above
+    coefficient = int("".join(map(str, digits)))
+    if sign:
+        coefficient = -coefficient
+    shift = exponent + _PICO_DIGITS
+    if shift >= 0:
+        return coefficient * int(10**shift)
+    if -shift > len(digits):  # |amount| < 1 pico: the ceiling is 1 when positive, 0 when negative
+        return 0 if sign else 1
+    return -((-coefficient) // int(10**-shift))
+
+
+def format_usd(pico: int) -> str:
+    """`pico` pico-USD as a plain decimal USD string: no exponent, no trailing zeros ("1.03", "0", "-0.5").
+
+    `to_pico(Decimal(format_usd(p))) == p` for every integer `p`.
+    """
+    if isinstance(pico, bool) or not isinstance(pico, int):
+        raise TypeError(f"pico must be an int, got {type(pico).__name__}")
+    whole, fraction = divmod(abs(pico), _PICO_PER_USD)
+    text = str(whole)
+    if fraction:
+        text += "." + str(fraction).rjust(_PICO_DIGITS, "0").rstrip("0")
+    return "-" + text if pico < 0 else text
+
+
+def _parse_entry(name: str, entry: Any, source: str) -> ModelPrice:
+    where = f"{source}: models.{name}"
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where} must be an object")
+    unknown = sorted(str(k) for k in entry if k not in _ENTRY_KEYS)
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {unknown}")
+    prices: dict[str, Decimal | None] = {}
+    for key in PRICE_KEYS:
+        raw = entry.get(key)
+        if raw is None:
+            if key in _REQUIRED_PRICES:
+                raise ConfigError(f"{where}.{key} is required")
+            prices[key] = None
+            continue
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}.{key} must be a decimal string, got {raw!r}")
+        prices[key] = _amount(raw, f"{where}.{key}")
+    provider = entry.get("provider")
+    if provider is not None and (not isinstance(provider, str) or not provider):
+        raise ConfigError(f"{where}.provider must be a non-empty string or null")
+    limit = entry.get("max_output_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ConfigError(f"{where}.max_output_tokens must be a positive integer or null")
+    kind = entry.get("kind", "chat")
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"{where}.kind must be a non-empty string")
+    note = entry.get("note")
+    if note is not None and not isinstance(note, str):
+        raise ConfigError(f"{where}.note must be a string")
+    input_price, output_price = prices.pop("input"), prices.pop("output")
+    assert input_price is not None and output_price is not None
+    return ModelPrice(model=name, provider=provider.lower() if provider else None, input=input_price,
+                      output=output_price, max_output_tokens=limit, kind=kind, **prices)
+
+
+def _with_prices(base: ModelPrice, values: Mapping[str, Decimal]) -> ModelPrice:
+    return replace(
+        base,
+        input=values.get("input", base.input),
+        output=values.get("output", base.output),
+        cache_read=values.get("cache_read", base.cache_read),
+        cache_write=values.get("cache_write", base.cache_write),
+        cache_write_1h=values.get("cache_write_1h", base.cache_write_1h),
+        reasoning=values.get("reasoning", base.reasoning),
+    )
+
+
+def _override_amount(model: str, key: str, value: object) -> Decimal:
+    where = f"prices.{model}.{key}"
+    if isinstance(value, Decimal):
+        return _amount(value, where)
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        return _amount(str(value), where)
+    raise ConfigError(f"{where} must be a Decimal or decimal string, got {value!r}")
+
+
+def _amount(raw: str | Decimal, where: str) -> Decimal:
+    try:
+        amount = Decimal(raw)
+    except InvalidOperation:
+        raise ConfigError(f"{where} is not a decimal number: {raw!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ConfigError(f"{where} must be a finite number >= 0, got {raw!r}")
+    return amount.copy_abs()  # folds -0 into 0
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

@@ -1,0 +1,1 @@
+"""Upstream LLM providers (the built-in mock lives in `rungate.providers.mock`)."""

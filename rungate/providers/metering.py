@@ -1,0 +1,682 @@
+"""Token metering and tool-call extraction for OpenAI and Anthropic bodies and streams (pure, no I/O).
+
+Contracts shared by everything here:
+
+- Input is untrusted JSON. Nothing raises on unexpected shapes: a field of the wrong type, a negative
+  number or a boolean where a count is expected is treated as missing, and counts are never negative.
+- Non-stream `usage_from_*` return None when the body carries no usable usage; the mapping to `Usage`
+  follows `rungate.usage` (OpenAI: `input` = prompt - cached; Anthropic: `input` = `input_tokens`).
+- Stream meters take parsed `SSEEvent`s in order. `feed` returns whether to forward the event to the
+  client; data that is not valid JSON is forwarded and ignored for metering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from rungate.providers.sse import SSEEvent
+from rungate.usage import Usage
+
+__all__ = [
+    "ChatStreamMeter",
+    "MessagesStreamMeter",
+    "ResponsesStreamMeter",
+    "ToolCall",
+    "estimate_input_tokens",
+    "prepare_chat_stream_request",
+    "tool_calls_from_chat",
+    "tool_calls_from_messages",
+    "tool_calls_from_responses",
+    "usage_from_chat",
+    "usage_from_embeddings",
+    "usage_from_messages",
+    "usage_from_responses",
+]
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """A tool call requested by the model; `arguments` is the JSON text as the model produced it.
+
+    `id` is the id the tool result must reference (Chat `id`, Responses `call_id`, Anthropic `id`).
+    For Anthropic non-stream bodies, whose `input` is already an object, `arguments` is its compact JSON.
+    """
+
+    id: str | None
+    name: str
+    arguments: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Defensive JSON access
+
+
+def _count(value: Any) -> int | None:
+    """A token count: a non-negative int (bool excluded), else None."""
+    if type(value) is int and value >= 0:
+        return value
+    return None
+
+
+def _index(value: Any) -> int | None:
+    """An index field: any int (bool excluded), else None."""
+    return value if type(value) is int else None
+
+
+def _dict(obj: Any, key: str) -> dict[str, Any] | None:
+    if isinstance(obj, dict):
+        value = obj.get(key)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _list(obj: Any, key: str) -> list[Any]:
+    if isinstance(obj, dict):
+        value = obj.get(key)
+        if isinstance(value, list):
+            return value
+    return []
+
+
+def _str(obj: Any, key: str) -> str | None:
+    if isinstance(obj, dict):
+        value = obj.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _json_text(value: Any) -> str:
+    """Compact JSON for `value`; never raises (falls back to `str`)."""
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except TypeError:  # orjson.JSONEncodeError subclasses TypeError
+        return str(value)
+
+
+def _arguments(value: Any) -> str:
+    """Tool arguments as text: strings as-is, other JSON values serialised, missing as ""."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return _json_text(value)
+
+
+_INVALID = object()
+
+
+def _load(data: str) -> Any:
+    """Parse one data payload; `_INVALID` when it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _INVALID
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-stream usage
+
+
+def _openai_usage(usage: Any, in_key: str, out_key: str, in_details: str, out_details: str) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt = _count(usage.get(in_key))
+    completion = _count(usage.get(out_key))
+    if prompt is None and completion is None:
+        return None
+    prompt = prompt or 0
+    completion = completion or 0
+    cached = min(_count(_dict_get(usage, in_details, "cached_tokens")) or 0, prompt)
+    reasoning = min(_count(_dict_get(usage, out_details, "reasoning_tokens")) or 0, completion)
+    return Usage(input=prompt - cached, cached=cached, output=completion, reasoning=reasoning)
+
+
+def _dict_get(obj: Any, key: str, sub: str) -> Any:
+    inner = _dict(obj, key)
+    return None if inner is None else inner.get(sub)
+
+
+def usage_from_chat(body: Any) -> Usage | None:
+    """Usage of a Chat Completions body (or stream chunk): input = prompt_tokens - cached_tokens."""
+    return _openai_usage(
+        body.get("usage") if isinstance(body, dict) else None,
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+    )
+
+
+def usage_from_responses(body: Any) -> Usage | None:
+    """Usage of a Responses API `response` object: input = input_tokens - cached_tokens."""
+    return _openai_usage(
+        body.get("usage") if isinstance(body, dict) else None,
+        "input_tokens",
+        "output_tokens",
+        "input_tokens_details",
+        "output_tokens_details",
+    )
+
+
+def usage_from_embeddings(body: Any) -> Usage | None:
+    """Usage of an embeddings body: input = prompt_tokens (falls back to total_tokens), output 0."""
+    usage = _dict(body, "usage")
+    if usage is None:
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    if prompt is None:
+        prompt = _count(usage.get("total_tokens"))
+    return None if prompt is None else Usage(input=prompt)
+
+
+_ANTHROPIC_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+_ANTHROPIC_NESTED = {
+    "cache_creation": ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"),
+    "output_tokens_details": ("thinking_tokens",),
+}
+
+
+def _anthropic_usage(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    inp = _count(usage.get("input_tokens"))
+    out = _count(usage.get("output_tokens"))
+    read = _count(usage.get("cache_read_input_tokens"))
+    create = _count(usage.get("cache_creation_input_tokens"))
+    split_5m = _count(_dict_get(usage, "cache_creation", "ephemeral_5m_input_tokens"))
+    split_1h = _count(_dict_get(usage, "cache_creation", "ephemeral_1h_input_tokens"))
+    if all(v is None for v in (inp, out, read, create, split_5m, split_1h)):
+        return None
+    if split_5m is None and split_1h is None:
+        write_5m, write_1h = create or 0, 0
+    else:
+        write_1h = split_1h or 0
+        write_5m = split_5m if split_5m is not None else max((create or 0) - write_1h, 0)
+    output = out or 0
+    thinking = _count(_dict_get(usage, "output_tokens_details", "thinking_tokens")) or 0
+    return Usage(
+        input=inp or 0,
+        output=output,
+        cached=read or 0,
+        cache_write=write_5m,
+        cache_write_1h=write_1h,
+        reasoning=min(thinking, output),
+    )
+
+
+def usage_from_messages(body: Any) -> Usage | None:
+    """Usage of an Anthropic Messages body.
+
+    input = input_tokens; cached = cache_read_input_tokens; cache_write = the 5-minute part of the
+    `cache_creation` split when present (else cache_creation_input_tokens); cache_write_1h = the 1-hour
+    part; output = output_tokens; reasoning = output_tokens_details.thinking_tokens when present.
+    """
+    return _anthropic_usage(body.get("usage") if isinstance(body, dict) else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-stream tool calls
+
+
+def tool_calls_from_chat(body: Any) -> list[ToolCall]:
+    """Tool calls of every choice of a Chat Completions body (legacy `function_call` included)."""
+    calls: list[ToolCall] = []
+    for choice in _list(body, "choices"):
+        message = _dict(choice, "message")
+        if message is None:
+            continue
+        for call in _list(message, "tool_calls"):
+            function = _dict(call, "function")
+            if function is None:
+                continue
+            calls.append(
+                ToolCall(
+                    _str(call, "id"), _str(function, "name") or "", _arguments(function.get("arguments"))
+                )
+            )
+        legacy = _dict(message, "function_call")
+        if legacy is not None:
+            calls.append(ToolCall(None, _str(legacy, "name") or "", _arguments(legacy.get("arguments"))))
+    return calls
+
+
+def tool_calls_from_responses(body: Any) -> list[ToolCall]:
+    """`function_call` items of a Responses API `response` object; `id` is the item's `call_id`."""
+    calls: list[ToolCall] = []
+    for item in _list(body, "output"):
+        if _str(item, "type") == "function_call":
+            call_id = _str(item, "call_id") or _str(item, "id")
+            calls.append(ToolCall(call_id, _str(item, "name") or "", _arguments(item.get("arguments"))))
+    return calls
+
+
+def tool_calls_from_messages(body: Any) -> list[ToolCall]:
+    """`tool_use` content blocks of an Anthropic Messages body; `arguments` is the compact JSON of `input`."""
+    calls: list[ToolCall] = []
+    for block in _list(body, "content"):
+        if _str(block, "type") == "tool_use":
+            tool_input = block.get("input")
+            calls.append(
+                ToolCall(
+                    _str(block, "id"),
+                    _str(block, "name") or "",
+                    _json_text({} if tool_input is None else tool_input),
+                )
+            )
+    return calls
+
+
+# --------------------------------------------------------------------------------------------------
+# Request helpers
+
+
+def prepare_chat_stream_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Return (body to send upstream, whether the client itself asked for streaming usage).
+
+    When `stream` is true, the returned body is a copy with `stream_options.include_usage = True` (other
+    `stream_options` keys kept) so the upstream always reports usage; the caller must then drop the
+    usage-only chunk for clients that did not ask (see `ChatStreamMeter`). Otherwise `body` is returned
+    unchanged. The input dict is never mutated.
+    """
+    options = body.get("stream_options")
+    wants = isinstance(options, dict) and options.get("include_usage") is True
+    if body.get("stream") is not True:
+        return body, wants
+    new_options = dict(options) if isinstance(options, dict) else {}
+    new_options["include_usage"] = True
+    upstream = dict(body)
+    upstream["stream_options"] = new_options
+    return upstream, wants
+
+
+_INPUT_PARTS = ("messages", "input", "instructions", "system", "tools")
+
+
+def estimate_input_tokens(body: Any) -> int:
+    """Rough input size: ceil(bytes of the JSON of messages/input/instructions/system/tools / 4), >= 1.
+
+    Used for budget reservations and as the fallback when a provider reports no usage.
+    """
+    size = 0
+    if isinstance(body, dict):
+        for key in _INPUT_PARTS:
+            if key in body:
+                size += len(_json_text(body[key]))
+    return max(1, -(-size // 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stream meters
+
+
+@dataclass(slots=True)
+class _CallAcc:
+    id: str | None = None
+    name: str = ""
+    parts: list[str] = field(default_factory=list)
+    final: str | None = None  # complete arguments from a `done` event, authoritative
+
+    def to_call(self, default_arguments: str = "") -> ToolCall:
+        arguments = self.final if self.final is not None else "".join(self.parts)
+        return ToolCall(self.id, self.name, arguments or default_arguments)
+
+
+class _StreamMeter:
+    """State shared by the three stream meters (see the subclasses for what each event contributes)."""
+
+    def __init__(self) -> None:
+        self._usage: Usage | None = None
+        self._done = False
+        self._error: dict[str, Any] | None = None
+        self._chars = 0
+        self._delta_seen = False
+
+    @property
+    def usage(self) -> Usage | None:
+        """The provider-reported usage once seen, else None."""
+        return self._usage
+
+    @property
+    def done(self) -> bool:
+        """True once the stream's terminal event was seen."""
+        return self._done
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The first mid-stream error object seen (the nested `error` object when there is one)."""
+        return self._error
+
+    @property
+    def output_text_chars(self) -> int:
+        """Characters of text, reasoning and tool-argument deltas seen."""
+        return self._chars
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """Tool calls accumulated so far (a new list each time)."""
+        return []
+
+    def feed(self, event: SSEEvent) -> bool:
+        """Meter one event; return True to forward it to the client."""
+        raise NotImplementedError
+
+    def estimated_usage(self, input_estimate: int) -> Usage:
+        """The reported usage if any; else input = `input_estimate`, output = ceil(chars / 4).
+
+        The output estimate is at least 1 once any text or argument delta was seen, else 0.
+        """
+        if self._usage is not None:
+            return self._usage
+        return Usage(input=max(input_estimate, 0), output=self._estimated_output())
+
+    def _estimated_output(self) -> int:
+        if not self._delta_seen:
+            return 0
+        return max(1, -(-self._chars // 4))
+
+    def _delta(self, text: Any) -> None:
+        if isinstance(text, str):
+            self._delta_seen = True
+            self._chars += len(text)
+
+    def _set_error(self, payload: Any) -> None:
+        if self._error is not None:
+            return
+        if isinstance(payload, dict):
+            nested = payload.get("error")
+            self._error = nested if isinstance(nested, dict) else payload
+        else:
+            self._error = {"message": payload if isinstance(payload, str) else _json_text(payload)}
+
+
+class ChatStreamMeter(_StreamMeter):
+    """Meters a Chat Completions stream (`data:`-only events, ended by `data: [DONE]`).
+
+    Usage comes from the usage chunk (`choices: []` with `usage`); that chunk is dropped (feed returns
+    False) when the client did not ask for usage, since the proxy injected `include_usage`. Tool calls
+    are accumulated per (choice index, tool-call index), argument fragments concatenated. A payload with
+    a top-level `error` key is recorded as `error`.
+    """
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        super().__init__()
+        self._client_wants_usage = client_wants_usage
+        self._calls: dict[tuple[int, int], _CallAcc] = {}
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return [self._calls[key].to_call() for key in sorted(self._calls)]
+
+    def feed(self, event: SSEEvent) -> bool:
+        if event.is_comment:
+            return True
+        if event.data.strip() == "[DONE]":
+            self._done = True
+            return True
+        payload = _load(event.data)
+        if not isinstance(payload, dict):
+            return True
+        if payload.get("error") is not None:
+            self._set_error(payload)
+        if isinstance(payload.get("usage"), dict):
+            usage = usage_from_chat(payload)
+            if usage is not None:
+                self._usage = usage
+        choices = payload.get("choices")
+        if isinstance(choices, list):
+            for position, choice in enumerate(choices):
+                self._choice(position, choice)
+            if not choices and payload.get("usage") is not None and not self._client_wants_usage:
+                return False
+        return True
+
+    def _choice(self, position: int, choice: Any) -> None:
+        delta = _dict(choice, "delta")
+        if delta is None:
+            return
+        choice_index = _index(choice.get("index"))
+        if choice_index is None:
+            choice_index = position
+        self._delta(delta.get("content"))
+        self._delta(delta.get("refusal"))
+        for call_position, call in enumerate(_list(delta, "tool_calls")):
+            if not isinstance(call, dict):
+                continue
+            call_index = _index(call.get("index"))
+            self._fragment((choice_index, call_position if call_index is None else call_index), call)
+        legacy = _dict(delta, "function_call")
+        if legacy is not None:
+            self._fragment((choice_index, -1), {"function": legacy})
+
+    def _fragment(self, key: tuple[int, int], call: dict[str, Any]) -> None:
+        acc = self._calls.get(key)
+        if acc is None:
+            acc = self._calls[key] = _CallAcc()
+        call_id = _str(call, "id")
+        if call_id and acc.id is None:
+            acc.id = call_id
+        function = _dict(call, "function")
+        if function is None:
+            return
+        name = _str(function, "name")
+        if name and not acc.name:
+            acc.name = name
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            acc.parts.append(arguments)
+            self._delta(arguments)
+
+
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSES_TEXT_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
+
+
+class ResponsesStreamMeter(_StreamMeter):
+    """Meters a Responses API stream (`event: <type>` + JSON data with the same `type`).
+
+    Usage comes from `response.usage` of `response.completed` / `response.incomplete` /
+    `response.failed` (which also end the stream; so does `data: [DONE]`). Function calls come from
+    `response.output_item.added|done`, `response.function_call_arguments.delta|done` and the final
+    response's `output`. `event: error` (or `type: error`) and `response.failed`'s `response.error` are
+    recorded as `error`. Every event is forwarded.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls: dict[str, _CallAcc] = {}
+        self._by_index: dict[int, str] = {}
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return [acc.to_call() for acc in self._calls.values()]
+
+    def feed(self, event: SSEEvent) -> bool:
+        if event.is_comment:
+            return True
+        if event.data.strip() == "[DONE]":
+            self._done = True
+            return True
+        payload = _load(event.data)
+        if not isinstance(payload, dict):
+            if event.event == "error" and event.data:
+                self._set_error(event.data)
+            return True
+        kind = _str(payload, "type") or event.event
+        if kind == "error" or event.event == "error":
+            self._set_error(payload)
+        elif kind in _RESPONSES_TERMINAL:
+            self._done = True
+            response = _dict(payload, "response")
+            usage = usage_from_responses(response)
+            if usage is not None:
+                self._usage = usage
+            failure = _dict(response, "error")
+            if kind == "response.failed" and failure is not None:
+                self._set_error(failure)
+            for position, item in enumerate(_list(response, "output")):
+                self._item(position, item, final=True)
+        elif kind in _RESPONSES_TEXT_DELTAS:
+            self._delta(payload.get("delta"))
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            self._item(_index(payload.get("output_index")), payload.get("item"), kind.endswith(".done"))
+        elif kind == "response.function_call_arguments.delta":
+            delta = payload.get("delta")
+            self._delta(delta)
+            if isinstance(delta, str):
+                self._acc(payload.get("item_id"), _index(payload.get("output_index"))).parts.append(delta)
+        elif kind == "response.function_call_arguments.done":
+            arguments = payload.get("arguments")
+            if isinstance(arguments, str):
+                self._acc(payload.get("item_id"), _index(payload.get("output_index"))).final = arguments
+        return True
+
+    def _acc(self, item_id: Any, output_index: int | None) -> _CallAcc:
+        key: str | None = item_id if isinstance(item_id, str) else None
+        if key is None and output_index is not None:
+            key = self._by_index.get(output_index, f"#{output_index}")
+        if key is None:
+            key = f"#anon{len(self._calls)}"
+        if output_index is not None:
+            self._by_index.setdefault(output_index, key)
+        acc = self._calls.get(key)
+        if acc is None:
+            acc = self._calls[key] = _CallAcc()
+        return acc
+
+    def _item(self, output_index: int | None, item: Any, final: bool) -> None:
+        if _str(item, "type") != "function_call":
+            return
+        acc = self._acc(item.get("id"), output_index)
+        call_id = _str(item, "call_id")
+        if call_id:
+            acc.id = call_id
+        name = _str(item, "name")
+        if name:
+            acc.name = name
+        arguments = item.get("arguments")
+        if final and isinstance(arguments, str):
+            acc.final = arguments
+
+
+class MessagesStreamMeter(_StreamMeter):
+    """Meters an Anthropic Messages stream (`event: <type>` + JSON data with the same `type`).
+
+    Usage: the input side from `message_start.message.usage`, then every `message_delta.usage` overwrites
+    the fields it carries with valid counts (cumulative semantics; null or invalid values are ignored).
+    `usage` is therefore available from `message_start` on; until a `message_delta` with usage arrives,
+    `estimated_usage` keeps the reported input side and takes the larger of the reported and the
+    estimated output. Tool calls come from `tool_use` `content_block_start` + `input_json_delta`.
+    `message_stop` ends the stream; `event: error` is recorded as `error`. Every event is forwarded.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fields: dict[str, Any] = {}
+        self._final_output = False
+        self._calls: dict[int, _CallAcc] = {}
+        self._start_inputs: dict[int, str] = {}
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return [self._calls[i].to_call(self._start_inputs.get(i, "{}")) for i in sorted(self._calls)]
+
+    def estimated_usage(self, input_estimate: int) -> Usage:
+        usage = self._usage
+        if usage is None:
+            return super().estimated_usage(input_estimate)
+        if self._final_output:
+            return usage
+        output = max(usage.output, self._estimated_output())
+        return Usage(
+            input=usage.input,
+            output=output,
+            cached=usage.cached,
+            cache_write=usage.cache_write,
+            cache_write_1h=usage.cache_write_1h,
+            reasoning=min(usage.reasoning, output),
+        )
+
+    def feed(self, event: SSEEvent) -> bool:
+        if event.is_comment:
+            return True
+        payload = _load(event.data)
+        if not isinstance(payload, dict):
+            if event.event == "error" and event.data:
+                self._set_error(event.data)
+            return True
+        kind = _str(payload, "type") or event.event
+        if kind == "error" or event.event == "error":
+            self._set_error(payload)
+        elif kind == "message_start":
+            self._merge_usage(_dict_get(payload, "message", "usage"))
+        elif kind == "message_delta":
+            if self._merge_usage(payload.get("usage")):
+                self._final_output = True
+        elif kind == "message_stop":
+            self._done = True
+        elif kind == "content_block_start":
+            self._block_start(_index(payload.get("index")), _dict(payload, "content_block"))
+        elif kind == "content_block_delta":
+            self._block_delta(_index(payload.get("index")), _dict(payload, "delta"))
+        return True
+
+    def _merge_usage(self, usage: Any) -> bool:
+        """Overwrite the known usage fields with the valid counts in `usage`; True if it had any."""
+        if not isinstance(usage, dict):
+            return False
+        changed = False
+        for key in _ANTHROPIC_COUNTS:
+            value = _count(usage.get(key))
+            if value is not None:
+                self._fields[key] = value
+                changed = True
+        for key, subkeys in _ANTHROPIC_NESTED.items():
+            nested = usage.get(key)
+            if not isinstance(nested, dict):
+                continue
+            for sub in subkeys:
+                value = _count(nested.get(sub))
+                if value is not None:
+                    self._fields.setdefault(key, {})[sub] = value
+                    changed = True
+        if changed:
+            self._usage = _anthropic_usage(self._fields)
+        return changed
+
+    def _block_start(self, index: int | None, block: dict[str, Any] | None) -> None:
+        if index is None or block is None or _str(block, "type") != "tool_use":
+            return
+        self._calls[index] = _CallAcc(id=_str(block, "id"), name=_str(block, "name") or "")
+        tool_input = block.get("input")
+        self._start_inputs[index] = _json_text({} if tool_input is None else tool_input)
+
+    def _block_delta(self, index: int | None, delta: dict[str, Any] | None) -> None:
+        if delta is None:
+            return
+        kind = _str(delta, "type")
+        if kind == "text_delta":
+            self._delta(delta.get("text"))
+        elif kind == "thinking_delta":
+            self._delta(delta.get("thinking"))
+        elif kind == "input_json_delta":
+            partial = delta.get("partial_json")
+            self._delta(partial)
+            if isinstance(partial, str) and index is not None and index in self._calls:
+                self._calls[index].parts.append(partial)

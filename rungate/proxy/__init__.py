@@ -1,0 +1,1 @@
+"""The HTTP surface: proxy routes for agents, admin routes for operators."""

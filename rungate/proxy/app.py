@@ -1,0 +1,85 @@
+"""`create_app(settings)`: the whole HTTP service, resources owned by `cleanup_ctx`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from rungate.api.routes import routes as api_routes
+from rungate.clock import iso_minus, now_iso
+from rungate.config import Settings
+from rungate.crypto import load_keyring
+from rungate.log import get_logger
+from rungate.prices import PriceTable
+from rungate.providers.mock import create_mock_app
+from rungate.proxy.keys import HTTP, KEYRING, PRICES, SETTINGS, STORE, TARGETS
+from rungate.proxy.middleware import error_middleware
+from rungate.proxy.routes import routes as proxy_routes
+from rungate.proxy.upstream import TargetResolver
+from rungate.runs import CloseIdleRun
+from rungate.store import EventStore, open_store
+
+log = get_logger("rungate.app")
+SWEEP_INTERVAL_S = 30.0
+
+
+def create_app(settings: Settings, store: EventStore | None = None) -> web.Application:
+    """The Rungate application; the store is opened from `settings` unless one is given (tests)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[STORE] = store if store is not None else open_store(settings)
+    app[PRICES] = PriceTable.load(settings.price_overrides)
+    app.add_routes(proxy_routes)
+    app.add_routes(api_routes)
+    app.cleanup_ctx.append(_resources)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings, store = app[SETTINGS], app[STORE]
+    app[KEYRING] = load_keyring(settings)
+    await store.start()
+    mock_runner: web.AppRunner | None = None
+    mock_url: str | None = None
+    if settings.mock:
+        mock_runner = web.AppRunner(create_mock_app(), access_log=None)
+        await mock_runner.setup()
+        site = web.TCPSite(mock_runner, "127.0.0.1", 0)
+        await site.start()
+        port = mock_runner.addresses[0][1]
+        mock_url = f"http://127.0.0.1:{port}"
+        log.info("mock_provider_started", url=mock_url)
+    # No retries and no redirects inside the client: every upstream attempt is a decision of ours.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=True)
+    app[HTTP] = session
+    app[TARGETS] = TargetResolver(settings, store, app[KEYRING], mock_base_url=mock_url)
+    sweeper = asyncio.create_task(_sweep_idle_runs(app), name="rungate-idle-sweeper")
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await session.close()
+        if mock_runner is not None:
+            await mock_runner.cleanup()
+        await store.close()
+
+
+async def _sweep_idle_runs(app: web.Application) -> None:
+    """Close auto-runs idle past the window, so their status is true even if the agent never returns."""
+    settings, store = app[SETTINGS], app[STORE]
+    while True:
+        await asyncio.sleep(min(SWEEP_INTERVAL_S, settings.idle_timeout_s))
+        try:
+            cutoff = iso_minus(now_iso(), settings.idle_timeout_s)
+            rows = await store.fetch("SELECT id FROM runs WHERE status = 'active' AND auto = 1"
+                                     " AND last_activity_at < ? LIMIT 500", (cutoff,))
+            for row in rows:
+                await store.execute(CloseIdleRun(row["id"], settings.idle_timeout_s))
+        except Exception as exc:  # the sweeper must outlive a transient database error
+            log.warning("idle_sweep_failed", error=str(exc))

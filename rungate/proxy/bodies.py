@@ -1,0 +1,54 @@
+"""Reading request bodies: size limit after decompression, strict JSON, content type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from rungate.errors import BadRequest, PayloadTooLarge
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The (decompressed) body; `PayloadTooLarge` past `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit and not request.headers.get(
+            "Content-Encoding"):
+        raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
+    chunks: list[bytes] = []
+    size = 0
+    # aiohttp decompresses gzip/deflate/br request bodies as they are read, so this counts real bytes.
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_json_type(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def read_json_object(request: web.Request, limit: int, *,
+                           allow_empty: bool = False) -> tuple[bytes, dict[str, Any]]:
+    """The body as raw bytes and as a JSON object.
+
+    Refuses (400) a non-JSON content type, malformed JSON, `NaN`/`Infinity` (orjson rejects them) and
+    anything but an object. An empty body is `{}` when `allow_empty` (bodyless admin POSTs).
+    """
+    raw = await read_body(request, limit)
+    if not raw.strip():
+        if allow_empty:
+            return raw, {}
+        raise BadRequest("Request body is empty; expected a JSON object.")
+    if request.content_type and not _is_json_type(request.content_type):
+        raise BadRequest(f"Content-Type must be application/json, got {request.content_type}.",
+                         code="unsupported_content_type")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    return raw, value

@@ -1,0 +1,19 @@
+"""Typed application state (`web.AppKey`s); handlers import these, never strings."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from rungate.config import Settings
+from rungate.crypto import Keyring
+from rungate.prices import PriceTable
+from rungate.proxy.upstream import TargetResolver
+from rungate.store import EventStore
+
+SETTINGS = web.AppKey("SETTINGS", Settings)
+STORE = web.AppKey("STORE", EventStore)
+KEYRING = web.AppKey("KEYRING", Keyring)
+PRICES = web.AppKey("PRICES", PriceTable)
+HTTP = web.AppKey("HTTP", aiohttp.ClientSession)
+TARGETS = web.AppKey("TARGETS", TargetResolver)

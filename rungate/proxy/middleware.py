@@ -1,0 +1,74 @@
+"""The one place exceptions become HTTP responses, plus per-request log context.
+
+Proxy routes answer in the caller's wire format (OpenAI `{"error": …}`, Anthropic adds `"type": "error"`);
+governance refusals carry the canonical body of SPEC §4; admin routes answer `{"error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from rungate.errors import ClientError, GovernanceRefusal, ProviderError, RungateError
+from rungate.ids import new_id
+from rungate.log import get_logger
+from rungate.proxy.formats import client_error_inner, error_body
+
+log = get_logger("rungate.http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def _is_anthropic(request: web.Request) -> bool:
+    return request.path.rstrip("/").endswith("/messages")
+
+
+def render_error(request: web.Request, exc: RungateError) -> web.Response:
+    """The JSON response for `exc` as the caller on this route expects it."""
+    headers = dict(exc.headers)
+    if request.path.startswith("/api"):
+        inner: dict[str, Any] = {"code": exc.code, "message": exc.message, **exc.extra}
+        return web.json_response({"error": inner}, status=exc.status, headers=headers)
+    anthropic = _is_anthropic(request)
+    if isinstance(exc, GovernanceRefusal):
+        inner = {"type": "governance_block", "code": exc.code, "message": exc.message, "run_id": exc.run_id,
+                 "context": exc.context, "details": exc.context}
+    elif isinstance(exc, ProviderError):
+        inner = {"type": "provider_error", "code": exc.code, "message": exc.message, "details": exc.attempts}
+    elif isinstance(exc, ClientError):
+        inner = client_error_inner(anthropic, exc.status, exc.code, exc.message)
+        inner.update({k: v for k, v in exc.extra.items() if k not in inner})
+    else:
+        inner = client_error_inner(anthropic, exc.status, exc.code, exc.message)
+    return web.json_response(error_body(anthropic, inner), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind request context for logs and render every error through `render_error`."""
+    request_id = new_id("req")
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id, path=request.path, method=request.method)
+    try:
+        response = await handler(request)
+    except RungateError as exc:
+        if exc.status >= 500:
+            log.warning("request_failed", code=exc.code, status=exc.status)
+        response = render_error(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status
+        message = exc.reason if status != 404 else f"No route for {request.method} {request.path}."
+        response = render_error(request, ClientError(message, status=status,
+                                                     code=_HTTP_CODES.get(status, "http_error")))
+    except Exception:
+        log.exception("unhandled_error")
+        response = render_error(request, RungateError("Internal error; see the server log.", status=500))
+    if not response.prepared:
+        response.headers["x-rungate-request-id"] = request_id
+    return response

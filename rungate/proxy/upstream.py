@@ -1,0 +1,102 @@
+"""Upstream targets and header hygiene.
+
+The agent's token never goes upstream: the provider key stored in Rungate (or the provider's key from
+the environment) replaces it. Hop-by-hop headers, Rungate's own headers and encodings do not pass;
+vendor headers (`anthropic-version`, `anthropic-beta`, `openai-organization`, …) do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from rungate.config import Settings
+from rungate.crypto import Keyring
+from rungate.errors import ProviderError
+from rungate.store import EventStore
+
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.PROXY_AUTHENTICATE, hdrs.PROXY_AUTHORIZATION, hdrs.TE,
+    hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE, "proxy-connection",
+))
+# Never forwarded upstream: credentials, framing the client session sets itself, and our own headers.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host", "authorization", "x-api-key", "content-length", "content-encoding", "accept-encoding", "cookie",
+    "expect",
+}
+# Never relayed back: framing that aiohttp recomputes (bodies arrive decompressed) and cookies.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie", "date", "server"}
+
+ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
+MOCK_KEY = "mock-provider-key"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one attempt goes: provider, model, base URL and the plaintext key (never logged)."""
+
+    provider: str
+    model: str
+    base_url: str
+    api_key: str
+    key_id: str
+
+    def __repr__(self) -> str:  # keep the key out of any traceback or log line
+        return f"Target(provider={self.provider!r}, model={self.model!r}, base_url={self.base_url!r})"
+
+
+def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
+    """Headers for the upstream request: the client's vendor headers plus the provider's credentials."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower.startswith("x-rungate-"):
+            continue
+        out.add(name, value)
+    out[hdrs.CONTENT_TYPE] = "application/json"
+    if target.provider == "anthropic":
+        out["x-api-key"] = target.api_key
+        out.setdefault("anthropic-version", ANTHROPIC_DEFAULT_VERSION)
+    else:
+        out[hdrs.AUTHORIZATION] = f"Bearer {target.api_key}"
+    return out
+
+
+def relayed_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Headers of the provider's answer that the agent sees."""
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _RESPONSE_DROP)
+
+
+class TargetResolver:
+    """Chooses the provider key and base URL for a call (one target per call until failover lands)."""
+
+    def __init__(self, settings: Settings, store: EventStore, keyring: Keyring,
+                 mock_base_url: str | None = None) -> None:
+        self._settings = settings
+        self._store = store
+        self._keyring = keyring
+        self._mock_base_url = mock_base_url
+
+    def base_url(self, provider: str) -> str:
+        if self._mock_base_url is not None:
+            return self._mock_base_url + ("/v1" if provider == "openai" else "")
+        return self._settings.openai_base_url if provider == "openai" else self._settings.anthropic_base_url
+
+    async def resolve(self, provider: str, model: str) -> Target:
+        """The target for `provider`; `ProviderError` when no key is configured for it."""
+        base = self.base_url(provider)
+        if self._mock_base_url is not None:
+            return Target(provider, model, base, MOCK_KEY, "mock")
+        row = await self._store.fetchone(
+            "SELECT id, nonce, ciphertext FROM provider_keys WHERE provider = ? ORDER BY position DESC LIMIT 1",
+            (provider,))
+        if row is not None:
+            secret = self._keyring.decrypt(row["id"], row["nonce"], row["ciphertext"])
+            return Target(provider, model, base, secret, row["id"])
+        env_key = self._settings.openai_api_key if provider == "openai" else self._settings.anthropic_api_key
+        if env_key is not None:
+            return Target(provider, model, base, env_key.get_secret_value(), "env")
+        raise ProviderError(f"No {provider} key is configured in Rungate.",
+                            [{"provider": provider, "model": model, "status": None, "error": "no_provider_key"}])

@@ -1,0 +1,80 @@
+"""Read-model queries for the audit API and the CLI (handlers hold no SQL)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+from rungate.errors import BadRequest
+from rungate.store import EventStore, Row
+
+RUN_STATUSES = ("active", "paused", "completed", "blocked", "stopped")
+
+
+def _cursor_encode(started_at: str, run_id: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([started_at, run_id])).decode()
+
+
+def _cursor_decode(cursor: str) -> tuple[str, str]:
+    try:
+        started_at, run_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return str(started_at), str(run_id)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise BadRequest("`cursor` is not a cursor this API returned.", code="invalid_cursor") from None
+
+
+async def list_runs(store: EventStore, *, agent_id: str | None = None, status: str | None = None,
+                    since: str | None = None, until: str | None = None, limit: int = 50,
+                    cursor: str | None = None) -> tuple[list[Row], str | None]:
+    """Runs newest first, filtered; returns the page and the cursor of the next page (or None)."""
+    if status is not None and status not in RUN_STATUSES:
+        raise BadRequest(f"`status` must be one of {', '.join(RUN_STATUSES)}.", code="invalid_status")
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, op, value in (("agent_id", "=", agent_id), ("status", "=", status),
+                              ("started_at", ">=", since), ("started_at", "<", until)):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            params.append(value)
+    if cursor:
+        started_at, run_id = _cursor_decode(cursor)
+        clauses.append("(started_at < ? OR (started_at = ? AND id < ?))")
+        params.extend([started_at, started_at, run_id])
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = await store.fetch(f"SELECT * FROM runs {where} ORDER BY started_at DESC, id DESC LIMIT ?",
+                             (*params, limit + 1))
+    page = rows[:limit]
+    next_cursor = _cursor_encode(page[-1]["started_at"], page[-1]["id"]) if len(rows) > limit else None
+    return page, next_cursor
+
+
+async def get_run(store: EventStore, run_id: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
+
+
+async def run_steps(store: EventStore, run_id: str) -> list[Row]:
+    return await store.fetch("SELECT * FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
+
+
+async def get_agent(store: EventStore, agent_id: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM agents WHERE id = ?", (agent_id,))
+
+
+async def agent_by_name(store: EventStore, name: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM agents WHERE name = ?", (name,))
+
+
+async def list_agents(store: EventStore) -> list[Row]:
+    return await store.fetch("SELECT * FROM agents ORDER BY created_at, id")
+
+
+async def list_provider_keys(store: EventStore, provider: str | None = None) -> list[Row]:
+    if provider:
+        return await store.fetch("SELECT * FROM provider_keys WHERE provider = ? ORDER BY position", (provider,))
+    return await store.fetch("SELECT * FROM provider_keys ORDER BY position")
+
+
+async def get_provider_key(store: EventStore, key_id: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM provider_keys WHERE id = ?", (key_id,))

@@ -1,0 +1,175 @@
+"""Run life-cycle commands: admit a call into a run, complete a run, log a tool step, close idle runs.
+
+Each command is a pure decision over rows the store fetches inside the write transaction, so two
+concurrent calls can never both start the same run or both see a run open that one of them closes.
+Governance rules (issue 3) plug into `AdmitCall.decide`: it is the one place a call is let in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rungate.clock import iso_minus
+from rungate.errors import Conflict, GovernanceRefusal, NotFound
+from rungate.events import NewEvent, stream_name
+from rungate.events.catalogue import RunCompleted, RunStarted, StepStarted, ToolStepLogged
+from rungate.ids import new_id
+from rungate.store.base import Lookup, Row
+
+CLOSED = ("completed", "stopped", "blocked")
+
+
+def run_stream(run_id: str) -> str:
+    return stream_name("run", run_id)
+
+
+def _run_closed(run_id: str, status: str) -> Conflict:
+    return Conflict(f"Run {run_id} is {status}; start a new run to continue.", code="run_closed",
+                    extra={"run_id": run_id, "status": status})
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    """What the proxy knows about a call before it goes upstream."""
+
+    agent_id: str
+    run_id: str | None
+    new_run: bool
+    endpoint: str
+    provider: str
+    model: str
+    stream: bool
+    fingerprint: str
+    reserved_pusd: int
+    idle_timeout_s: int
+
+
+@dataclass
+class AdmitCall:
+    """Resolve the call's run (explicit, auto or new) and record `StepStarted` before anything leaves.
+
+    After `execute`, `run_id`, `step_id` and `started_run` tell the proxy what was decided.
+    """
+
+    facts: CallFacts
+    step_id: str = field(default_factory=lambda: new_id("stp"))
+    run_id: str = ""
+    started_run: bool = False
+
+    def lookups(self) -> Sequence[Lookup]:
+        f = self.facts
+        agent = Lookup.of("agents", id=f.agent_id)
+        if f.run_id is not None:
+            return (agent, Lookup.of("runs", id=f.run_id))
+        return (agent, Lookup.of("runs", agent_id=f.agent_id, auto=1, status="active"))
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        f = self.facts
+        agent_lookup, run_lookup = self.lookups()
+        agent = found[agent_lookup]
+        if agent is None:
+            raise NotFound("Unknown agent.")
+        run = found[run_lookup]
+        events: list[NewEvent] = []
+        if agent["disabled"]:
+            raise GovernanceRefusal("This agent is disabled.", code="agent_disabled", status=403,
+                                    run_id=f.run_id, context={"rule": "agent.disabled", "agent_id": f.agent_id,
+                                                              "policy_id": None, "policy_name": None,
+                                                              "policy_version": None,
+                                                              "next": "Ask an operator to enable the agent."})
+        if f.run_id is not None:
+            if run is None:
+                events.append(NewEvent(run_stream(f.run_id),
+                                       RunStarted(run_id=f.run_id, agent_id=f.agent_id, auto=False)))
+                self.started_run = True
+            elif run["agent_id"] != f.agent_id:
+                # Another agent's run: refuse without telling whether it exists.
+                raise Conflict("This run id is not available to this agent.", code="run_unavailable")
+            elif run["status"] in CLOSED:
+                raise _run_closed(f.run_id, run["status"])
+            self.run_id = f.run_id
+        else:
+            idle = run is not None and run["last_activity_at"] < iso_minus(now, f.idle_timeout_s)
+            if run is not None and (idle or f.new_run):
+                events.append(NewEvent(run_stream(run["id"]), RunCompleted(
+                    run_id=run["id"], status="completed", ended_reason="idle_timeout" if idle else "new_run")))
+                run = None
+            if run is None:
+                self.run_id = new_id("run")
+                events.append(NewEvent(run_stream(self.run_id),
+                                       RunStarted(run_id=self.run_id, agent_id=f.agent_id, auto=True)))
+                self.started_run = True
+            else:
+                self.run_id = run["id"]
+        events.append(NewEvent(run_stream(self.run_id), StepStarted(
+            step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=f.provider,
+            model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=f.reserved_pusd)))
+        return events
+
+
+@dataclass
+class CompleteRun:
+    """Close a run on the agent's request; completing a closed run changes nothing (idempotent)."""
+
+    agent_id: str
+    run_id: str
+    ended_reason: str
+    metadata: dict[str, Any]
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("runs", id=self.run_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        run = found[self.lookups()[0]]
+        if run is None or run["agent_id"] != self.agent_id:
+            raise NotFound(f"Run {self.run_id} not found.")
+        if run["status"] in CLOSED:
+            return ()
+        return (NewEvent(run_stream(self.run_id), RunCompleted(
+            run_id=self.run_id, status="completed", ended_reason=self.ended_reason, metadata=self.metadata)),)
+
+
+@dataclass
+class LogToolStep:
+    """Record a tool step the agent reports; starts the run when the id is new (the SDK may log first)."""
+
+    agent_id: str
+    run_id: str
+    step: ToolStepLogged
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("runs", id=self.run_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        run = found[self.lookups()[0]]
+        events: list[NewEvent] = []
+        if run is None:
+            events.append(NewEvent(run_stream(self.run_id),
+                                   RunStarted(run_id=self.run_id, agent_id=self.agent_id, auto=False)))
+        elif run["agent_id"] != self.agent_id:
+            raise Conflict("This run id is not available to this agent.", code="run_unavailable")
+        elif run["status"] in CLOSED:
+            raise _run_closed(self.run_id, run["status"])
+        events.append(NewEvent(run_stream(self.run_id), self.step))
+        return events
+
+
+@dataclass
+class CloseIdleRun:
+    """Close an auto-run whose last activity is older than the idle window (re-checked atomically)."""
+
+    run_id: str
+    idle_timeout_s: int
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("runs", id=self.run_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        run = found[self.lookups()[0]]
+        if (run is None or run["status"] != "active" or run["reserved_pusd"] > 0
+                or run["last_activity_at"] >= iso_minus(now, self.idle_timeout_s)):
+            return ()
+        return (NewEvent(run_stream(self.run_id), RunCompleted(
+            run_id=self.run_id, status="completed", ended_reason="idle_timeout")),)

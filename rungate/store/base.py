@@ -1,0 +1,97 @@
+"""The event-store interface every backend (SQLite today, PostgreSQL next) satisfies.
+
+Callers never see SQL dialects or connections: they `execute` commands and read events and rows.
+A command is a decision taken atomically with its append: the store fetches the rows the command asks
+for (`lookups`) inside the write transaction, calls the pure `decide`, appends the events it returns and
+folds them into the inline projections, all in one transaction. A command that raises appends nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from rungate.events import NewEvent, Recorded
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """`SELECT * FROM table WHERE k1 = v1 AND …` — the newest matching row (by `position`), or None."""
+
+    table: str
+    where: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, table: str, **where: Any) -> Lookup:
+        return cls(table, tuple(sorted(where.items())))
+
+
+class Command(Protocol):
+    """A unit of decision and append, run by the single writer."""
+
+    def lookups(self) -> Sequence[Lookup]: ...
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """The simplest command: append these events, unconditionally."""
+
+    events: tuple[NewEvent, ...]
+
+    def lookups(self) -> Sequence[Lookup]:
+        return ()
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        return self.events
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The outcome of checking the hash chain: `ok`, how many events, and the first broken position."""
+
+    ok: bool
+    events: int
+    broken_at: int | None = None
+    reason: str | None = None
+
+
+class EventStore(Protocol):
+    """What the proxy, the API and the CLI need from the event log."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def execute(self, command: Command, *, idempotency_key: str | None = None,
+                      metadata: Mapping[str, Any] | None = None) -> list[Recorded]:
+        """Run `command` atomically; returns the recorded events once they are durable.
+
+        With an `idempotency_key` already used, returns the events recorded the first time and runs
+        nothing. Raises what `decide` raised, or `StoreError` when the log cannot be written.
+        """
+        ...
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[Recorded]: ...
+
+    async def read_stream(self, stream: str, after_position: int = 0, limit: int = 10000) -> list[Recorded]: ...
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Read-model query with `?` placeholders (read side only)."""
+        ...
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
+
+    async def verify(self) -> VerifyReport: ...
+
+    async def rebuild(self) -> int:
+        """Drop every projection table and replay the log into it; returns the events replayed."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise `StoreError` when the database cannot be reached."""
+        ...

@@ -1,0 +1,48 @@
+"""The hash chain: each event's hash covers its predecessor's hash and every stored column.
+
+`hash = sha256(json([prev_hash, position, event_id, stream, version, type, schema_version, data,
+metadata, recorded_at]))`. Because the position is inside the hash and each row names its predecessor's
+hash, a changed, deleted, inserted or reordered row breaks the chain at the first affected position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from rungate.store.base import VerifyReport
+
+GENESIS = "0" * 64
+
+
+def chain_hash(prev_hash: str, position: int, event_id: str, stream: str, version: int, type_: str,
+               schema_version: int, data: str, metadata: str, recorded_at: str) -> str:
+    material = orjson.dumps([prev_hash, position, event_id, stream, version, type_, schema_version, data,
+                             metadata, recorded_at])
+    return hashlib.sha256(material).hexdigest()
+
+
+def verify_rows(rows: Iterable[dict[str, Any]]) -> VerifyReport:
+    """Check rows in position order; report the first position where the chain breaks."""
+    prev_hash = GENESIS
+    expected_position = 1
+    count = 0
+    for row in rows:
+        count += 1
+        position = int(row["position"])
+        if position != expected_position:
+            return VerifyReport(False, count, expected_position,
+                                f"position {expected_position} is missing (next is {position})")
+        if row["prev_hash"] != prev_hash:
+            return VerifyReport(False, count, position, "prev_hash does not match the previous event")
+        computed = chain_hash(row["prev_hash"], position, row["event_id"], row["stream"], int(row["version"]),
+                              row["type"], int(row["schema_version"]), row["data"], row["metadata"],
+                              row["recorded_at"])
+        if computed != row["hash"]:
+            return VerifyReport(False, count, position, "hash does not match the stored columns")
+        prev_hash = row["hash"]
+        expected_position += 1
+    return VerifyReport(True, count)

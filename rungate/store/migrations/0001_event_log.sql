@@ -1,0 +1,24 @@
+-- The event log: the only source of truth. Append-only (triggers refuse UPDATE and DELETE), a global
+-- gapless position, a per-stream version guarded by UNIQUE (stream, version), an idempotency key so a
+-- retried command is not doubled, and a SHA-256 hash chain (prev_hash, hash) that makes tampering visible.
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    stream TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    schema_version INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    idempotency_key TEXT,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    UNIQUE (stream, version)
+) STRICT;
+CREATE UNIQUE INDEX IF NOT EXISTS events_idempotency ON events (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;

@@ -1,0 +1,47 @@
+"""Token usage of one model call, in provider-neutral terms.
+
+Counts are kept as the provider bills them so the cost can be computed at the serving target's prices:
+
+- `input`        uncached input tokens (OpenAI: prompt_tokens - cached_tokens; Anthropic: input_tokens)
+- `cached`       input tokens read from the prompt cache (billed at `cache_read`)
+- `cache_write`  input tokens written to the cache, 5-minute TTL (Anthropic; billed at `cache_write`)
+- `cache_write_1h` input tokens written with a 1-hour TTL (Anthropic; billed at `cache_write_1h`)
+- `output`       output tokens, reasoning included (both vendors bill reasoning at the output rate)
+- `reasoning`    the part of `output` spent on reasoning (informational unless priced separately)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call; all non-negative integers."""
+
+    input: int = 0
+    output: int = 0
+    cached: int = 0
+    cache_write: int = 0
+    cache_write_1h: int = 0
+    reasoning: int = 0
+
+    @property
+    def total_input(self) -> int:
+        """Every input token, cached or not (what OpenAI calls prompt_tokens)."""
+        return self.input + self.cached + self.cache_write + self.cache_write_1h
+
+    @property
+    def total(self) -> int:
+        """Input plus output tokens: what token budgets count."""
+        return self.total_input + self.output
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "cached": self.cached,
+            "cache_write": self.cache_write,
+            "cache_write_1h": self.cache_write_1h,
+            "reasoning": self.reasoning,
+        }

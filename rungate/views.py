@@ -1,0 +1,79 @@
+"""The public shapes of runs, steps, agents and keys (SPEC §7): read-model rows → JSON objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from rungate.prices import format_usd
+from rungate.store import Row
+
+
+def run_view(row: Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "agent_id": row["agent_id"],
+        "status": row["status"],
+        "auto": bool(row["auto"]),
+        "policy": orjson.loads(row["policy"]) if row["policy"] else None,
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+        "ended_reason": row["ended_reason"],
+        "metadata": orjson.loads(row["metadata"]),
+        "step_count": row["step_count"],
+        "tokens": {"input": row["tokens_input"], "output": row["tokens_output"]},
+        "spend_usd": format_usd(row["spend_pusd"]),
+        "reserved_usd": format_usd(row["reserved_pusd"]),
+        "unpriced_steps": row["unpriced_steps"],
+        "budget_limit_usd": None,
+        "budget_remaining_usd": None,
+        "last_activity_at": row["last_activity_at"],
+    }
+
+
+def step_view(row: Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "run_id": row["run_id"],
+        "seq": row["seq"],
+        "kind": row["kind"],
+        "endpoint": row["endpoint"],
+        "provider": row["provider"],
+        "model": row["model"],
+        "tool": row["tool"],
+        "stream": bool(row["stream"]),
+        "status": row["status"],
+        "http_status": row["http_status"],
+        "tokens": {"input": row["tokens_input"], "output": row["tokens_output"], "cached": row["tokens_cached"],
+                   "cache_write": row["tokens_cache_write"], "reasoning": row["tokens_reasoning"]},
+        "cost_usd": None if row["cost_pusd"] is None else format_usd(row["cost_pusd"]),
+        "unpriced": bool(row["unpriced"]),
+        "estimated": bool(row["estimated"]),
+        "reserved_usd": format_usd(row["reserved_pusd"]),
+        "latency_ms": row["latency_ms"],
+        "error": row["error"],
+        "tool_calls": orjson.loads(row["tool_calls"]),
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+    }
+
+
+def agent_view(row: Row, token: str | None = None) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": row["id"],
+        "name": row["name"],
+        "status": "disabled" if row["disabled"] else "active",
+        "metadata": orjson.loads(row["metadata"]),
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+    if token is not None:
+        view["token"] = token
+        view["api_key"] = token  # the name the `rungate` SDK's docs use
+    return view
+
+
+def provider_key_view(row: Row) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "provider": row["provider"], "hint": row["hint"],
+            "created_at": row["created_at"]}
