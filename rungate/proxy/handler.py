@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -201,7 +200,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                     if not meter.feed(event):
                         continue
                     if call.fmt is CHAT and event.data.strip() == "[DONE]":
-                        held_done = event.raw  # the trailer goes before [DONE]
+                        held_done = event.raw  # written after settlement, with the trailer
                         continue
                     await response.write(event.raw)
             for event in parser.flush():
@@ -220,9 +219,12 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                       tool_calls=meter.tool_calls)
         if status == "cut":
             await response.write(stream_error_event(call.fmt, "The provider's stream broke off before the end."))
-        await response.write(_trailer(call))
+        # Chat streams: the trailer follows [DONE]. Stock OpenAI SDKs stop reading at [DONE], so they never see
+        # it (placed before, openai 3.x yields it as a chunk whose `choices` is None and naive loops crash);
+        # the `rungate` SDK reads on to the end of the body and picks it up. Other formats end with it.
         if held_done is not None:
             await response.write(held_done)
+        await response.write(_trailer(call))
         await response.write_eof()
     except ConnectionError:
         # The client went away: stop reading upstream and record what was seen.
@@ -237,7 +239,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
 
 def _trailer(call: Call) -> bytes:
     return encode_event(orjson.dumps({
-        "run_id": call.run_id, "step_id": call.step_id, "provider": call.target.provider,
+        "type": "rungate", "run_id": call.run_id, "step_id": call.step_id, "provider": call.target.provider,
         "model": call.target.model, "cost_usd": None if call.cost_pusd is None else format_usd(call.cost_pusd),
         "tokens": {"input": call.usage.total_input, "output": call.usage.output},
     }), "rungate")
@@ -285,7 +287,3 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
     await store.execute(Append((NewEvent(run_stream(call.run_id), event),)), metadata={"agent_id": call.agent_id})
     log.info("step_settled", step_id=call.step_id, status=status, tokens=usage.total,
              cost_usd=None if cost is None else format_usd(cost), estimated=estimated)
-
-
-def _decimal_or_none(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)

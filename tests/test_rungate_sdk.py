@@ -1,0 +1,107 @@
+"""The `rungate` SDK from PyPI (0.1.0) drives Rungate, in its own environment.
+
+The SDK shares our import name, so it is installed with `pip install --target DIR` and run in a
+subprocess with DIR first on PYTHONPATH (SPEC §9). Installing needs the package index; a failure to
+install fails the test, it never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import Gateway
+
+SDK_VERSION = "0.1.0"
+
+
+@pytest.fixture(scope="session")
+def sdk_dir() -> Path:
+    target = Path(tempfile.gettempdir()) / f"rungate-sdk-{SDK_VERSION}"
+    if not (target / "rungate" / "_client.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "--target", str(target), f"rungate=={SDK_VERSION}"], check=True, timeout=300)
+    return target
+
+
+async def run_sdk(sdk_dir: Path, script: str, **env: str) -> dict[str, Any]:
+    """Run `script` with the PyPI SDK importable as `rungate`; it prints one JSON object."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", textwrap.dedent(script), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(sdk_dir), **env}, cwd=str(sdk_dir))
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    result: dict[str, Any] = orjson.loads(stdout.splitlines()[-1])
+    return result
+
+
+async def test_sdk_run_with_calls_stream_tool_step_and_completion(gateway: Gateway, sdk_dir: Path) -> None:
+    token = await gateway.new_agent("sdk-agent")
+    result = await run_sdk(sdk_dir, """
+        import json, rungate
+        assert rungate.__file__.startswith(__import__("os").getcwd()), rungate.__file__
+        client = rungate.Rungate()
+        with client.run(metadata={"ticket": "T-1"}) as run:
+            reply = run.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "hi sdk"}])
+            with run.chat.completions.stream(model="mock-gpt",
+                                             messages=[{"role": "user", "content": "stream sdk"}]) as stream:
+                text = "".join(stream.text_stream)
+                final = stream.get_final_completion()
+            meta = stream.rungate
+            step = run.log_tool_call(name="lookup_order", cost_usd=0.25, latency_ms=12, request={"id": 4})
+        print(json.dumps({
+            "run_id": run.id, "content": reply.choices[0]["message"]["content"],
+            "reply_meta": reply.rungate.model_dump(), "text": text, "stream_meta": meta.model_dump(),
+            "final_id": final.id, "step": step, "total_cost": run.budget.total_cost,
+        }))
+    """, RUNGATE_API_KEY=token, RUNGATE_BASE_URL=gateway.url)
+
+    run_id = result["run_id"]
+    assert result["content"] == "Mock reply: hi sdk"
+    assert result["reply_meta"]["run_id"] == run_id
+    assert result["reply_meta"]["provider"] == "openai" and result["reply_meta"]["model"] == "mock-gpt"
+    assert result["reply_meta"]["tokens_used"] > 0 and result["reply_meta"]["cost_usd"] > 0
+    assert result["text"] == "Mock reply: stream sdk"
+    assert result["stream_meta"]["run_id"] == run_id and result["stream_meta"]["cost_usd"] > 0
+    assert result["stream_meta"]["tokens_used"] > 0
+    assert result["step"]["tool"] == "lookup_order" and result["step"]["cost_usd"] == "0.25"
+
+    status, body = await gateway.admin("GET", f"/api/runs/{run_id}")
+    assert status == 200
+    run = body["data"]
+    assert run["status"] == "completed" and run["ended_reason"] == "agent_signaled"
+    assert run["metadata"] == {"ticket": "T-1"}
+    assert run["step_count"] == 3
+    expected = (Decimal(str(result["reply_meta"]["cost_usd"])) + Decimal(str(result["stream_meta"]["cost_usd"]))
+                + Decimal("0.25"))
+    assert Decimal(run["spend_usd"]) == expected
+
+
+async def test_sdk_sees_a_closed_run_as_an_error(gateway: Gateway, sdk_dir: Path) -> None:
+    token = await gateway.new_agent("sdk-closed")
+    result = await run_sdk(sdk_dir, """
+        import json, rungate
+        client = rungate.Rungate()
+        run = client.run()
+        run.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "one"}])
+        run.complete(reason="done")
+        try:
+            client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "two"}],
+                                           run_id=run.id)
+            outcome = {"raised": None}
+        except rungate.APIError as exc:
+            outcome = {"raised": type(exc).__name__, "status": exc.status_code, "body": exc.body}
+        print(json.dumps(outcome))
+    """, RUNGATE_API_KEY=token, RUNGATE_BASE_URL=gateway.url)
+    assert result["status"] == 409
+    assert result["body"]["error"]["code"] == "run_closed"
