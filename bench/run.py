@@ -7,10 +7,11 @@ Three loopback servers share one event loop with the load generator:
                    chunk by chunk): the floor any Python/aiohttp proxy pays;
 * ``rungate``      `create_app(load_settings(...))` in front of the mock, SQLite event log, durability FULL.
 
-Every (mode, concurrency) cell runs the three targets back to back, so the ratios compare figures taken
-seconds apart on the same loop. See bench/README.md for how to read the output.
+Every (mode, concurrency) cell runs the three targets back to back, `--rounds` times with the order rotated,
+so each ratio compares figures taken seconds apart on the same loop; medians over rounds are reported.
+See bench/README.md for how to read the output.
 
-    python bench/run.py [--requests N] [--concurrency 1,16,64] [--quick]
+    python bench/run.py [--requests N] [--concurrency 1,16,64] [--rounds R] [--quick] [--durability full|normal]
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import contextlib
 import gc
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import aiohttp
 import orjson
@@ -48,6 +50,7 @@ TARGETS = ("direct", "passthrough", "rungate")
 WARMUP_REQUESTS = 20
 DEFAULT_REQUESTS = 400
 QUICK_REQUESTS = 100
+DEFAULT_ROUNDS = 5
 MAX_ERRORS_SHOWN = 5
 REQUEST_TIMEOUT_S = 60.0
 
@@ -114,6 +117,11 @@ class Result:
     wall_s: float
     latencies_ms: list[float]
     errors: list[str] = field(default_factory=list)
+    cpu_s: float = 0.0  # CPU time of the whole process (every thread: client, servers, SQLite writer)
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.cpu_s * 1000 / self.requests if self.requests else math.nan
 
     @property
     def rps(self) -> float:
@@ -145,7 +153,7 @@ async def one_request(client: aiohttp.ClientSession, target: Target, body: bytes
     """Send one call and read the whole answer; None when it was a complete 200, else what went wrong."""
     async with client.post(target.url, data=body, headers=target.headers) as response:
         if stream:
-            data = bytearray()
+            data: bytes | bytearray = bytearray()
             async for chunk in response.content.iter_any():
                 data += chunk
             # Rungate may add its `event: rungate` trailer around `[DONE]`; what an SDK needs is `[DONE]` itself.
@@ -182,29 +190,37 @@ async def run_load(client: aiohttp.ClientSession, target: Target, mode: str, con
                 errors.append(problem)
 
     gc.collect()
-    started = time.perf_counter()
+    cpu_started, started = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, requests))))
-    wall = time.perf_counter() - started
-    return Result(target.name, mode, concurrency, requests, wall, latencies, errors)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return Result(target.name, mode, concurrency, requests, wall, latencies, errors, cpu)
 
 
 # --- orchestration and report -------------------------------------------------------------------------
 
 
+Cells = dict[tuple[str, str, int], list[Result]]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=None,
-                        help=f"requests per (target, mode, concurrency) cell (default {DEFAULT_REQUESTS}, "
+                        help=f"requests per (target, mode, concurrency) cell and round (default {DEFAULT_REQUESTS}, "
                              f"--quick {QUICK_REQUESTS})")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated worker counts (default 1,16,64)")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_REQUESTS} requests per cell")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"repeat every cell this often, targets interleaved; medians are reported "
+                             f"(default {DEFAULT_ROUNDS}, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_REQUESTS} requests per cell, one round")
     parser.add_argument("--durability", choices=("full", "normal"), default="full",
                         help="Rungate's RUNGATE_DURABILITY (default full: every commit fsynced)")
     args = parser.parse_args(argv)
     if args.requests is None:
         args.requests = QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS
-    if args.requests < 1:
-        parser.error("--requests must be at least 1")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else DEFAULT_ROUNDS
+    if args.requests < 1 or args.rounds < 1:
+        parser.error("--requests and --rounds must be at least 1")
     try:
         args.levels = [int(part) for part in args.concurrency.split(",") if part.strip()]
     except ValueError:
@@ -224,12 +240,19 @@ def rungate_settings(db_dir: Path, mock_root: str, durability: str) -> Settings:
     })
 
 
-def route_logs(path: Path) -> Any:
+def route_logs(path: Path) -> TextIO:
     """Keep Rungate's per-call info logs (their cost is real) but write them to a file, not the terminal."""
     configure_logging("json", "info")
     handle = path.open("w", encoding="utf-8")
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=handle))
     return handle
+
+
+def drain_mock_log(mock_app: web.Application) -> int:
+    """Empty the mock's request log (a test aid that would otherwise grow the heap all run); returns its length."""
+    served = len(mock_app[MOCK_REQUESTS])
+    mock_app[MOCK_REQUESTS].clear()
+    return served
 
 
 async def writer_synchronous(store: Any) -> str:
@@ -242,30 +265,53 @@ async def writer_synchronous(store: Any) -> str:
     return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(int(value), str(value))
 
 
-def fmt_ms(value: float) -> str:
-    return "   n/a" if math.isnan(value) else f"{value:8.2f}"
+def pooled(rounds: list[Result], q: float) -> float:
+    """Percentile `q` over the latencies of every round of one cell."""
+    merged = Result(rounds[0].target, rounds[0].mode, rounds[0].concurrency, 0, 0.0,
+                    [ms for r in rounds for ms in r.latencies_ms])
+    return merged.pct(q)
 
 
-def print_report(results: list[Result], levels: list[int]) -> None:
+def print_report(cells: Cells, levels: list[int], n_rounds: int) -> None:
     print()
-    print(f"{'target':<12} {'mode':<10} {'conc':>4} {'ok':>5} {'err':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    print("-" * 66)
-    for r in results:
-        print(f"{r.target:<12} {r.mode:<10} {r.concurrency:>4} {len(r.latencies_ms):>5} {len(r.errors):>4} "
-              f"{r.rps:>9.1f} {fmt_ms(r.pct(50))} {fmt_ms(r.pct(99))}")
-    cell = {(r.target, r.mode, r.concurrency): r for r in results}
-    print()
-    print("Rungate vs bare pass-through (the ratios that matter):")
-    print(f"{'mode':<10} {'conc':>4} {'thr ratio':>10} {'+p50 ms':>9} {'+p99 ms':>9}   "
-          f"{'(pass/direct thr)':>17}")
-    print("-" * 66)
+    print(f"Per target (req/s: median of {n_rounds} round(s), min-max in brackets; p50/p99 over all rounds' requests)")
+    print(f"{'target':<12} {'mode':<10} {'conc':>4} {'ok':>6} {'err':>4} {'req/s':>8} {'(min-max)':>14} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
+    print("-" * 93)
     for mode in MODES:
         for level in levels:
-            dr, pt, rg = (cell[(t, mode, level)] for t in TARGETS)
-            ratio = rg.rps / pt.rps if pt.rps else math.nan
-            floor = pt.rps / dr.rps if dr.rps else math.nan
-            print(f"{mode:<10} {level:>4} {ratio:>10.2f} {rg.pct(50) - pt.pct(50):>+9.2f} "
-                  f"{rg.pct(99) - pt.pct(99):>+9.2f}   {floor:>17.2f}")
+            for name in TARGETS:
+                rounds = cells[(name, mode, level)]
+                rps = [r.rps for r in rounds]
+                ok = sum(len(r.latencies_ms) for r in rounds)
+                err = sum(len(r.errors) for r in rounds)
+                spread = f"({min(rps):.0f}-{max(rps):.0f})"
+                print(f"{name:<12} {mode:<10} {level:>4} {ok:>6} {err:>4} {statistics.median(rps):>8.1f} "
+                      f"{spread:>14} {fmt_ms(pooled(rounds, 50))} {fmt_ms(pooled(rounds, 99))} "
+                      f"{statistics.median(r.cpu_ms_per_request for r in rounds):>10.2f}")
+    print()
+    print("Rungate vs bare pass-through -- the ratios that matter")
+    print("(thr ratio: median over rounds of Rungate req/s / pass-through req/s, each round's pair taken seconds")
+    print(" apart; +p50/+p99: Rungate latency minus pass-through latency; CPU ratio: process CPU per request,")
+    print(" Rungate / pass-through; last column: pass-through / direct throughput, the cost of any aiohttp hop)")
+    print(f"{'mode':<10} {'conc':>4} {'thr ratio':>10} {'(min-max)':>13} {'+p50 ms':>9} {'+p99 ms':>9} "
+          f"{'CPU ratio':>10} {'pass/direct':>12}")
+    print("-" * 84)
+    for mode in MODES:
+        for level in levels:
+            dr, pt, rg = (cells[(name, mode, level)] for name in TARGETS)
+            ratios = [g.rps / p.rps if p.rps else math.nan for g, p in zip(rg, pt, strict=True)]
+            floors = [p.rps / d.rps if d.rps else math.nan for p, d in zip(pt, dr, strict=True)]
+            cpu = [g.cpu_ms_per_request / p.cpu_ms_per_request if p.cpu_s else math.nan
+                   for g, p in zip(rg, pt, strict=True)]
+            spread = f"({min(ratios):.2f}-{max(ratios):.2f})"
+            print(f"{mode:<10} {level:>4} {statistics.median(ratios):>10.2f} {spread:>13} "
+                  f"{pooled(rg, 50) - pooled(pt, 50):>+9.2f} {pooled(rg, 99) - pooled(pt, 99):>+9.2f} "
+                  f"{statistics.median(cpu):>10.2f} {statistics.median(floors):>12.2f}")
+
+
+def fmt_ms(value: float) -> str:
+    return "     n/a" if math.isnan(value) else f"{value:8.2f}"
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -294,57 +340,63 @@ async def _bench(args: argparse.Namespace, tmpdir: Path, runners: list[web.AppRu
     store = rungate_app[STORE]
     _, token = await create_agent(store, "bench")
 
-    auth = {"Content-Type": "application/json"}
+    json_type = {"Content-Type": "application/json"}
     targets = [
-        Target("direct", mock_root + CHAT_PATH, {**auth, "Authorization": "Bearer sk-bench-key-000000"}),
-        Target("passthrough", pass_root + CHAT_PATH, {**auth, "Authorization": "Bearer sk-bench-key-000000"}),
-        Target("rungate", rg_root + CHAT_PATH, {**auth, "Authorization": f"Bearer {token}"}),
+        Target("direct", mock_root + CHAT_PATH, {**json_type, "Authorization": "Bearer sk-bench-key-000000"}),
+        Target("passthrough", pass_root + CHAT_PATH, {**json_type, "Authorization": "Bearer sk-bench-key-000000"}),
+        Target("rungate", rg_root + CHAT_PATH, {**json_type, "Authorization": f"Bearer {token}"}),
     ]
-    print(f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} CPUs, "
-          f"one process / one event loop (client + 3 servers)")
-    print(f"requests per cell: {args.requests}; concurrency: {','.join(map(str, args.levels))}; "
-          f"warm-up: {WARMUP_REQUESTS} per target")
-    print(f"Rungate: {settings.database_url} (durability={settings.durability}, "
-          f"writer PRAGMA synchronous={await writer_synchronous(store)})")
+    print(f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} CPUs; "
+          f"one process, one event loop for the client and all 3 servers; loopback only")
+    print(f"{args.requests} requests per cell and round, {args.rounds} round(s), concurrency "
+          f"{','.join(map(str, args.levels))}, modes {'/'.join(MODES)}; warm-up {WARMUP_REQUESTS} per target")
+    print(f"Rungate: {settings.database_url} (RUNGATE_DURABILITY={settings.durability}, "
+          f"writer connection PRAGMA synchronous={await writer_synchronous(store)})")
 
-    results: list[Result] = []
-    total_started = time.perf_counter()
+    cells: Cells = {}
+    served = 0
+    started = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as client:
         for target in targets:  # warm-up: connections, code paths, the agent's auto-run
             warm = [await run_load(client, target, mode, 4, WARMUP_REQUESTS // 2) for mode in MODES]
+            served += drain_mock_log(mock_app)
             if any(w.errors for w in warm):
                 print(f"warm-up errors against {target.name}: {[e for w in warm for e in w.errors][:3]}")
-        # Targets run back to back inside each cell, so a ratio compares runs seconds apart.
         for mode in MODES:
             for level in args.levels:
-                for target in targets:
-                    result = await run_load(client, target, mode, level, args.requests)
-                    results.append(result)
-                    print(f"  {target.name:<12} {mode:<10} c={level:<3} {result.rps:8.1f} req/s"
-                          f"  p50 {result.pct(50):7.2f} ms  p99 {result.pct(99):7.2f} ms"
-                          f"  errors {len(result.errors)}", flush=True)
-    total = time.perf_counter() - total_started
+                for round_no in range(args.rounds):
+                    # All targets back to back, the order rotated each round, so no target always goes first.
+                    shift = round_no % len(targets)
+                    for target in targets[shift:] + targets[:shift]:
+                        result = await run_load(client, target, mode, level, args.requests)
+                        served += drain_mock_log(mock_app)
+                        cells.setdefault((target.name, mode, level), []).append(result)
+                line = "  ".join(f"{name} {statistics.median(r.rps for r in cells[(name, mode, level)]):7.1f}"
+                                 for name in TARGETS)
+                print(f"  {mode:<10} c={level:<3} req/s: {line}", flush=True)
+    elapsed = time.perf_counter() - started
 
-    print_report(results, args.levels)
-    errors = [(r, e) for r in results for e in r.errors]
+    print_report(cells, args.levels, args.rounds)
+    failed = [(r, e) for rounds in cells.values() for r in rounds for e in r.errors]
+    measured = sum(r.requests for rounds in cells.values() for r in rounds)
     print()
-    if errors:
-        print(f"ERRORS: {len(errors)} failed requests")
-        for r, e in errors[:MAX_ERRORS_SHOWN]:
+    if failed:
+        print(f"ERRORS: {len(failed)} of {measured} measured requests failed; first {MAX_ERRORS_SHOWN}:")
+        for r, e in failed[:MAX_ERRORS_SHOWN]:
             print(f"  {r.target} {r.mode} c={r.concurrency}: {e}")
     else:
-        print(f"errors: none (all {sum(len(r.latencies_ms) for r in results)} measured requests were complete 200s)")
+        print(f"errors: none (all {measured} measured requests were complete 200s)")
     events = await store.fetchone("SELECT count(*) AS n FROM events")
     steps = await store.fetchone("SELECT count(*) AS n FROM steps")
     report = await store.verify()
-    print(f"Rungate event log: {events['n'] if events else '?'} events, {steps['n'] if steps else '?'} steps; "
-          f"synchronous={await writer_synchronous(store)}; "
+    print(f"Rungate event log after the run: {events['n'] if events else '?'} events "
+          f"({steps['n'] if steps else '?'} steps); writer synchronous={await writer_synchronous(store)}; "
           f"verify: {'ok' if report.ok else 'BROKEN'} ({report.events} events checked)")
     if not report.ok:
-        print(f"  chain broken: {report}")
-    print(f"mock provider served {len(mock_app[MOCK_REQUESTS])} requests; measured phase took {total:.1f} s")
-    return 1 if errors or not report.ok else 0
+        print(f"  hash chain broken at position {report.broken_at}: {report.reason}")
+    print(f"mock provider served {served + drain_mock_log(mock_app)} requests; measured phase {elapsed:.1f} s")
+    return 1 if failed or not report.ok else 0
 
 
 if __name__ == "__main__":

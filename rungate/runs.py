@@ -91,7 +91,9 @@ class AdmitCall:
                 raise _run_closed(f.run_id, run["status"])
             self.run_id = f.run_id
         else:
-            idle = run is not None and run["last_activity_at"] < iso_minus(now, f.idle_timeout_s)
+            # A run with a call still in flight is not idle, however old its last event.
+            idle = (run is not None and run["reserved_pusd"] == 0
+                    and run["last_activity_at"] < iso_minus(now, f.idle_timeout_s))
             if run is not None and (idle or f.new_run):
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
                     run_id=run["id"], status="completed", ended_reason="idle_timeout" if idle else "new_run")))

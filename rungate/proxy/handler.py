@@ -106,8 +106,8 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     structlog.contextvars.bind_contextvars(agent_id=agent["id"])
     raw, body = await read_json_object(request, settings.max_body_bytes)
     model = _validate(body, fmt)
+    changed = "rungate" in body  # the key is removed before forwarding, so the body must be re-encoded
     run_id, new_run = _run_options(request, body)
-    changed = len(body) != len(orjson.loads(raw)) if run_id or new_run else "rungate" in orjson.loads(raw)
     stream = body.get("stream") is True and fmt.meter is not None
     client_wants_usage = False
     if fmt is CHAT and stream:
@@ -285,5 +285,5 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
         unpriced=unpriced, estimated=estimated, latency_ms=int((time.monotonic() - call.started) * 1000),
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls])
     await store.execute(Append((NewEvent(run_stream(call.run_id), event),)), metadata={"agent_id": call.agent_id})
-    log.info("step_settled", step_id=call.step_id, status=status, tokens=usage.total,
+    log.debug("step_settled", step_id=call.step_id, status=status, tokens=usage.total,
              cost_usd=None if cost is None else format_usd(cost), estimated=estimated)

@@ -1,7 +1,7 @@
 """The hash chain: each event's hash covers its predecessor's hash and every stored column.
 
 `hash = sha256(json([prev_hash, position, event_id, stream, version, type, schema_version, data,
-metadata, recorded_at]))`. Because the position is inside the hash and each row names its predecessor's
+metadata, recorded_at, idempotency_key]))`. Because the position is inside the hash and each row names its predecessor's
 hash, a changed, deleted, inserted or reordered row breaks the chain at the first affected position.
 """
 
@@ -19,9 +19,9 @@ GENESIS = "0" * 64
 
 
 def chain_hash(prev_hash: str, position: int, event_id: str, stream: str, version: int, type_: str,
-               schema_version: int, data: str, metadata: str, recorded_at: str) -> str:
+               schema_version: int, data: str, metadata: str, recorded_at: str, idempotency_key: str | None) -> str:
     material = orjson.dumps([prev_hash, position, event_id, stream, version, type_, schema_version, data,
-                             metadata, recorded_at])
+                             metadata, recorded_at, idempotency_key])
     return hashlib.sha256(material).hexdigest()
 
 
@@ -40,7 +40,7 @@ def verify_rows(rows: Iterable[dict[str, Any]]) -> VerifyReport:
             return VerifyReport(False, count, position, "prev_hash does not match the previous event")
         computed = chain_hash(row["prev_hash"], position, row["event_id"], row["stream"], int(row["version"]),
                               row["type"], int(row["schema_version"]), row["data"], row["metadata"],
-                              row["recorded_at"])
+                              row["recorded_at"], row["idempotency_key"])
         if computed != row["hash"]:
             return VerifyReport(False, count, position, "hash does not match the stored columns")
         prev_hash = row["hash"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,9 @@ class SQLiteEventStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rungate-writer")
         self._conn: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # Point lookups (token → agent, provider key) run on the event loop itself: a primary-key read from
+        # a WAL snapshot takes microseconds, far less than the two thread hand-offs aiosqlite needs.
+        self._point: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
 
@@ -80,12 +84,20 @@ class SQLiteEventStore:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._open_writer)
-            self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            self._reader = await aiosqlite.connect(self._read_only_uri(), uri=True, isolation_level=None)
             self._reader.row_factory = aiosqlite.Row
             await self._reader.execute("PRAGMA busy_timeout=5000")
+            self._point = sqlite3.connect(self._read_only_uri(), uri=True, isolation_level=None,
+                                          check_same_thread=False)
+            self._point.row_factory = sqlite3.Row
+            self._point.execute("PRAGMA busy_timeout=200")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the event log at {self.path}: {exc}") from exc
         self._writer_task = asyncio.create_task(self._write_loop(), name="rungate-writer")
+
+    def _read_only_uri(self) -> str:
+        # Quoted: a `#`, `?` or `%` in the path must not change which file (or mode) is opened.
+        return f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
 
     def _open_writer(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,20 +126,24 @@ class SQLiteEventStore:
         self._conn = conn
 
     async def close(self) -> None:
+        """Finish every command already queued (their callers learn the truth), then close."""
         if self._writer_task is not None:
-            self._writer_task.cancel()
+            task, self._writer_task = self._writer_task, None
+            self._queue.put_nowait(_STOP)
             try:
-                await self._writer_task
+                await task
             except asyncio.CancelledError:
                 pass
-            self._writer_task = None
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            if not job.future.done():
+            if job is not _STOP and not job.future.done():
                 job.future.set_exception(StoreError("the event store is shutting down"))
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
+        if self._point is not None:
+            self._point.close()
+            self._point = None
         if self._conn is not None:
             conn = self._conn
             self._conn = None
@@ -148,10 +164,16 @@ class SQLiteEventStore:
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        stopping = False
+        while not stopping:
             jobs = [await self._queue.get()]
             while len(jobs) < MAX_BATCH and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
+            if _STOP in jobs:
+                stopping = True
+                jobs = [job for job in jobs if job is not _STOP]
+                if not jobs:
+                    break
             try:
                 results = await loop.run_in_executor(self._executor, self._write_batch, jobs)
             except BaseException as exc:  # the whole batch failed: every caller learns it
@@ -213,19 +235,22 @@ class SQLiteEventStore:
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job, state: _Head, now: str) -> list[Recorded]:
         if job.idempotency_key is not None:
-            first = conn.execute("SELECT metadata FROM events WHERE idempotency_key = ?",
+            first = conn.execute("SELECT position, metadata FROM events WHERE idempotency_key = ?",
                                  (job.idempotency_key,)).fetchone()
             if first is not None:
-                command_id = orjson.loads(first[0])["command_id"]
-                rows = conn.execute("SELECT * FROM events WHERE json_extract(metadata, '$.command_id') = ?"
-                                    " ORDER BY position", (command_id,)).fetchall()
+                # A command's events are contiguous, so the scan starts at its first one.
+                command_id = orjson.loads(first[1])["command_id"]
+                rows = conn.execute("SELECT * FROM events WHERE position >= ? AND"
+                                    " json_extract(metadata, '$.command_id') = ? ORDER BY position LIMIT 10000",
+                                    (first[0], command_id)).fetchall()
                 return [row_to_recorded(dict(r)) for r in rows]
         found: dict[Lookup, Row | None] = {}
         for lookup in job.command.lookups():
             found[lookup] = self._lookup(conn, lookup)
         new_events = job.command.decide(found, now)
         command_id = uuid.uuid4().hex
-        metadata = _dumps({**job.metadata, "command_id": command_id})
+        meta = {**job.metadata, "command_id": command_id}
+        metadata = _dumps(meta)
         versions: dict[str, int] = {}
         recorded: list[Recorded] = []
         for index, new in enumerate(new_events):
@@ -235,19 +260,21 @@ class SQLiteEventStore:
             versions[new.stream] += 1
             position = state.position + 1
             event_id = uuid.uuid4().hex
-            data = _dumps(new.event.payload())
+            payload = new.event.payload()
+            data = _dumps(payload)
             type_ = new.event.type_name()
             schema_version = new.event.schema_version
+            idempotency_key = job.idempotency_key if index == 0 else None
             digest = chain_hash(state.hash, position, event_id, new.stream, versions[new.stream], type_,
-                                schema_version, data, metadata, now)
+                                schema_version, data, metadata, now, idempotency_key)
             conn.execute(
                 "INSERT INTO events (position, event_id, stream, version, type, schema_version, data, metadata,"
                 " recorded_at, idempotency_key, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (position, event_id, new.stream, versions[new.stream], type_, schema_version, data, metadata, now,
-                 job.idempotency_key if index == 0 else None, state.hash, digest),
+                 idempotency_key, state.hash, digest),
             )
             rec = Recorded(position, event_id, new.stream, versions[new.stream], type_, schema_version,
-                           orjson.loads(data), orjson.loads(metadata), now, state.hash, digest)
+                           payload, meta, now, state.hash, digest)
             self._project(conn, rec)
             state.position, state.hash = position, digest
             recorded.append(rec)
@@ -265,6 +292,10 @@ class SQLiteEventStore:
                            tuple(value for _, value in lookup.where)).fetchone()
         return dict(row) if row is not None else None
 
+    def _require_writer(self) -> None:
+        if self._conn is None:
+            raise StoreError("the event store is not running")
+
     # --- reads ------------------------------------------------------------------------------------
 
     def _require_reader(self) -> aiosqlite.Connection:
@@ -280,8 +311,14 @@ class SQLiteEventStore:
             raise StoreError(f"event log read failed: {exc}") from exc
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        rows = await self.fetch(sql, params)
-        return rows[0] if rows else None
+        """A single-row read, done synchronously on the loop (meant for indexed point lookups)."""
+        if self._point is None:
+            raise StoreError("the event store is not running")
+        try:
+            row = self._point.execute(sql, tuple(params)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"event log read failed: {exc}") from exc
+        return dict(row) if row is not None else None
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[Recorded]:
         rows = await self.fetch("SELECT * FROM events WHERE position > ? ORDER BY position LIMIT ?", (after, limit))
@@ -296,6 +333,7 @@ class SQLiteEventStore:
         await self.fetch("SELECT 1")
 
     async def verify(self) -> VerifyReport:
+        self._require_writer()
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._verify_sync)
 
     def _verify_sync(self) -> VerifyReport:
@@ -306,6 +344,7 @@ class SQLiteEventStore:
         return verify_rows(dict(row) for row in cursor)
 
     async def rebuild(self) -> int:
+        self._require_writer()
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._rebuild_sync)
 
     def _rebuild_sync(self) -> int:
@@ -330,6 +369,9 @@ class SQLiteEventStore:
             conn.execute("ROLLBACK")
             raise
         return count
+
+
+_STOP: Any = object()  # queued by close(): the writer finishes what came before it, then stops
 
 
 @dataclass

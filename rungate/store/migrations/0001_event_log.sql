@@ -22,3 +22,10 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+-- INSERT OR REPLACE deletes the conflicting row without firing DELETE triggers: refuse any insert that
+-- would collide with a stored event, so a row can never be overwritten that way either.
+CREATE TRIGGER IF NOT EXISTS events_no_replace BEFORE INSERT ON events
+    WHEN EXISTS (SELECT 1 FROM events WHERE position = NEW.position OR event_id = NEW.event_id
+                 OR (stream = NEW.stream AND version = NEW.version)
+                 OR (NEW.idempotency_key IS NOT NULL AND idempotency_key = NEW.idempotency_key))
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;

@@ -1,0 +1,490 @@
+"""Projections: given these events, then these rows; and a rebuild from the log gives the same rows."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rungate.admin import AddProviderKey, CreateAgent, RemoveProviderKey, RotateAgentToken, UpdateAgent
+from rungate.errors import Conflict, GovernanceRefusal, NotFound
+from rungate.events.catalogue import ToolStepLogged
+from rungate.ids import new_id, token_hash
+from rungate.runs import AdmitCall, CloseIdleRun, CompleteRun, LogToolStep
+from rungate.store import SQLiteEventStore
+from tests.store_helpers import all_events, facts, opened, run_cli, settle, snapshot, snapshot_file
+
+# --- invariants every state of the runs projection must satisfy -------------------------------------
+
+INVARIANT_QUERIES = {
+    "step_count": "SELECT r.id FROM runs r WHERE r.step_count != (SELECT count(*) FROM steps s WHERE s.run_id = r.id)",
+    "reserved": "SELECT r.id FROM runs r WHERE r.reserved_pusd !="
+                " (SELECT coalesce(sum(s.reserved_pusd), 0) FROM steps s WHERE s.run_id = r.id)",
+    "spend": "SELECT r.id FROM runs r WHERE r.spend_pusd !="
+             " (SELECT coalesce(sum(s.cost_pusd), 0) FROM steps s WHERE s.run_id = r.id)",
+    "tokens": "SELECT r.id FROM runs r WHERE r.tokens_input != (SELECT coalesce(sum(s.tokens_input), 0)"
+              " FROM steps s WHERE s.run_id = r.id) OR r.tokens_output != (SELECT coalesce(sum(s.tokens_output), 0)"
+              " FROM steps s WHERE s.run_id = r.id)",
+    "unpriced": "SELECT r.id FROM runs r WHERE r.unpriced_steps !="
+                " (SELECT coalesce(sum(s.unpriced), 0) FROM steps s WHERE s.run_id = r.id)",
+    "seq": "SELECT r.id FROM runs r WHERE (SELECT group_concat(s.seq) FROM (SELECT seq FROM steps"
+           " WHERE run_id = r.id ORDER BY seq) s) IS NOT (SELECT group_concat(n) FROM (WITH RECURSIVE c(n) AS"
+           " (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < r.step_count) SELECT n FROM c WHERE r.step_count > 0))",
+    "settled_reservations": "SELECT id FROM steps WHERE status != 'started' AND reserved_pusd != 0",
+    "one_auto_run": "SELECT agent_id FROM runs WHERE auto = 1 AND status = 'active' GROUP BY agent_id"
+                    " HAVING count(*) > 1",
+    "orphan_steps": "SELECT id FROM steps WHERE run_id NOT IN (SELECT id FROM runs)",
+}
+
+
+async def assert_invariants(store: SQLiteEventStore) -> None:
+    broken = {name: await store.fetch(sql) for name, sql in INVARIANT_QUERIES.items()}
+    assert {name: rows for name, rows in broken.items() if rows} == {}
+
+
+# --- a realistic log driven through the real commands ---------------------------------------------------
+
+
+def _usage(rng: random.Random) -> dict[str, int]:
+    usage = {"input": rng.randint(0, 4000), "output": rng.randint(0, 1500)}
+    if rng.random() < 0.3:
+        usage["cached"] = rng.randint(0, 2000)
+    if rng.random() < 0.1:
+        usage["cache_write"] = rng.randint(0, 500)
+    if rng.random() < 0.2:
+        usage["reasoning"] = rng.randint(0, 800)
+    return usage
+
+
+async def drive_realistic_log(store: SQLiteEventStore, seed: int = 7, rounds: int = 60, per_round: int = 80) -> None:
+    """Agents, provider keys, auto and explicit runs, settled and open steps, tool steps, completed runs."""
+    rng = random.Random(seed)
+    creates = [CreateAgent(f"agent-{i}", {"team": f"t{i % 3}"}) for i in range(12)]
+    await asyncio.gather(*(store.execute(c) for c in creates))
+    agents = [c.agent_id for c in creates]
+    keys = [AddProviderKey(f"key-{i}", ("openai", "anthropic")[i % 2], f"nonce{i}", f"cipher{i}", f"…{i:04d}",
+                           new_id("pk")) for i in range(4)]
+    await asyncio.gather(*(store.execute(k) for k in keys))
+    await store.execute(RemoveProviderKey(keys[1].key_id))
+    await store.execute(RotateAgentToken(agents[0]))
+    await store.execute(UpdateAgent(agents[1], "agent-1-renamed", None, {"team": "moved"}))
+
+    open_runs: dict[str, list[str]] = {a: [] for a in agents}  # explicit runs each agent may still use
+    pending: list[tuple[str, str]] = []  # (run_id, step_id) admitted, not settled yet
+    for _ in range(rounds):
+        commands: list[Any] = []
+        for _ in range(per_round):
+            roll = rng.random()
+            agent = rng.choice(agents)
+            if roll < 0.40:
+                if rng.random() < 0.5 or not open_runs[agent]:
+                    commands.append(AdmitCall(facts(agent, new_run=rng.random() < 0.04,
+                                                    reserved_pusd=rng.choice((0, 10**6, 5 * 10**7)))))
+                else:
+                    commands.append(AdmitCall(facts(agent, run_id=rng.choice(open_runs[agent]),
+                                                    reserved_pusd=rng.randint(0, 10**8))))
+            elif roll < 0.45:
+                run_id = f"job-{new_id('x')}"
+                open_runs[agent].append(run_id)
+                commands.append(AdmitCall(facts(agent, run_id=run_id, reserved_pusd=rng.randint(0, 10**8))))
+            elif roll < 0.85 and pending:
+                run_id, step_id = pending.pop(rng.randrange(len(pending)))
+                unpriced = rng.random() < 0.1
+                commands.append(settle(run_id, step_id, usage=_usage(rng),
+                                       cost_pusd=None if unpriced else rng.randint(0, 10**9), unpriced=unpriced,
+                                       status=rng.choice(("ok", "ok", "ok", "error")),
+                                       estimated=rng.random() < 0.05))
+            elif roll < 0.95 and open_runs[agent]:
+                run_id = rng.choice(open_runs[agent])
+                commands.append(LogToolStep(agent, run_id, ToolStepLogged(
+                    step_id=new_id("stp"), run_id=run_id, tool=rng.choice(("search", "sql", "http")),
+                    status=rng.choice(("ok", "error")), usage={"input": rng.randint(0, 50)},
+                    cost_pusd=rng.choice((None, rng.randint(0, 10**6))), latency_ms=rng.randint(1, 900))))
+            elif open_runs[agent]:
+                run_id = open_runs[agent].pop(rng.randrange(len(open_runs[agent])))
+                commands.append(CompleteRun(agent, run_id, "agent_done", {"round": rng.randint(0, 9)}))
+        outcomes = await asyncio.gather(*(store.execute(c) for c in commands), return_exceptions=True)
+        for command, outcome in zip(commands, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                # only a call into a run completed earlier in the same batch may be refused
+                assert isinstance(outcome, Conflict) and outcome.code == "run_closed", outcome
+                assert isinstance(command, AdmitCall | LogToolStep)
+            elif isinstance(command, AdmitCall):
+                pending.append((command.run_id, command.step_id))
+    await store.execute(UpdateAgent(agents[2], None, True, None))
+
+
+async def test_rebuild_of_a_realistic_log_gives_identical_projections(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        # given several thousand events written by the real commands
+        await drive_realistic_log(store)
+        log = await all_events(store)
+        before = await snapshot(store)
+        await assert_invariants(store)
+        # when every projection is dropped and replayed from the log
+        replayed = await store.rebuild()
+        after = await snapshot(store)
+        report = await store.verify()
+
+    # then the rows (and the projection schema) are identical
+    assert len(log) > 3000
+    assert replayed == len(log)
+    assert report.ok
+    assert after == before
+    # and the log exercised every kind of row worth comparing
+    assert len(before["agents"]) == 12 and len(before["provider_keys"]) == 3
+    statuses = {(row[2], row[3]) for row in before["runs"]}  # (status, auto)
+    assert {("active", 1), ("completed", 1), ("active", 0), ("completed", 0)} <= statuses
+    kinds = {(row[3], row[9]) for row in before["steps"]}  # (kind, status)
+    assert {("llm", "started"), ("llm", "ok"), ("llm", "error"), ("tool", "ok")} <= kinds
+    assert any(row[17] is None and row[18] == 1 for row in before["steps"])  # an unpriced step
+
+
+async def test_cli_rebuild_gives_identical_projections(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    # given a closed log with its live projections
+    async with opened(path) as store:
+        await drive_realistic_log(store, seed=11, rounds=12, per_round=60)
+        count = len(await all_events(store))
+    before = snapshot_file(path)
+    # when `rungate rebuild` runs on it
+    result = run_cli(path, "rebuild")
+    # then it reports the events replayed and the rows are unchanged
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"rebuilt projections from {count} events"
+    assert snapshot_file(path) == before
+    assert len(before["steps"]) > 100
+
+
+# --- given these events, then these rows --------------------------------------------------------------
+
+
+async def _agent(store: SQLiteEventStore, name: str = "agent") -> str:
+    create = CreateAgent(name, {"k": "v"})
+    await store.execute(create)
+    return create.agent_id
+
+
+async def _run(store: SQLiteEventStore, run_id: str) -> dict[str, Any]:
+    row = await store.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
+    assert row is not None
+    return row
+
+
+async def _step(store: SQLiteEventStore, step_id: str) -> dict[str, Any]:
+    row = await store.fetchone("SELECT * FROM steps WHERE id = ?", (step_id,))
+    assert row is not None
+    return row
+
+
+async def test_an_admitted_call_reserves_and_its_settlement_releases_and_charges(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        # given two calls admitted into a new explicit run, both with reservations
+        first = AdmitCall(facts(agent, run_id="job-1", reserved_pusd=700, stream=True))
+        second = AdmitCall(facts(agent, run_id="job-1", reserved_pusd=300))
+        started = await store.execute(first)
+        await store.execute(second)
+        run_open = await _run(store, "job-1")
+        step_open = await _step(store, first.step_id)
+        # when the first settles with full usage and the second without a price
+        done = await store.execute(settle("job-1", first.step_id, cost_pusd=12_345, usage={
+            "input": 100, "cached": 40, "cache_write": 10, "cache_write_1h": 5, "output": 60, "reasoning": 20}))
+        await store.execute(settle("job-1", second.step_id, usage={"input": 7, "output": 3}, cost_pusd=None,
+                                   unpriced=True))
+        run = await _run(store, "job-1")
+        step = await _step(store, first.step_id)
+        unpriced = await _step(store, second.step_id)
+        await assert_invariants(store)
+
+    # then while open, the run holds both reservations; after settlement they are back to 0
+    assert [e.type for e in started] == ["RunStarted", "StepStarted"] and first.started_run
+    assert not second.started_run and first.run_id == second.run_id == "job-1"
+    assert (run_open["status"], run_open["auto"], run_open["step_count"], run_open["reserved_pusd"]) == (
+        "active", 0, 2, 1000)
+    assert (step_open["status"], step_open["seq"], step_open["reserved_pusd"], step_open["stream"]) == (
+        "started", 1, 700, 1)
+    assert step_open["ended_at"] is None
+    assert run["reserved_pusd"] == 0 and run["step_count"] == 2
+    assert run["tokens_input"] == 155 + 7 and run["tokens_output"] == 63
+    assert run["spend_pusd"] == 12_345 and run["unpriced_steps"] == 1
+    assert run["last_activity_at"] >= done[0].recorded_at
+    assert (step["status"], step["http_status"], step["reserved_pusd"], step["cost_pusd"]) == ("ok", 200, 0, 12_345)
+    assert (step["tokens_input"], step["tokens_output"], step["tokens_cached"], step["tokens_cache_write"],
+            step["tokens_reasoning"]) == (155, 60, 40, 15, 20)
+    assert step["ended_at"] == done[0].recorded_at and step["latency_ms"] == 12
+    assert (unpriced["seq"], unpriced["cost_pusd"], unpriced["unpriced"], unpriced["reserved_pusd"]) == (2, None, 1, 0)
+
+
+async def test_tool_steps_number_after_llm_steps_and_add_their_cost(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        # given a tool step logged before any call (it starts the run), then a call, then another tool step
+        tool = ToolStepLogged(step_id="stp_tool1", run_id="job-t", tool="search", status="ok",
+                              usage={"input": 5, "output": 6}, cost_pusd=900, latency_ms=33, args={"q": "x"})
+        first = await store.execute(LogToolStep(agent, "job-t", tool))
+        admit = AdmitCall(facts(agent, run_id="job-t"))
+        await store.execute(admit)
+        await store.execute(LogToolStep(agent, "job-t", ToolStepLogged(
+            step_id="stp_tool2", run_id="job-t", tool="sql", status="error", error="timeout", cost_pusd=None)))
+        run = await _run(store, "job-t")
+        steps = await store.fetch("SELECT id, seq, kind, tool, status, cost_pusd, error FROM steps ORDER BY seq")
+
+    # then the run was started by the tool step, seq counts every step, and only priced tools add spend
+    assert [e.type for e in first] == ["RunStarted", "ToolStepLogged"]
+    assert (run["auto"], run["step_count"], run["spend_pusd"], run["tokens_input"], run["tokens_output"]) == (
+        0, 3, 900, 5, 6)
+    assert steps == [
+        {"id": "stp_tool1", "seq": 1, "kind": "tool", "tool": "search", "status": "ok", "cost_pusd": 900,
+         "error": None},
+        {"id": admit.step_id, "seq": 2, "kind": "llm", "tool": None, "status": "started", "cost_pusd": None,
+         "error": None},
+        {"id": "stp_tool2", "seq": 3, "kind": "tool", "tool": "sql", "status": "error", "cost_pusd": None,
+         "error": "timeout"},
+    ]
+
+
+async def test_a_completed_run_is_closed_and_refuses_more_calls(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        await store.execute(AdmitCall(facts(agent, run_id="job-c")))
+        # given the agent completes its run
+        done = await store.execute(CompleteRun(agent, "job-c", "agent_done", {"outcome": "refunded"}))
+        again = await store.execute(CompleteRun(agent, "job-c", "other", {}))
+        run = await _run(store, "job-c")
+        count = len(await all_events(store))
+        # when it calls into it or logs a tool step there
+        with pytest.raises(Conflict) as call_refused:
+            await store.execute(AdmitCall(facts(agent, run_id="job-c")))
+        with pytest.raises(Conflict) as tool_refused:
+            await store.execute(LogToolStep(agent, "job-c", ToolStepLogged(
+                step_id="stp_late", run_id="job-c", tool="x", status="ok")))
+        after = len(await all_events(store))
+
+    # then the run shows completed with its reason and metadata, a second completion changes nothing,
+    # and calls into it are refused with run_closed without writing anything
+    assert [e.type for e in done] == ["RunCompleted"] and again == []
+    assert (run["status"], run["ended_reason"], run["ended_at"], run["metadata"]) == (
+        "completed", "agent_done", done[0].recorded_at, '{"outcome":"refunded"}')
+    assert call_refused.value.code == "run_closed" and call_refused.value.extra == {
+        "run_id": "job-c", "status": "completed"}
+    assert tool_refused.value.code == "run_closed"
+    assert after == count
+
+
+async def test_an_explicit_run_of_another_agent_is_refused(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        owner, intruder = await _agent(store, "owner"), await _agent(store, "intruder")
+        # given a run that belongs to another agent
+        await store.execute(AdmitCall(facts(owner, run_id="job-o")))
+        count = len(await all_events(store))
+        # when the intruder calls into it, logs into it, or completes it
+        with pytest.raises(Conflict) as admit_refused:
+            await store.execute(AdmitCall(facts(intruder, run_id="job-o")))
+        with pytest.raises(Conflict) as tool_refused:
+            await store.execute(LogToolStep(intruder, "job-o", ToolStepLogged(
+                step_id="stp_i", run_id="job-o", tool="x", status="ok")))
+        with pytest.raises(NotFound):
+            await store.execute(CompleteRun(intruder, "job-o", "hijack", {}))
+        run = await _run(store, "job-o")
+        after = len(await all_events(store))
+
+    # then every attempt is refused as unavailable and nothing is written
+    assert admit_refused.value.code == "run_unavailable" and tool_refused.value.code == "run_unavailable"
+    assert (run["agent_id"], run["status"], run["step_count"]) == (owner, "active", 1)
+    assert after == count
+
+
+async def test_unknown_and_disabled_agents_are_refused_before_any_event(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        await store.execute(UpdateAgent(agent, None, True, None))
+        count = len(await all_events(store))
+        with pytest.raises(NotFound):
+            await store.execute(AdmitCall(facts("agt_nobody")))
+        with pytest.raises(GovernanceRefusal) as refused:
+            await store.execute(AdmitCall(facts(agent)))
+        runs = await store.fetch("SELECT * FROM runs")
+        after = len(await all_events(store))
+    assert refused.value.code == "agent_disabled" and refused.value.status == 403
+    assert runs == [] and after == count
+
+
+async def test_auto_runs_group_calls_and_new_run_supersedes(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        # given two calls without a run id, then one asking for a new run
+        one, two, fresh = AdmitCall(facts(agent)), AdmitCall(facts(agent)), AdmitCall(facts(agent, new_run=True))
+        await store.execute(one)
+        await store.execute(two)
+        events = await store.execute(fresh)
+        old, new = await _run(store, one.run_id), await _run(store, fresh.run_id)
+
+    # then the first two share an auto-run; the third closes it (new_run) and opens another
+    assert one.run_id == two.run_id and one.started_run and not two.started_run
+    assert [e.type for e in events] == ["RunCompleted", "RunStarted", "StepStarted"]
+    assert events[0].data["run_id"] == one.run_id
+    assert (old["status"], old["ended_reason"], old["auto"], old["step_count"]) == ("completed", "new_run", 1, 2)
+    assert (new["status"], new["auto"], new["step_count"]) == ("active", 1, 1)
+    assert fresh.run_id != one.run_id
+
+
+async def test_an_idle_auto_run_is_closed_by_the_next_call(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        # given an auto-run whose only call has settled
+        first = AdmitCall(facts(agent, idle_timeout_s=1, reserved_pusd=50))
+        await store.execute(first)
+        await store.execute(settle(first.run_id, first.step_id, usage={"input": 1, "output": 1}, cost_pusd=5))
+        # when the next call comes after the idle window (the decision reads the store's clock)
+        await asyncio.sleep(1.1)
+        late = AdmitCall(facts(agent, idle_timeout_s=1))
+        events = await store.execute(late)
+        soon = AdmitCall(facts(agent, idle_timeout_s=1))
+        soon_events = await store.execute(soon)
+        old, new = await _run(store, first.run_id), await _run(store, late.run_id)
+
+    # then the old run is completed as idle_timeout and the call starts (and the next one joins) a new run
+    assert [e.type for e in events] == ["RunCompleted", "RunStarted", "StepStarted"]
+    assert events[0].data == {"run_id": first.run_id, "status": "completed", "ended_reason": "idle_timeout",
+                              "metadata": {}}
+    assert (old["status"], old["ended_reason"], old["ended_at"], old["spend_pusd"], old["reserved_pusd"]) == (
+        "completed", "idle_timeout", events[0].recorded_at, 5, 0)
+    assert late.run_id != first.run_id and late.started_run
+    assert [e.type for e in soon_events] == ["StepStarted"] and soon.run_id == late.run_id
+    assert (new["status"], new["step_count"]) == ("active", 2)
+
+
+async def test_an_auto_run_with_a_call_in_flight_is_not_closed_as_idle(tmp_path: Path) -> None:
+    """`CloseIdleRun` never closes a run holding a reservation; the idle close inside `AdmitCall` should agree."""
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        # given an auto-run whose call is still streaming (reservation held) past the idle window
+        slow = AdmitCall(facts(agent, idle_timeout_s=1, reserved_pusd=10**9))
+        await store.execute(slow)
+        await asyncio.sleep(1.1)
+        swept = await store.execute(CloseIdleRun(slow.run_id, 1))
+        # when the agent's next call arrives
+        nxt = AdmitCall(facts(agent, idle_timeout_s=1))
+        await store.execute(nxt)
+        run = await _run(store, slow.run_id)
+
+    # then the sweeper left the run open, and so does the next call: it joins the run instead
+    assert swept == []
+    assert run["status"] == "active", (run["status"], run["ended_reason"], run["reserved_pusd"])
+    assert nxt.run_id == slow.run_id
+
+
+async def test_the_idle_sweeper_closes_only_settled_idle_auto_runs(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store)
+        admit = AdmitCall(facts(agent, reserved_pusd=80))
+        await store.execute(admit)
+        # given an idle auto-run still holding a reservation, then the same run settled
+        await asyncio.sleep(1.1)
+        held = await store.execute(CloseIdleRun(admit.run_id, 1))
+        await store.execute(settle(admit.run_id, admit.step_id, cost_pusd=1))
+        fresh = await store.execute(CloseIdleRun(admit.run_id, 1))  # settlement is fresh activity
+        await asyncio.sleep(1.1)
+        closed = await store.execute(CloseIdleRun(admit.run_id, 1))
+        twice = await store.execute(CloseIdleRun(admit.run_id, 1))
+        run = await _run(store, admit.run_id)
+    assert held == [] and fresh == [] and twice == []
+    assert [e.type for e in closed] == ["RunCompleted"]
+    assert (run["status"], run["ended_reason"]) == ("completed", "idle_timeout")
+
+
+async def test_agent_and_provider_key_events_fold_into_their_rows(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        # given an agent created, rotated, renamed, disabled; and keys added and removed
+        create = CreateAgent("alpha", {"team": "a"})
+        created = await store.execute(create)
+        rotate = RotateAgentToken(create.agent_id)
+        rotated = await store.execute(rotate)
+        updated = await store.execute(UpdateAgent(create.agent_id, "beta", True, {"team": "b"}))
+        other = CreateAgent("gamma", {})
+        await store.execute(other)
+        with pytest.raises(Conflict) as taken:
+            await store.execute(UpdateAgent(other.agent_id, "beta", None, None))
+        with pytest.raises(Conflict):
+            await store.execute(CreateAgent("beta", {}))
+        kept, gone = new_id("pk"), new_id("pk")
+        await store.execute(AddProviderKey("main", "openai", "n1", "c1", "…abcd", kept))
+        await store.execute(AddProviderKey("spare", "anthropic", "n2", "c2", "…wxyz", gone))
+        with pytest.raises(Conflict):
+            await store.execute(AddProviderKey("main", "openai", "n3", "c3", "…0000", new_id("pk")))
+        await store.execute(RemoveProviderKey(gone))
+        with pytest.raises(NotFound):
+            await store.execute(RemoveProviderKey(gone))
+        agent = await store.fetchone("SELECT * FROM agents WHERE id = ?", (create.agent_id,))
+        keys = await store.fetch("SELECT id, name, provider, nonce, ciphertext, hint FROM provider_keys")
+
+    # then the agent row carries the latest token, name, flag and metadata; only the kept key remains
+    assert taken.value.code == "name_taken"
+    assert agent == {
+        "id": create.agent_id, "name": "beta", "token_hash": token_hash(rotate.token), "disabled": 1,
+        "metadata": '{"team":"b"}', "created_at": created[0].recorded_at, "updated_at": updated[0].recorded_at,
+        "position": updated[0].position}
+    assert rotated[0].data["token_hash"] != created[0].data["token_hash"]
+    assert keys == [{"id": kept, "name": "main", "provider": "openai", "nonce": "n1", "ciphertext": "c1",
+                     "hint": "…abcd"}]
+
+
+# --- property: any sequence of commands keeps the invariants and rebuilds identically -----------------
+
+OPERATIONS = st.lists(st.tuples(st.sampled_from(("auto", "new_run", "explicit", "settle", "tool", "complete")),
+                                st.integers(0, 2), st.integers(0, 10**6), st.booleans()),
+                      min_size=1, max_size=40)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPERATIONS)
+def test_any_command_sequence_keeps_invariants_and_rebuilds_identically(ops: list[tuple[str, int, int, bool]]) -> None:
+    async def scenario(path: Path) -> None:
+        async with opened(path) as store:
+            agents = [await _agent(store, f"agent-{i}") for i in range(3)]
+            pending: list[tuple[str, str]] = []
+            commands: list[Any] = []
+            for kind, who, amount, flag in ops:
+                agent = agents[who]
+                explicit = f"job-{who}-{int(flag)}"
+                if kind in ("auto", "new_run", "explicit"):
+                    commands.append(AdmitCall(facts(agent, run_id=explicit if kind == "explicit" else None,
+                                                    new_run=kind == "new_run", reserved_pusd=amount)))
+                elif kind == "settle" and pending:
+                    run_id, step_id = pending.pop(amount % len(pending))
+                    commands.append(settle(run_id, step_id, usage={"input": amount % 997, "output": amount % 13},
+                                           cost_pusd=None if flag else amount, unpriced=flag))
+                elif kind == "tool":
+                    commands.append(LogToolStep(agent, explicit, ToolStepLogged(
+                        step_id=new_id("stp"), run_id=explicit, tool="t", status="ok",
+                        usage={"input": amount % 50}, cost_pusd=amount if flag else None)))
+                elif kind == "complete":
+                    commands.append(CompleteRun(agent, explicit, "done", {}))
+                if len(commands) >= 5 or kind == "complete":  # several batches of concurrent commands
+                    outcomes = await asyncio.gather(*(store.execute(c) for c in commands), return_exceptions=True)
+                    for command, outcome in zip(commands, outcomes, strict=True):
+                        if isinstance(command, AdmitCall) and not isinstance(outcome, BaseException):
+                            pending.append((command.run_id, command.step_id))
+                        elif isinstance(outcome, BaseException):
+                            assert isinstance(outcome, Conflict | NotFound), outcome
+                    commands = []
+            for command in commands:
+                try:
+                    await store.execute(command)
+                except (Conflict, NotFound):
+                    pass
+            await assert_invariants(store)
+            before = await snapshot(store)
+            assert await store.rebuild() == len(await all_events(store))
+            assert await snapshot(store) == before
+            assert (await store.verify()).ok
+
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(scenario(Path(directory) / "log.db"))

@@ -1,0 +1,171 @@
+"""The hash chain makes tampering visible: `verify` (API and CLI) names the first broken position."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rungate.admin import CreateAgent
+from rungate.runs import AdmitCall, CompleteRun
+from rungate.store import VerifyReport
+from tests.store_helpers import copy_database, facts, opened, run_cli, settle
+
+Tamper = Callable[[sqlite3.Connection], None]
+EVENTS = 41
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A closed, healthy log of exactly EVENTS events written through the real commands."""
+    path = tmp_path_factory.mktemp("integrity") / "source.db"
+
+    async def fill() -> None:
+        async with opened(path) as store:
+            create = CreateAgent("integrity-agent", {"team": "audit"})
+            await store.execute(create)  # 1 event
+            run_id = "run-integrity"
+            for i in range(13):  # 1 RunStarted + 13 StepStarted + 13 StepCompleted = 27 events
+                admit = AdmitCall(facts(create.agent_id, run_id=run_id, reserved_pusd=100 + i))
+                await store.execute(admit)
+                await store.execute(settle(run_id, admit.step_id, usage={"input": i, "output": 2 * i},
+                                           cost_pusd=1000 * i))
+            await store.execute(CompleteRun(create.agent_id, run_id, "done", {}))  # 1 event
+            for _ in range(11):  # auto-run: 1 RunStarted + 11 StepStarted = 12 events
+                await store.execute(AdmitCall(facts(create.agent_id)))
+            count = await store.fetchone("SELECT count(*) AS n FROM events")
+            assert count == {"n": EVENTS}
+    asyncio.run(fill())
+    return path
+
+
+def _tampered(source: Path, target: Path, tamper: Tamper | None) -> Path:
+    copy_database(source, target)
+    if tamper is not None:
+        conn = sqlite3.connect(target)
+        try:
+            conn.execute("DROP TRIGGER events_no_update")
+            conn.execute("DROP TRIGGER events_no_delete")
+            tamper(conn)
+            conn.commit()
+        finally:
+            conn.close()
+    return target
+
+
+def _change_column(position: int, column: str, expression: str) -> Tamper:
+    def tamper(conn: sqlite3.Connection) -> None:
+        changed = conn.execute(f"UPDATE events SET {column} = {expression} WHERE position = ?", (position,))
+        assert changed.rowcount == 1
+
+    return tamper
+
+
+def _delete(position: int) -> Tamper:
+    def tamper(conn: sqlite3.Connection) -> None:
+        assert conn.execute("DELETE FROM events WHERE position = ?", (position,)).rowcount == 1
+
+    return tamper
+
+
+def _swap(first: int, second: int) -> Tamper:
+    def tamper(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE events SET position = -1 WHERE position = ?", (first,))
+        conn.execute("UPDATE events SET position = ? WHERE position = ?", (first, second))
+        conn.execute("UPDATE events SET position = ? WHERE position = -1", (second,))
+
+    return tamper
+
+
+def _forge_tail(conn: sqlite3.Connection) -> None:
+    """Append a row whose links look right but whose hash was not computed over its columns."""
+    last = conn.execute("SELECT * FROM events ORDER BY position DESC LIMIT 1").fetchone()
+    conn.execute("INSERT INTO events VALUES (?, 'forged-id', ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                 (last[0] + 1, last[2], last[3] + 1000, last[4], last[5], last[6], last[7], last[8], last[11],
+                  "f" * 64))
+
+
+def _two_changes(conn: sqlite3.Connection) -> None:
+    _change_column(30, "data", "json_set(data, '$.status', 'ok-forged')")(conn)
+    _change_column(9, "recorded_at", "'2000-01-01T00:00:00.000000Z'")(conn)
+
+
+# (case id, tampering, the position verify must name, a word of the reason)
+CASES: list[tuple[str, Tamper, int, str]] = [
+    ("data", _change_column(17, "data", "json_set(data, '$.cost_pusd', 1)"), 17, "hash"),
+    ("metadata", _change_column(5, "metadata", "json_set(metadata, '$.agent_id', 'someone')"), 5, "hash"),
+    ("recorded_at", _change_column(22, "recorded_at", "'2030-01-01T00:00:00.000000Z'"), 22, "hash"),
+    ("type", _change_column(12, "type", "'RunCompleted'"), 12, "hash"),
+    ("stream", _change_column(3, "stream", "'run-elsewhere'"), 3, "hash"),
+    ("version", _change_column(8, "version", "version + 1000"), 8, "hash"),
+    ("idempotency_key", _change_column(6, "idempotency_key", "'replayed-key'"), 6, "hash"),
+    ("first_row", _change_column(1, "data", "json_set(data, '$.name', 'mallory')"), 1, "hash"),
+    ("last_row", _change_column(EVENTS, "data", "json_set(data, '$.model', 'cheap')"), 41, "hash"),
+    ("delete_middle", _delete(20), 20, "missing"),
+    ("delete_first", _delete(1), 1, "missing"),
+    ("swap_neighbours", _swap(14, 15), 14, "prev_hash"),
+    ("swap_apart", _swap(10, 33), 10, "prev_hash"),
+    ("forged_tail", _forge_tail, EVENTS + 1, "hash"),
+    ("first_of_two", _two_changes, 9, "hash"),
+]
+
+
+async def _verify(path: Path) -> VerifyReport:
+    async with opened(path) as store:
+        return await store.verify()
+
+
+async def test_an_untampered_copy_verifies(populated: Path, tmp_path: Path) -> None:
+    # given a plain copy of a healthy log, when verified, then ok with every event counted
+    report = await _verify(_tampered(populated, tmp_path / "copy.db", None))
+    assert report == VerifyReport(True, EVENTS)
+
+
+@pytest.mark.parametrize(("tamper", "broken_at", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+async def test_verify_names_the_first_tampered_position(populated: Path, tmp_path: Path, tamper: Tamper,
+                                                        broken_at: int, reason: str) -> None:
+    # given a copy of a healthy log tampered with outside Rungate
+    path = _tampered(populated, tmp_path / "tampered.db", tamper)
+    # when the store verifies it
+    report = await _verify(path)
+    # then the chain is reported broken at the first affected position
+    assert not report.ok
+    assert report.broken_at == broken_at
+    assert report.reason is not None and reason in report.reason
+
+
+async def test_the_source_log_is_untouched_by_tampering_with_copies(populated: Path) -> None:
+    assert await _verify(populated) == VerifyReport(True, EVENTS)
+
+
+def test_cli_verify_prints_ok_and_exits_0_on_a_good_log(populated: Path, tmp_path: Path) -> None:
+    # given a healthy copy, when `rungate verify` runs, then it prints ok and exits 0
+    result = run_cli(_tampered(populated, tmp_path / "copy.db", None), "verify")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+    assert f"{EVENTS} events" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["data", "delete_middle", "swap_neighbours", "first_of_two"])
+def test_cli_verify_exits_1_naming_the_first_broken_position(populated: Path, tmp_path: Path, case: str) -> None:
+    _, tamper, broken_at, _ = next(c for c in CASES if c[0] == case)
+    # given a tampered copy, when `rungate verify` runs
+    result = run_cli(_tampered(populated, tmp_path / "tampered.db", tamper), "verify")
+    # then it exits 1 and names the first broken position
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"broken at position {broken_at}:" in result.stdout
+    assert not result.stdout.startswith("ok")
+
+
+def test_python_dash_m_rungate_runs_the_cli(populated: Path, tmp_path: Path) -> None:
+    """`python -m rungate` (the form the docs and scripts use) needs `rungate/__main__.py`."""
+    path = _tampered(populated, tmp_path / "copy.db", None)
+    result = subprocess.run([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{path}", "verify"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
