@@ -6,24 +6,26 @@ sort by creation time and never collide in practice. Tokens carry 256 random bit
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
 import re
 import secrets
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# RFC 4648 base32 digits → Crockford digits of the same value (Crockford's are in ASCII order, so ids sort).
+_TO_CROCKFORD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET)
 # Client-chosen ids (run ids) are opaque but bounded: printable, no separators that break URLs or logs.
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
 
 def new_id(prefix: str) -> str:
     """A fresh time-ordered id such as `stp_01JD3…` (26 base32 characters after the prefix)."""
-    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
-    chars = []
-    for _ in range(26):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return f"{prefix}_{''.join(reversed(chars))}"
+    value = (time.time_ns() // 1_000_000 << 80) | int.from_bytes(os.urandom(10), "big")
+    # 16 bytes → 26 base32 digits (+ padding, dropped); big-endian, so the text sorts like the number.
+    encoded = base64.b32encode(value.to_bytes(16, "big")).decode()[:26]
+    return f"{prefix}_{encoded.translate(_TO_CROCKFORD)}"
 
 
 def new_token(prefix: str) -> str:

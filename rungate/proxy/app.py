@@ -13,7 +13,7 @@ from rungate.api.routes import routes as api_routes
 from rungate.clock import iso_minus, now_iso
 from rungate.config import Settings
 from rungate.crypto import load_keyring
-from rungate.log import get_logger
+from rungate.log import configure, get_logger
 from rungate.prices import PriceTable
 from rungate.providers.mock import create_mock_app
 from rungate.proxy.keys import HTTP, KEYRING, PRICES, SETTINGS, STORE, TARGETS
@@ -29,6 +29,7 @@ SWEEP_INTERVAL_S = 30.0
 
 def create_app(settings: Settings, store: EventStore | None = None) -> web.Application:
     """The Rungate application; the store is opened from `settings` unless one is given (tests)."""
+    configure(settings.log_format, settings.log_level)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[STORE] = store if store is not None else open_store(settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,12 +28,14 @@ from projections import ALL as ALL_PROJECTIONS
 from projections import Projection
 from rungate.clock import now_iso
 from rungate.errors import ConcurrencyError, RungateError, StoreError
-from rungate.events import Recorded
+from rungate.events import NewEvent, Recorded
 from rungate.log import get_logger
 from rungate.store.base import Command, Lookup, Row, VerifyReport
 from rungate.store.hashing import GENESIS, chain_hash, verify_rows
 
 MAX_BATCH = 512
+INLINE_COMMIT_S = 0.002  # commits faster than this on average run on the event loop itself
+BUSY_TIMEOUT_MS = 5000
 log = get_logger("rungate.store")
 
 
@@ -77,6 +80,14 @@ class SQLiteEventStore:
         self._point: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        # Serialises every use of the writer connection (write batches on the loop, verify/rebuild on the thread).
+        self._conn_lock = asyncio.Lock()
+        # Stream versions as of `_known_head`, the last position this process committed (valid while no one else
+        # has appended since).
+        self._versions: dict[str, int] = {}
+        self._known_head = -1
+        # Starts "slow" so the first commits go to the thread until the storage has shown it is fast.
+        self._commit_avg_s = 1.0
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -107,7 +118,7 @@ class SQLiteEventStore:
         if str(mode).lower() != "wal":
             raise StoreError(f"SQLite refused WAL mode for {self.path} (got {mode})")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -123,6 +134,7 @@ class SQLiteEventStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        conn.execute("PRAGMA busy_timeout=0")  # write batches never wait on the loop (see `_begin`)
         self._conn = conn
 
     async def close(self) -> None:
@@ -158,12 +170,11 @@ class SQLiteEventStore:
             raise StoreError("the event store is not running")
         future: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(command, idempotency_key, metadata or {}, future))
-        # Shielded: a caller that is cancelled (client gone) must not cancel a commit other callers share;
-        # its events are still written, which is what the ledger needs.
-        return await asyncio.shield(future)
+        # A caller cancelled while waiting cancels only its own future: the writer still runs and commits the
+        # job (it never looks at a queued job's future before writing), which is what the ledger needs.
+        return await future
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:
             jobs = [await self._queue.get()]
@@ -175,7 +186,8 @@ class SQLiteEventStore:
                 if not jobs:
                     break
             try:
-                results = await loop.run_in_executor(self._executor, self._write_batch, jobs)
+                async with self._conn_lock:
+                    results = await self._write_batch(jobs)
             except BaseException as exc:  # the whole batch failed: every caller learns it
                 error = exc if isinstance(exc, RungateError) else StoreError(f"event log write failed: {exc}")
                 for job in jobs:
@@ -193,47 +205,112 @@ class SQLiteEventStore:
                 else:
                     job.future.set_result(result)
 
-    def _write_batch(self, jobs: list[_Job]) -> list[list[Recorded] | BaseException]:
+    async def _write_batch(self, jobs: list[_Job]) -> list[list[Recorded] | BaseException]:
+        """One transaction for the whole batch.
+
+        The statements run on the event loop (they touch only SQLite's page cache and take microseconds
+        each); BEGIN waits for a lock and COMMIT waits for fsync, so those two run on the writer thread when
+        they would block. A command whose statements fail is dropped and the batch is retried without it,
+        so no per-command savepoint is needed on the common path.
+        """
         conn = self._conn
         if conn is None:
             raise StoreError("the event store is closed")
+        loop = asyncio.get_running_loop()
+        failed: dict[int, BaseException] = {}
+        while True:
+            await self._begin(conn, loop)
+            try:
+                results, state = self._apply(conn, jobs, failed)
+            except _JobFailed as retry:
+                conn.execute("ROLLBACK")
+                self._versions.clear()
+                failed[retry.index] = retry.error
+                continue
+            except BaseException as exc:
+                self._rollback(conn)
+                raise StoreError(f"event log write failed: {exc}") from exc
+            try:
+                await self._commit(conn, loop)
+            except BaseException as exc:
+                self._rollback(conn)
+                raise StoreError(f"event log commit failed: {exc}") from exc
+            self._known_head = state.position
+            return results
+
+    async def _commit(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """COMMIT on the loop while commits (fsyncs) are quick, on the writer thread once they are not.
+
+        A thread hand-off costs a few hundred microseconds of idle loop; on fast storage the fsync is
+        cheaper than that. On slow storage a long fsync would stall every relayed stream, so the moving
+        average of recent commit times decides, and a slow disk moves commits off the loop at once.
+        """
+        started = time.perf_counter()
+        if self._commit_avg_s < INLINE_COMMIT_S:
+            conn.execute("COMMIT")
+        else:
+            await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
+        elapsed = time.perf_counter() - started
+        self._commit_avg_s = max(elapsed, 0.9 * self._commit_avg_s + 0.1 * elapsed)
+
+    async def _begin(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")  # busy_timeout is 0 here: never blocks the loop
+            return
+        except sqlite3.OperationalError:
+            pass  # another process holds the write lock: wait for it off the loop
+        try:
+            await loop.run_in_executor(self._executor, self._begin_waiting, conn)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot begin a write transaction: {exc}") from exc
-        results: list[list[Recorded] | BaseException] = []
-        try:
-            head = conn.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1"
-                                ).fetchone()
-            state = _Head(int(head[0]), head[1], head[2]) if head else _Head(0, GENESIS, "")
-            now = max(now_iso(), state.recorded_at)
-            for job in jobs:
-                saved = state.copy()
-                conn.execute("SAVEPOINT job")
-                try:
-                    results.append(self._run_job(conn, job, state, now))
-                    conn.execute("RELEASE job")
-                except Exception as exc:  # refused or failed command: undo it alone
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    state.restore(saved)
-                    if isinstance(exc, sqlite3.IntegrityError):
-                        exc = ConcurrencyError(f"append conflicted: {exc}")
-                    elif isinstance(exc, sqlite3.Error):
-                        exc = StoreError(f"event log write failed: {exc}")
-                    results.append(exc)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"event log commit failed: {exc}") from exc
-            raise
-        return results
 
-    def _run_job(self, conn: sqlite3.Connection, job: _Job, state: _Head, now: str) -> list[Recorded]:
+    @staticmethod
+    def _begin_waiting(conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute("PRAGMA busy_timeout=0")
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        self._versions.clear()
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _apply(self, conn: sqlite3.Connection, jobs: list[_Job],
+               failed: dict[int, BaseException]) -> tuple[list[list[Recorded] | BaseException], _Head]:
+        head = conn.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1").fetchone()
+        state = _Head(int(head[0]), head[1], head[2]) if head else _Head(0, GENESIS, "")
+        if state.position != self._known_head or len(self._versions) > 100_000:
+            self._versions.clear()  # someone else appended (the CLI), or the cache grew: start afresh
+        now = max(now_iso(), state.recorded_at)
+        results: list[list[Recorded] | BaseException] = []
+        for index, job in enumerate(jobs):
+            if index in failed:
+                results.append(failed[index])
+                continue
+            try:
+                plan = self._plan(conn, job, now)
+            except Exception as exc:  # refused by its decision: nothing of it was written
+                results.append(exc)
+                continue
+            if isinstance(plan, list):
+                results.append(plan)  # idempotent replay of an earlier command
+                continue
+            try:
+                results.append(self._write_events(conn, job, plan, state, now))
+            except Exception as exc:
+                if isinstance(exc, sqlite3.IntegrityError):
+                    exc = ConcurrencyError(f"append conflicted: {exc}")
+                elif isinstance(exc, sqlite3.Error):
+                    exc = StoreError(f"event log write failed: {exc}")
+                raise _JobFailed(index, exc) from None
+        return results, state
+
+    def _plan(self, conn: sqlite3.Connection, job: _Job, now: str) -> list[Recorded] | Sequence[NewEvent]:
+        """The events `job` decides to append, or (a list of `Recorded`) those an earlier run of its key wrote."""
         if job.idempotency_key is not None:
             first = conn.execute("SELECT position, metadata FROM events WHERE idempotency_key = ?",
                                  (job.idempotency_key,)).fetchone()
@@ -247,11 +324,14 @@ class SQLiteEventStore:
         found: dict[Lookup, Row | None] = {}
         for lookup in job.command.lookups():
             found[lookup] = self._lookup(conn, lookup)
-        new_events = job.command.decide(found, now)
+        return tuple(job.command.decide(found, now))
+
+    def _write_events(self, conn: sqlite3.Connection, job: _Job, new_events: Sequence[NewEvent], state: _Head,
+                      now: str) -> list[Recorded]:
         command_id = uuid.uuid4().hex
         meta = {**job.metadata, "command_id": command_id}
         metadata = _dumps(meta)
-        versions: dict[str, int] = {}
+        versions = self._versions
         recorded: list[Recorded] = []
         for index, new in enumerate(new_events):
             if new.stream not in versions:
@@ -334,7 +414,8 @@ class SQLiteEventStore:
 
     async def verify(self) -> VerifyReport:
         self._require_writer()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._verify_sync)
+        async with self._conn_lock:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._verify_sync)
 
     def _verify_sync(self) -> VerifyReport:
         conn = self._conn
@@ -345,13 +426,15 @@ class SQLiteEventStore:
 
     async def rebuild(self) -> int:
         self._require_writer()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._rebuild_sync)
+        async with self._conn_lock:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._rebuild_sync)
 
     def _rebuild_sync(self) -> int:
         conn = self._conn
         if conn is None:
             raise StoreError("the event store is closed")
-        conn.execute("BEGIN IMMEDIATE")
+        self._versions.clear()
+        self._begin_waiting(conn)
         try:
             for projection in self.projections:
                 for table in projection.tables:
@@ -369,6 +452,14 @@ class SQLiteEventStore:
             conn.execute("ROLLBACK")
             raise
         return count
+
+
+class _JobFailed(Exception):
+    """A command's statements failed mid-batch: roll back and retry the batch without it."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.index, self.error = index, error
 
 
 _STOP: Any = object()  # queued by close(): the writer finishes what came before it, then stops
