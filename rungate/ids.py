@@ -6,7 +6,6 @@ sort by creation time and never collide in practice. Tokens carry 256 random bit
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
@@ -14,18 +13,19 @@ import secrets
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-# RFC 4648 base32 digits → Crockford digits of the same value (Crockford's are in ASCII order, so ids sort).
-_TO_CROCKFORD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET)
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # every ten-bit value as two digits, in order
 # Client-chosen ids (run ids) are opaque but bounded: printable, no separators that break URLs or logs.
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
 
 def new_id(prefix: str) -> str:
     """A fresh time-ordered id such as `stp_01JD3…` (26 base32 characters after the prefix)."""
-    value = (time.time_ns() // 1_000_000 << 80) | int.from_bytes(os.urandom(10), "big")
-    # 16 bytes → 26 base32 digits (+ padding, dropped); big-endian, so the text sorts like the number.
-    encoded = base64.b32encode(value.to_bytes(16, "big")).decode()[:26]
-    return f"{prefix}_{encoded.translate(_TO_CROCKFORD)}"
+    value = (time.time_ns() // 1_000_000 << 82) | (int.from_bytes(os.urandom(11), "big") >> 6)
+    digits = []
+    for _ in range(13):  # ten bits (two digits) at a time, most significant last
+        digits.append(_PAIRS[value & 1023])
+        value >>= 10
+    return f"{prefix}_{''.join(reversed(digits))}"
 
 
 def new_token(prefix: str) -> str:

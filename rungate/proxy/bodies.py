@@ -11,19 +11,20 @@ from rungate.errors import BadRequest, PayloadTooLarge
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The (decompressed) body; `PayloadTooLarge` past `limit` bytes."""
-    if request.content_length is not None and request.content_length > limit and not request.headers.get(
-            "Content-Encoding"):
+    """The (decompressed) body; `PayloadTooLarge` past `limit` bytes.
+
+    The application's `client_max_size` is the same limit, and aiohttp applies it to the bytes as they are
+    decompressed, so a small gzip bomb is refused too.
+    """
+    if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
-    chunks: list[bytes] = []
-    size = 0
-    # aiohttp decompresses gzip/deflate/br request bodies as they are read, so this counts real bytes.
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.") from None
+    if len(body) > limit:
+        raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
+    return body
 
 
 def _is_json_type(content_type: str) -> bool:

@@ -78,6 +78,7 @@ class TargetResolver:
         self._store = store
         self._keyring = keyring
         self._mock_base_url = mock_base_url
+        self._plain: dict[str, str] = {}
 
     def base_url(self, provider: str) -> str:
         if self._mock_base_url is not None:
@@ -93,7 +94,10 @@ class TargetResolver:
             "SELECT id, nonce, ciphertext FROM provider_keys WHERE provider = ? ORDER BY position DESC LIMIT 1",
             (provider,))
         if row is not None:
-            secret = self._keyring.decrypt(row["id"], row["nonce"], row["ciphertext"])
+            secret = self._plain.get(row["id"])
+            if secret is None:  # key ids are never reused, so a decrypted key stays valid while its row exists
+                secret = self._keyring.decrypt(row["id"], row["nonce"], row["ciphertext"])
+                self._plain[row["id"]] = secret
             return Target(provider, model, base, secret, row["id"])
         env_key = self._settings.openai_api_key if provider == "openai" else self._settings.anthropic_api_key
         if env_key is not None:

@@ -10,10 +10,10 @@ the same file: the head of the chain is re-read under the write lock at the star
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 import urllib.parse
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -328,7 +328,7 @@ class SQLiteEventStore:
 
     def _write_events(self, conn: sqlite3.Connection, job: _Job, new_events: Sequence[NewEvent], state: _Head,
                       now: str) -> list[Recorded]:
-        command_id = uuid.uuid4().hex
+        command_id = os.urandom(16).hex()
         meta = {**job.metadata, "command_id": command_id}
         metadata = _dumps(meta)
         versions = self._versions
@@ -339,7 +339,7 @@ class SQLiteEventStore:
                 versions[new.stream] = int(current[0] or 0)
             versions[new.stream] += 1
             position = state.position + 1
-            event_id = uuid.uuid4().hex
+            event_id = os.urandom(16).hex()
             payload = new.event.payload()
             data = _dumps(payload)
             type_ = new.event.type_name()
