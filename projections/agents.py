@@ -32,6 +32,7 @@ class AgentsProjection(Projection):
             "AgentCreated": self._created,
             "AgentTokenRotated": self._rotated,
             "AgentUpdated": self._updated,
+            "AgentDeleted": self._deleted,
             "ProviderKeyAdded": self._key_added,
             "ProviderKeyRemoved": self._key_removed,
         })
@@ -59,6 +60,9 @@ class AgentsProjection(Projection):
         out.append(("UPDATE agents SET updated_at = ?, position = ? WHERE id = ?",
                     (rec.recorded_at, rec.position, d["agent_id"])))
         return out
+
+    def _deleted(self, rec: Recorded) -> list[Statement]:
+        return [("DELETE FROM agents WHERE id = ?", (rec.data["agent_id"],))]
 
     def _key_added(self, rec: Recorded) -> list[Statement]:
         d = rec.data

@@ -104,16 +104,18 @@ class RunsProjection(Projection):
         d = rec.data
         u = d.get("usage") or {}
         cost = d.get("cost_pusd")
+        unpriced = int(cost is None)  # a tool step that states no cost is flagged, never booked as $0
         return [
             ("INSERT INTO steps (id, run_id, seq, kind, provider, tool, status, tokens_input, tokens_output,"
-             " cost_pusd, latency_ms, error, started_at, ended_at, position)"
-             " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), 'tool', ?, ?, ?, ?, ?, ?, ?, ?,"
+             " cost_pusd, unpriced, latency_ms, error, started_at, ended_at, position)"
+             " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), 'tool', ?, ?, ?, ?, ?, ?, ?, ?, ?,"
              " ?, ?, ?)",
              (d["step_id"], d["run_id"], d["run_id"], d.get("provider"), d["tool"], d["status"],
-              u.get("input", 0), u.get("output", 0), cost, d.get("latency_ms", 0), d.get("error"),
+              u.get("input", 0), u.get("output", 0), cost, unpriced, d.get("latency_ms", 0), d.get("error"),
               rec.recorded_at, rec.recorded_at, rec.position)),
             ("UPDATE runs SET step_count = step_count + 1, tokens_input = tokens_input + ?,"
-             " tokens_output = tokens_output + ?, spend_pusd = spend_pusd + ?, last_activity_at = ?,"
-             " position = ? WHERE id = ?",
-             (u.get("input", 0), u.get("output", 0), cost or 0, rec.recorded_at, rec.position, d["run_id"])),
+             " tokens_output = tokens_output + ?, spend_pusd = spend_pusd + ?, unpriced_steps = unpriced_steps + ?,"
+             " last_activity_at = ?, position = ? WHERE id = ?",
+             (u.get("input", 0), u.get("output", 0), cost or 0, unpriced, rec.recorded_at, rec.position,
+              d["run_id"])),
         ]

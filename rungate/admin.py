@@ -14,6 +14,7 @@ from rungate.errors import BadRequest, Conflict, NotFound
 from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
     AgentCreated,
+    AgentDeleted,
     AgentTokenRotated,
     AgentUpdated,
     ProviderKeyAdded,
@@ -84,6 +85,19 @@ class UpdateAgent:
             raise Conflict(f"An agent named {self.name!r} already exists.", code="name_taken")
         return (NewEvent(stream_name("agent", self.agent_id), AgentUpdated(
             agent_id=self.agent_id, name=self.name, disabled=self.disabled, metadata=self.metadata)),)
+
+
+@dataclass
+class DeleteAgent:
+    agent_id: str
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("agents", id=self.agent_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        if found[self.lookups()[0]] is None:
+            raise NotFound(f"Agent {self.agent_id} not found.")
+        return (NewEvent(stream_name("agent", self.agent_id), AgentDeleted(agent_id=self.agent_id)),)
 
 
 @dataclass

@@ -192,3 +192,15 @@ async def test_locked_database_is_503_and_nothing_is_forwarded(gateway: Gateway)
                                orjson.dumps({"model": "mock-gpt", "messages": [{"role": "user", "content": "x"}]}),
                                {"authorization": f"Bearer {token}", "content-type": "application/json"})
     assert status == 200
+
+
+async def test_errors_outside_the_proxy_use_the_admin_shape(gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.url + "/health") as resp:
+            assert resp.status == 405
+            body = await resp.json()
+        async with http.get(gateway.url + "/nowhere") as resp:
+            assert resp.status == 404
+            missing = await resp.json()
+    assert body["error"]["code"] == "method_not_allowed" and set(body["error"]) == {"code", "message"}
+    assert missing["error"]["code"] == "not_found"

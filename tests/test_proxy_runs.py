@@ -144,3 +144,26 @@ async def test_run_events_replay_exactly_as_stored(gateway: Gateway) -> None:
     assert all(line["stream"] == "run-replay-1" for line in lines)
     _, after = await gateway.admin("GET", f"/api/runs/replay-1/events?after={lines[1]['position']}")
     assert [orjson.loads(line)["type"] for line in after.splitlines()] == ["StepCompleted", "RunCompleted"]
+
+
+async def test_a_tool_step_without_a_cost_is_flagged_unpriced(gateway: Gateway) -> None:
+    token = await gateway.new_agent()
+    status, body = await post(gateway, token, "/v1/runs/tools-2/steps", {"tool": "lookup"})
+    assert status == 201 and body["data"]["cost_usd"] is None and body["data"]["unpriced"] is True
+    _, run = await gateway.admin("GET", "/api/runs/tools-2")
+    assert run["data"]["unpriced_steps"] == 1 and run["data"]["spend_usd"] == "0"
+
+
+async def test_a_deleted_agent_is_refused_and_its_runs_remain(gateway: Gateway) -> None:
+    token = await gateway.new_agent("short-lived")
+    _, _, headers = await chat(gateway, token, headers={"x-rungate-run-id": "kept-run"})
+    _, agents = await gateway.admin("GET", "/api/agents")
+    [agent] = [a for a in agents["data"] if a["name"] == "short-lived"]
+    status, _ = await gateway.admin("DELETE", f"/api/agents/{agent['id']}")
+    assert status == 200
+    status, body, _ = await chat(gateway, token)
+    assert status == 401
+    status, _ = await gateway.admin("DELETE", f"/api/agents/{agent['id']}")
+    assert status == 404
+    _, run = await gateway.admin("GET", "/api/runs/kept-run")
+    assert run["data"]["agent_id"] == agent["id"] and run["data"]["step_count"] == 1

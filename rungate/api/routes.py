@@ -9,6 +9,7 @@ from aiohttp import web
 
 from rungate import __version__, queries
 from rungate.admin import (
+    DeleteAgent,
     RemoveProviderKey,
     RotateAgentToken,
     UpdateAgent,
@@ -123,6 +124,13 @@ async def agents_update(request: web.Request) -> web.Response:
     name, disabled, metadata = _agent_changes(body)
     await request.app[STORE].execute(UpdateAgent(agent_id, name, disabled, metadata))
     return _data(agent_view(await _agent_or_404(request, agent_id)))
+
+
+@routes.delete("/api/agents/{agent_id}")
+async def agents_delete(request: web.Request) -> web.Response:
+    _admin(request)
+    await request.app[STORE].execute(DeleteAgent(request.match_info["agent_id"]))
+    return _data({"id": request.match_info["agent_id"], "deleted": True})
 
 
 @routes.put("/api/agents/by-name/{name}")

@@ -35,6 +35,12 @@ class AgentUpdated(Event):
     metadata: dict[str, Any] | None = None
 
 
+class AgentDeleted(Event):
+    """The agent was deleted: its token stops working at once; its runs stay in the audit trail."""
+
+    agent_id: str
+
+
 class ProviderKeyAdded(Event):
     """A provider key was stored, AES-256-GCM encrypted under the master key."""
 
@@ -122,6 +128,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     AgentCreated,
     AgentTokenRotated,
     AgentUpdated,
+    AgentDeleted,
     ProviderKeyAdded,
     ProviderKeyRemoved,
     RunStarted,

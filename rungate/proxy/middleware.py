@@ -30,7 +30,7 @@ def _is_anthropic(request: web.Request) -> bool:
 def render_error(request: web.Request, exc: RungateError) -> web.Response:
     """The JSON response for `exc` as the caller on this route expects it."""
     headers = dict(exc.headers)
-    if request.path.startswith("/api"):
+    if not request.path.startswith("/v1/"):  # admin, health and spec routes: the admin error shape
         inner: dict[str, Any] = {"code": exc.code, "message": exc.message, **exc.extra}
         return web.json_response({"error": inner}, status=exc.status, headers=headers)
     anthropic = _is_anthropic(request)

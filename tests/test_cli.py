@@ -1,0 +1,138 @@
+"""The `rungate` command line, run as a user would: separate processes on a real database file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+
+def rungate(db: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", *args],
+                          capture_output=True, text=True, input=stdin, timeout=timeout,
+                          env={**os.environ, "RUNGATE_LOG_LEVEL": "warning", **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_agents_create_and_list(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    created = rungate(db, "agents", "create", "billing-bot")
+    assert created.returncode == 0, created.stderr
+    agent = json.loads(created.stdout)
+    assert agent["name"] == "billing-bot" and agent["token"].startswith("rg_agt_")
+    assert agent["token"] in created.stderr  # shown once, for the operator
+    listed = json.loads(rungate(db, "agents", "list").stdout)
+    assert [a["name"] for a in listed] == ["billing-bot"]
+    assert "token" not in listed[0]
+    duplicate = rungate(db, "agents", "create", "billing-bot")
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+
+
+def test_provider_keys_are_encrypted_at_rest_and_never_shown(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    canary = "sk-canary-" + "Q7" * 20
+    added = rungate(db, "keys", "add", "openai", "prod", "--from-env", "CANARY_KEY", env={"CANARY_KEY": canary})
+    assert added.returncode == 0, added.stderr
+    from_stdin = rungate(db, "keys", "add", "anthropic", "claude", stdin=canary + "-2\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    listed = rungate(db, "keys", "list")
+    keys = json.loads(listed.stdout)
+    assert {k["name"] for k in keys} == {"prod", "claude"}
+    assert keys[0]["hint"] == "…" + canary[-4:]
+    everything = added.stdout + added.stderr + listed.stdout + from_stdin.stdout + from_stdin.stderr
+    assert canary not in everything
+    for path in tmp_path.iterdir():  # database, WAL and the generated key file
+        if path.name.startswith("cli.db") and not path.name.endswith(".key"):
+            assert canary.encode() not in path.read_bytes(), path.name
+
+
+def test_demo_then_runs_replay_verify_and_rebuild(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    demo = rungate(db, "demo")
+    assert demo.returncode == 0, demo.stderr
+    assert "event log: ok" in demo.stdout
+    listing = rungate(db, "runs", "list")
+    run_id = listing.stdout.split()[0]
+    assert run_id.startswith("demo-") and "completed" in listing.stdout
+    shown = json.loads(rungate(db, "runs", "show", run_id).stdout)
+    assert shown["step_count"] == 3 and len(shown["steps"]) == 3
+    assert any(step["tool_calls"] for step in shown["steps"])
+    lines = [json.loads(line) for line in rungate(db, "replay", run_id).stdout.splitlines()]
+    assert lines[0]["type"] == "RunStarted" and lines[-1]["type"] == "RunCompleted"
+    assert [line["version"] for line in lines] == list(range(1, len(lines) + 1))
+    assert set(lines[0]) == {"position", "stream", "version", "type", "at", "data", "hash"}
+    later = rungate(db, "replay", run_id, "--after", str(lines[2]["position"])).stdout.splitlines()
+    assert len(later) == len(lines) - 3
+    verified = rungate(db, "verify")
+    assert verified.returncode == 0 and verified.stdout.startswith("ok")
+    rebuilt = rungate(db, "rebuild")
+    assert rebuilt.returncode == 0 and "rebuilt projections" in rebuilt.stdout
+    assert json.loads(rungate(db, "runs", "show", run_id).stdout) == shown
+    missing = rungate(db, "runs", "show", "no-such-run")
+    assert missing.returncode == 1
+
+
+@pytest.mark.parametrize(("variable", "value"), [("RUNGATE_PORT", "eighty"), ("RUNGATE_MASTER_KEY", "short"),
+                                                   ("RUNGATE_DATABASE_URL", "mysql://db")])
+def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path, variable: str, value: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "rungate", "serve"], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "RUNGATE_DATABASE_URL": f"sqlite:///{tmp_path}/x.db", variable: value})
+    assert result.returncode == 2
+    assert variable in result.stderr
+
+
+async def test_serve_with_the_mock_provider_end_to_end(tmp_path: Path) -> None:
+    """The first-try path of the README: `rungate serve --mock`, an agent from the CLI, one call."""
+    db = tmp_path / "serve.db"
+    token = json.loads(rungate(db, "agents", "create", "first-try").stdout)["token"]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve",
+                               "--mock", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "RUNGATE_LOG_LEVEL": "warning"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with http.get(base + "/health") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "server did not start"
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                import asyncio
+
+                await asyncio.sleep(0.1)
+            body: dict[str, Any] = {"model": "mock-gpt", "messages": [{"role": "user", "content": "first try"}]}
+            async with http.post(base + "/v1/chat/completions", data=orjson.dumps(body),
+                                 headers={"authorization": f"Bearer {token}",
+                                          "content-type": "application/json"}) as resp:
+                assert resp.status == 200
+                answer = await resp.json()
+                run_id = resp.headers["x-rungate-run-id"]
+        assert answer["choices"][0]["message"]["content"] == "Mock reply: first try"
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    assert server.returncode == 0 or server.returncode == -15
+    assert run_id in rungate(db, "runs", "list").stdout  # the CLI sees what the server recorded
+    assert rungate(db, "verify").stdout.startswith("ok")
