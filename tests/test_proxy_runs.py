@@ -68,7 +68,8 @@ async def test_header_is_case_insensitive_and_body_key_works(gateway: Gateway) -
 async def test_complete_is_idempotent_and_a_closed_run_refuses_calls(gateway: Gateway) -> None:
     token = await gateway.new_agent()
     await chat(gateway, token, headers={"x-rungate-run-id": "job-8"})
-    status, first = await post(gateway, token, "/v1/runs/job-8/complete", {"ended_reason": "done", "metadata": {"a": 1}})
+    status, first = await post(gateway, token, "/v1/runs/job-8/complete",
+                               {"ended_reason": "done", "metadata": {"a": 1}})
     assert status == 200 and first["data"]["status"] == "completed" and first["data"]["metadata"] == {"a": 1}
     status, again = await post(gateway, token, "/v1/runs/job-8/complete", {"ended_reason": "other"})
     assert status == 200 and again["data"]["ended_reason"] == "done"
