@@ -6,8 +6,9 @@ I/O, reads a clock or knows HTTP; replaying the log gives the same rows, byte fo
 """
 
 from projections.agents import AgentsProjection
-from projections.base import Projection, Statement
+from projections.base import Projection
 from projections.runs import RunsProjection
+from rungate.store.base import Statement
 
 ALL: tuple[Projection, ...] = (AgentsProjection(), RunsProjection())
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import orjson
-
-from projections.base import Projection, Statement
+from projections.base import Projection
 from rungate.events import Recorded
-
-
-def _json(value: object) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+from rungate.events import canonical_json as _json
+from rungate.store.base import Statement
 
 
 class AgentsProjection(Projection):

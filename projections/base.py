@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from rungate.events import Recorded
+from rungate.store.base import Statement
 
-# One SQL statement with `?` placeholders and its parameters; the store adapts placeholders per backend.
-Statement = tuple[str, tuple[Any, ...]]
 Handler = Callable[[Recorded], list[Statement]]
 
 

@@ -22,7 +22,8 @@ from rungate.crypto import load_keyring
 from rungate.errors import ConfigError, RungateError
 from rungate.log import configure
 from rungate.runs import run_stream
-from rungate.store import EventStore, open_store
+from rungate.storage import open_store
+from rungate.store import EventStore
 from rungate.views import agent_view, provider_key_view, run_view, step_view
 
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from projections import ALL
 from rungate.events import NewEvent, Recorded
 from rungate.events.catalogue import AgentCreated, StepCompleted
 from rungate.runs import CallFacts, run_stream
@@ -31,7 +32,7 @@ PROJECTION_TABLES: tuple[tuple[str, str], ...] = (
 @asynccontextmanager
 async def opened(path: Path, **kwargs: Any) -> AsyncIterator[SQLiteEventStore]:
     """A started store on `path`, closed on exit."""
-    store = SQLiteEventStore(path, **kwargs)
+    store = SQLiteEventStore(path, **kwargs, projections=ALL)
     try:
         await store.start()
         yield store

@@ -29,6 +29,7 @@ CHILD = textwrap.dedent("""
     from rungate.events import NewEvent
     from rungate.ids import new_id
     from rungate.runs import AdmitCall, CallFacts, CompleteRun, LogToolStep, run_stream
+    from projections import ALL
     from rungate.store import Append, SQLiteEventStore
 
 
@@ -44,7 +45,7 @@ CHILD = textwrap.dedent("""
 
     async def main() -> None:
         rng = random.Random(int(sys.argv[2]))
-        store = SQLiteEventStore(Path(sys.argv[1]), durability="full")
+        store = SQLiteEventStore(Path(sys.argv[1]), projections=ALL, durability="full")
         await store.start()
         creates = [CreateAgent(f"crash-agent-{sys.argv[2]}-{i}", {}) for i in range(5)]
         ack(await asyncio.gather(*(store.execute(c) for c in creates)))

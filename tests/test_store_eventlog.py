@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from projections import ALL
 from rungate.admin import CreateAgent
 from rungate.errors import ConcurrencyError, Conflict, StoreError
 from rungate.events import NewEvent
@@ -109,7 +110,9 @@ async def test_a_refused_command_appends_nothing_while_its_batch_mates_commit(tm
 
     # then only the refused ones failed, each with its own error, and nothing of theirs was written
     assert isinstance(results[1], Refused)
-    assert isinstance(results[2], ConcurrencyError)
+    # a projection constraint is a server fault (500), not a retryable version conflict
+    assert isinstance(results[2], StoreError) and not isinstance(results[2], ConcurrencyError)
+    assert results[2].status == 500
     assert isinstance(results[4], Conflict) and results[4].code == "name_taken"
     good = [results[0], results[3], results[5]]
     assert all(isinstance(r, list) and len(r) == 1 for r in good)
@@ -242,7 +245,7 @@ async def test_a_database_path_with_uri_characters_is_read_from_the_same_file(tm
 
 
 async def test_a_closed_store_refuses_execute_and_reads(tmp_path: Path) -> None:
-    store = SQLiteEventStore(tmp_path / "log.db")
+    store = SQLiteEventStore(tmp_path / "log.db", projections=ALL)
     # given a store that never started, then one that started and closed
     with pytest.raises(StoreError):
         await store.execute(append_one(1))
@@ -260,7 +263,7 @@ async def test_a_closed_store_refuses_execute_and_reads(tmp_path: Path) -> None:
 
 async def test_a_closed_store_refuses_verify_and_rebuild_with_store_error(tmp_path: Path) -> None:
     # given a closed store
-    store = SQLiteEventStore(tmp_path / "log.db")
+    store = SQLiteEventStore(tmp_path / "log.db", projections=ALL)
     await store.start()
     await store.execute(append_one(1))
     await store.close()
@@ -285,7 +288,7 @@ async def test_close_never_reports_failure_for_a_command_it_then_commits(tmp_pat
             release.wait(5)
             return (agent_created(1, "slow"),)
 
-    store = SQLiteEventStore(path)
+    store = SQLiteEventStore(path, projections=ALL)
     await store.start()
     loop = asyncio.get_running_loop()
     # given a command in the middle of its batch

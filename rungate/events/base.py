@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 
@@ -62,6 +63,11 @@ class Recorded:
             "data": self.data,
             "hash": self.hash,
         }
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON text form stored and hashed: orjson with sorted keys."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def stream_name(category: str, ident: str) -> str:

@@ -21,7 +21,8 @@ from rungate.proxy.middleware import error_middleware
 from rungate.proxy.routes import routes as proxy_routes
 from rungate.proxy.upstream import TargetResolver
 from rungate.runs import CloseIdleRun
-from rungate.store import EventStore, open_store
+from rungate.storage import open_store
+from rungate.store import EventStore
 
 log = get_logger("rungate.app")
 SWEEP_INTERVAL_S = 30.0
@@ -55,7 +56,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         mock_url = f"http://127.0.0.1:{port}"
         log.info("mock_provider_started", url=mock_url)
     # No retries and no redirects inside the client: every upstream attempt is a decision of ours.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=True)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=True,
+        timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=10))
     app[HTTP] = session
     app[TARGETS] = TargetResolver(settings, store, app[KEYRING], mock_base_url=mock_url)
     sweeper = asyncio.create_task(_sweep_idle_runs(app), name="rungate-idle-sweeper")

@@ -140,12 +140,12 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
 async def _forward(request: web.Request, call: Call, forward: bytes,
                    client_wants_usage: bool) -> web.StreamResponse:
     app = request.app
-    store, prices, settings = app[STORE], app[PRICES], app[SETTINGS]
+    store, prices = app[STORE], app[PRICES]
     url = call.target.base_url + call.fmt.upstream_path
-    timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=10)
     try:
+        # The session carries the timeouts (`RUNGATE_UPSTREAM_TIMEOUT_S`); building them per call is costly.
         upstream = await app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, call.target),
-                                        timeout=timeout, allow_redirects=False)
+                                        allow_redirects=False)
     except (aiohttp.ClientError, TimeoutError) as exc:
         reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),

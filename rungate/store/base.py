@@ -8,25 +8,74 @@ folds them into the inline projections, all in one transaction. A command that r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rungate.errors import RungateError
 from rungate.events import NewEvent, Recorded
 
 Row = dict[str, Any]
 
 
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """`SELECT * FROM table WHERE k1 = v1 AND …` — the newest matching row (by `position`), or None."""
+    """`SELECT * FROM table WHERE k1 = v1 AND …` — the newest matching row (by `position`), or None.
+
+    Table and column names come from code, never from a request; they are checked to be plain identifiers.
+    """
 
     table: str
     where: tuple[tuple[str, Any], ...]
 
+    def __post_init__(self) -> None:
+        names = [self.table, *(column for column, _ in self.where)]
+        if not self.where or not all(_IDENTIFIER.match(name) for name in names):
+            raise ValueError(f"not a lookup over plain identifiers: {names}")
+
     @classmethod
     def of(cls, table: str, **where: Any) -> Lookup:
         return cls(table, tuple(sorted(where.items())))
+
+    @property
+    def sql(self) -> str:
+        clause = " AND ".join(f"{column} = ?" for column, _ in self.where)
+        return f"SELECT * FROM {self.table} WHERE {clause} ORDER BY position DESC LIMIT 1"
+
+    @property
+    def params(self) -> tuple[Any, ...]:
+        return tuple(value for _, value in self.where)
+
+
+class Refused(Exception):
+    """Raised by `decide` to refuse a command and still record why.
+
+    The store appends `events` (e.g. a `CallRefused` on the agent's stream) and then raises `error` to the
+    caller, so every decision is in the log, allowed or not.
+    """
+
+    def __init__(self, error: RungateError, events: Sequence[NewEvent]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.events = tuple(events)
+
+
+# One SQL statement with `?` placeholders and its parameters; each backend adapts the placeholders.
+Statement = tuple[str, tuple[Any, ...]]
+
+
+class Projection(Protocol):
+    """A read model folded inline with every append (see the `projections` package)."""
+
+    name: str
+    tables: Sequence[str]
+    ddl: Sequence[str]
+
+    def handle(self, recorded: Recorded) -> list[Statement]: ...
 
 
 class Command(Protocol):

@@ -1,0 +1,206 @@
+"""What one write transaction does: decide each queued command, append its events, fold them inline.
+
+`BatchWriter.apply` runs synchronously inside an open transaction on the writer connection. The common
+path uses no savepoints: a command refused by its decision writes nothing, so only a command whose
+*statements* fail needs undoing; then the caller rolls the whole batch back and applies it again with
+one savepoint per command (`isolated=True`), so a batch is applied at most twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from rungate.clock import now_iso
+from rungate.errors import StoreError
+from rungate.events import NewEvent, Recorded, canonical_json
+from rungate.store.base import Command, Lookup, Projection, Refused, Row
+from rungate.store.hashing import GENESIS, chain_hash
+
+IDEMPOTENT_REPLAY_LIMIT = 1000  # a command never appends more events than this
+
+
+def row_to_recorded(row: Mapping[str, Any]) -> Recorded:
+    return Recorded(
+        position=int(row["position"]), event_id=row["event_id"], stream=row["stream"],
+        version=int(row["version"]), type=row["type"], schema_version=int(row["schema_version"]),
+        data=orjson.loads(row["data"]), metadata=orjson.loads(row["metadata"]),
+        recorded_at=row["recorded_at"], prev_hash=row["prev_hash"], hash=row["hash"],
+    )
+
+
+@dataclass
+class Job:
+    """One queued command and the future its caller awaits."""
+
+    command: Command
+    idempotency_key: str | None
+    metadata: Mapping[str, Any]
+    future: asyncio.Future[list[Recorded]] = field(repr=False)
+
+
+Outcome = list[Recorded] | BaseException
+
+
+class StatementsFailed(Exception):
+    """A command's statements failed in a batch applied without savepoints: retry it isolated."""
+
+
+@dataclass
+class _Head:
+    position: int
+    hash: str
+
+
+class BatchWriter:
+    """Applies batches of jobs on one connection; keeps the stream-version cache between batches."""
+
+    def __init__(self, projections: Sequence[Projection]) -> None:
+        self.projections = tuple(projections)
+        # Stream versions as of `known_head`, the last position this process committed; valid while no one
+        # else (the CLI, another process) has appended since.
+        self.versions: dict[str, int] = {}
+        self.known_head = -1
+
+    def forget(self) -> None:
+        """Drop cached state after a rollback or a foreign write."""
+        self.versions.clear()
+        self.known_head = -1
+
+    def apply(self, conn: sqlite3.Connection, jobs: Sequence[Job], *, isolated: bool) -> tuple[list[Outcome], int]:
+        """Apply `jobs` in the open transaction; returns each job's outcome and the new head position.
+
+        Without `isolated`, raises `StatementsFailed` when a command's statements fail (the caller must
+        roll back and retry with `isolated=True`, where such a command is undone alone).
+        """
+        head = conn.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1").fetchone()
+        state = _Head(int(head[0]), head[1]) if head else _Head(0, GENESIS)
+        if state.position != self.known_head or len(self.versions) > 100_000:
+            self.versions.clear()  # someone else appended, or the cache grew: start afresh
+        # Recorded times never go backwards, even if the wall clock does.
+        now = max(now_iso(), head[2] if head else "")
+        outcomes: list[Outcome] = []
+        for job in jobs:
+            try:
+                plan = self._plan(conn, job, now)
+            except Refused as refusal:  # refused, but the refusal itself is a fact to record
+                written = self._write_isolated(conn, job, refusal.events, state, now, isolated)
+                outcomes.append(written if isinstance(written, BaseException) else refusal.error)
+                continue
+            except sqlite3.Error as exc:  # a lookup failed
+                outcomes.append(StoreError(f"event log read failed: {exc}"))
+                continue
+            except Exception as exc:  # refused by its decision: nothing of it was written
+                outcomes.append(exc)
+                continue
+            if isinstance(plan, list):  # an idempotent replay: the events recorded the first time
+                outcomes.append(plan)
+                continue
+            outcomes.append(self._write_isolated(conn, job, plan, state, now, isolated))
+        return outcomes, state.position
+
+    def _write_isolated(self, conn: sqlite3.Connection, job: Job, events: Sequence[NewEvent], state: _Head,
+                        now: str, isolated: bool) -> Outcome:
+        if not isolated:
+            try:
+                return self._write_events(conn, job, events, state, now)
+            except Exception as exc:
+                raise StatementsFailed(str(exc)) from exc
+        saved = (state.position, state.hash, dict(self.versions))
+        conn.execute("SAVEPOINT job")
+        try:
+            recorded = self._write_events(conn, job, events, state, now)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            state.position, state.hash, self.versions = saved[0], saved[1], saved[2]
+            return StoreError(f"event log write failed: {exc}", status=500, code="write_failed")
+        conn.execute("RELEASE job")
+        return recorded
+
+    def _plan(self, conn: sqlite3.Connection, job: Job, now: str) -> list[Recorded] | Sequence[NewEvent]:
+        """The events `job` decides to append, or (a list of `Recorded`) those an earlier run of its key wrote."""
+        if job.idempotency_key is not None:
+            first = conn.execute("SELECT position, metadata FROM events WHERE idempotency_key = ?",
+                                 (job.idempotency_key,)).fetchone()
+            if first is not None:
+                # A command's events are contiguous: read forward from its first one until another command's.
+                command_id = orjson.loads(first[1])["command_id"]
+                rows = conn.execute("SELECT * FROM events WHERE position >= ? ORDER BY position LIMIT ?",
+                                    (first[0], IDEMPOTENT_REPLAY_LIMIT)).fetchall()
+                replay = []
+                for row in rows:
+                    recorded = row_to_recorded(dict(row))
+                    if recorded.metadata.get("command_id") != command_id:
+                        break
+                    replay.append(recorded)
+                return replay
+        found: dict[Lookup, Row | None] = {lookup: self._lookup(conn, lookup) for lookup in job.command.lookups()}
+        return tuple(job.command.decide(found, now))
+
+    def _write_events(self, conn: sqlite3.Connection, job: Job, new_events: Sequence[NewEvent], state: _Head,
+                      now: str) -> list[Recorded]:
+        meta = {**job.metadata, "command_id": os.urandom(16).hex()}
+        metadata = canonical_json(meta)
+        versions = self.versions
+        recorded: list[Recorded] = []
+        for index, new in enumerate(new_events):
+            if new.stream not in versions:
+                current = conn.execute("SELECT max(version) FROM events WHERE stream = ?", (new.stream,)).fetchone()
+                versions[new.stream] = int(current[0] or 0)
+            version = versions[new.stream] + 1
+            position = state.position + 1
+            event_id = os.urandom(16).hex()
+            payload = new.event.payload()
+            data = canonical_json(payload)
+            type_ = new.event.type_name()
+            idempotency_key = job.idempotency_key if index == 0 else None
+            digest = chain_hash(state.hash, position, event_id, new.stream, version, type_,
+                                new.event.schema_version, data, metadata, now, idempotency_key)
+            conn.execute(
+                "INSERT INTO events (position, event_id, stream, version, type, schema_version, data, metadata,"
+                " recorded_at, idempotency_key, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (position, event_id, new.stream, version, type_, new.event.schema_version, data, metadata, now,
+                 idempotency_key, state.hash, digest),
+            )
+            rec = Recorded(position, event_id, new.stream, version, type_, new.event.schema_version, payload, meta,
+                           now, state.hash, digest)
+            apply_projections(conn, self.projections, rec)
+            versions[new.stream] = version
+            state.position, state.hash = position, digest
+            recorded.append(rec)
+        return recorded
+
+    @staticmethod
+    def _lookup(conn: sqlite3.Connection, lookup: Lookup) -> Row | None:
+        row = conn.execute(lookup.sql, lookup.params).fetchone()
+        return dict(row) if row is not None else None
+
+
+def apply_projections(conn: sqlite3.Connection, projections: Sequence[Projection], rec: Recorded) -> None:
+    """Fold one recorded event into every projection (live appends and rebuilds share this)."""
+    for projection in projections:
+        for sql, params in projection.handle(rec):
+            conn.execute(sql, params)
+
+
+def fold_all(conn: sqlite3.Connection, projections: Sequence[Projection]) -> int:
+    """Recreate every projection table and replay the whole log into it (inside the caller's transaction)."""
+    for projection in projections:
+        for table in projection.tables:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        for ddl in projection.ddl:
+            conn.execute(ddl)
+    count = 0
+    cursor = conn.execute("SELECT * FROM events ORDER BY position")
+    while batch := cursor.fetchmany(1000):
+        for row in batch:
+            apply_projections(conn, projections, row_to_recorded(dict(row)))
+            count += 1
+    return count
