@@ -18,7 +18,8 @@ class RunsProjection(Projection):
             metadata TEXT NOT NULL DEFAULT '{}', step_count INTEGER NOT NULL DEFAULT 0,
             tokens_input BIGINT NOT NULL DEFAULT 0, tokens_output BIGINT NOT NULL DEFAULT 0,
             spend_pusd BIGINT NOT NULL DEFAULT 0, reserved_pusd BIGINT NOT NULL DEFAULT 0,
-            unpriced_steps INTEGER NOT NULL DEFAULT 0, last_activity_at TEXT NOT NULL,
+            unpriced_steps INTEGER NOT NULL DEFAULT 0, open_steps INTEGER NOT NULL DEFAULT 0,
+            last_activity_at TEXT NOT NULL,
             position BIGINT NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS runs_agent_status ON runs (agent_id, status, auto)",
         "CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at)",
@@ -69,7 +70,7 @@ class RunsProjection(Projection):
              (d["step_id"], d["run_id"], d["run_id"], d["kind"], d["endpoint"], d["provider"], d["model"],
               int(d["stream"]), d["reserved_pusd"], rec.recorded_at, rec.position)),
             ("UPDATE runs SET step_count = step_count + 1, reserved_pusd = reserved_pusd + ?,"
-             " last_activity_at = ?, position = ? WHERE id = ?",
+             " open_steps = open_steps + 1, last_activity_at = ?, position = ? WHERE id = ?",
              (d["reserved_pusd"], rec.recorded_at, rec.position, d["run_id"])),
         ]
 
@@ -82,7 +83,7 @@ class RunsProjection(Projection):
             # Release the reservation first: it reads the step's reserved amount before the step is closed.
             ("UPDATE runs SET reserved_pusd = reserved_pusd - (SELECT reserved_pusd FROM steps WHERE id = ?),"
              " tokens_input = tokens_input + ?, tokens_output = tokens_output + ?,"
-             " spend_pusd = spend_pusd + ?, unpriced_steps = unpriced_steps + ?,"
+             " spend_pusd = spend_pusd + ?, unpriced_steps = unpriced_steps + ?, open_steps = open_steps - 1,"
              " last_activity_at = ?, position = ? WHERE id = ?",
              (d["step_id"], total_input, u.get("output", 0), cost or 0, int(d["unpriced"]), rec.recorded_at,
               rec.position, d["run_id"])),

@@ -26,7 +26,7 @@ from rungate.store import EventStore, Lookup, Row
 PROVIDERS = ("openai", "anthropic")
 
 
-def _check_name(name: Any, what: str) -> str:
+def check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise BadRequest(f"{what} name must be a non-empty string of at most 200 characters.", code="invalid_name")
     return name.strip()
@@ -37,7 +37,7 @@ class CreateAgent:
     name: str
     metadata: dict[str, Any]
     agent_id: str = field(default_factory=lambda: new_id("agt"))
-    token: str = field(default_factory=lambda: new_token("rg_agt"))
+    token: str = field(default_factory=lambda: new_token("rg_agt"), repr=False)
 
     def lookups(self) -> Sequence[Lookup]:
         return (Lookup.of("agents", name=self.name),)
@@ -52,7 +52,7 @@ class CreateAgent:
 @dataclass
 class RotateAgentToken:
     agent_id: str
-    token: str = field(default_factory=lambda: new_token("rg_agt"))
+    token: str = field(default_factory=lambda: new_token("rg_agt"), repr=False)
 
     def lookups(self) -> Sequence[Lookup]:
         return (Lookup.of("agents", id=self.agent_id),)
@@ -105,7 +105,7 @@ class AddProviderKey:
     name: str
     provider: str
     nonce: str
-    ciphertext: str
+    ciphertext: str = field(repr=False)
     hint: str
     key_id: str
 
@@ -137,7 +137,7 @@ async def create_agent(store: EventStore, name: Any, metadata: Any = None) -> tu
     """Create an agent; returns its row and the token (shown once)."""
     if metadata is not None and not isinstance(metadata, dict):
         raise BadRequest("metadata must be an object.", code="invalid_metadata")
-    command = CreateAgent(_check_name(name, "Agent"), metadata or {})
+    command = CreateAgent(check_name(name, "Agent"), metadata or {})
     await store.execute(command)
     row = await store.fetchone("SELECT * FROM agents WHERE id = ?", (command.agent_id,))
     assert row is not None
@@ -152,7 +152,7 @@ async def add_provider_key(store: EventStore, keyring: Keyring, provider: Any, n
         raise BadRequest("api_key must be a string of at least 8 characters.", code="invalid_api_key")
     key_id = new_id("pk")
     nonce, ciphertext = keyring.encrypt(key_id, secret.strip())
-    await store.execute(AddProviderKey(_check_name(name, "Key"), provider, nonce, ciphertext,
+    await store.execute(AddProviderKey(check_name(name, "Key"), provider, nonce, ciphertext,
                                        key_hint(secret.strip()), key_id))
     row = await store.fetchone("SELECT * FROM provider_keys WHERE id = ?", (key_id,))
     assert row is not None

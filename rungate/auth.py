@@ -13,6 +13,7 @@ from aiohttp import web
 from rungate.config import Settings
 from rungate.errors import Unauthorized
 from rungate.ids import token_hash
+from rungate.runs import agent_disabled
 from rungate.store import EventStore, Row
 
 
@@ -26,14 +27,21 @@ def bearer_token(request: web.Request) -> str | None:
     return api_key or None
 
 
-async def authenticate_agent(request: web.Request, store: EventStore) -> Row:
-    """The calling agent's row; `Unauthorized` when the token is missing or unknown."""
+async def authenticate_agent(request: web.Request, store: EventStore, *, refuse_disabled: bool = True) -> Row:
+    """The calling agent's row (`id`, `name`, `disabled`, `token_hash`).
+
+    Raises `Unauthorized` when the token is missing or unknown, and the `agent_disabled` refusal when the
+    agent is disabled (unless the caller records that refusal itself, as admission does).
+    """
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("Missing agent token: send Authorization: Bearer rg_agt_… or x-api-key.")
-    row = await store.fetchone("SELECT id, name, disabled FROM agents WHERE token_hash = ?", (token_hash(token),))
+    row = await store.fetchone("SELECT id, name, disabled, token_hash FROM agents WHERE token_hash = ?",
+                               (token_hash(token),))
     if row is None:
         raise Unauthorized("Unknown agent token.")
+    if refuse_disabled and row["disabled"]:
+        raise agent_disabled(None)
     return row
 
 

@@ -45,7 +45,7 @@ def _serve(settings: Settings) -> int:
 
     app = create_app(settings)
     print(f"rungate {__version__} listening on http://{settings.host}:{settings.port}"
-          f" (database {settings.database_url}{', mock provider' if settings.mock else ''})", flush=True)
+          f" (database {settings.database_display}{', mock provider' if settings.mock else ''})", flush=True)
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
     return 0
 
@@ -128,6 +128,13 @@ async def _rebuild(store: EventStore) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 10000:
+        raise argparse.ArgumentTypeError("must be between 1 and 10000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rungate", description="Governance control plane for AI agent runs.")
     parser.add_argument("--version", action="version", version=f"rungate {__version__}")
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs_list = runs.add_parser("list")
     runs_list.add_argument("--agent-id")
     runs_list.add_argument("--status")
-    runs_list.add_argument("--limit", type=int, default=50)
+    runs_list.add_argument("--limit", type=_positive, default=50)
     runs.add_parser("show").add_argument("run_id")
 
     replay = sub.add_parser("replay", help="print a run's events as NDJSON")

@@ -43,7 +43,7 @@ SETTINGS_DOC: tuple[tuple[str, str, str, str], ...] = (
     ("idle_timeout_s", "RUNGATE_IDLE_TIMEOUT_S", "900", "Seconds of silence after which an auto-run closes."),
     ("mock", "RUNGATE_MOCK", "false", "`true` routes every call to the built-in mock provider."),
     ("upstream_timeout_s", "RUNGATE_UPSTREAM_TIMEOUT_S", "600",
-     "Total seconds an upstream call may take."),
+     "Seconds the provider may stay silent (before answering or between stream chunks)."),
     ("config", "RUNGATE_CONFIG", "(none)", "Path of an optional YAML configuration file."),
 )
 
@@ -58,7 +58,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    database_url: str = "sqlite:///./rungate.db"
+    database_url: str = field(default="sqlite:///./rungate.db", repr=False)  # may carry a password
     master_key: SecretStr | None = None
     admin_token: SecretStr | None = None
     openai_base_url: str = "https://api.openai.com/v1"
@@ -81,6 +81,16 @@ class Settings:
         if self.database_url.startswith("sqlite:///"):
             return Path(self.database_url.removeprefix("sqlite:///"))
         return None
+
+    @property
+    def database_display(self) -> str:
+        """`database_url` with any password masked, for printing."""
+        scheme, sep, rest = self.database_url.partition("://")
+        if "@" not in rest:
+            return self.database_url
+        userinfo, _, host = rest.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{host}"
 
     def master_key_bytes(self) -> bytes:
         """The 32-byte master key; `ConfigError` when none is configured."""
@@ -157,7 +167,8 @@ def _as_database_url(name: str, value: Any) -> str:
         return text
     if text.startswith(("postgresql://", "postgres://")):
         return text
-    raise ConfigError(f"{name} must be sqlite:///PATH or postgresql://…, got {value!r}")
+    # The value is not echoed: a PostgreSQL URL may carry a password.
+    raise ConfigError(f"{name} must be sqlite:///PATH or postgresql://…")
 
 
 def _parse_prices(raw: Any, source: str) -> dict[str, dict[str, Decimal]]:

@@ -56,8 +56,23 @@ def load_keyring(settings: Settings) -> Keyring:
         raise ConfigError("RUNGATE_MASTER_KEY must be set when the database is PostgreSQL")
     key_path = Path(f"{db_path}.key")
     if not key_path.exists():
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        _create_key_file(key_path)
+    return Keyring(parse_master_key(key_path.read_text().strip(), str(key_path)))
+
+
+def _create_key_file(key_path: Path) -> None:
+    """Write a fresh key atomically: a temporary file, then a hard link that fails if another process won."""
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = key_path.with_name(f"{key_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    try:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_bytes(32).hex() + "\n")
-    return Keyring(parse_master_key(key_path.read_text().strip(), str(key_path)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(temporary, key_path)
+        except FileExistsError:
+            pass  # another process (the CLI beside the server) created it first: use theirs
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Identifiers: time-ordered ids with a type prefix, and secret tokens.
 
-`new_id("run")` → `run_01JD…`: 48 bits of milliseconds then 80 random bits in Crockford base32, so ids
+`new_id("run")` → `run_01JD…`: 48 bits of milliseconds then 82 random bits in Crockford base32, so ids
 sort by creation time and never collide in practice. Tokens carry 256 random bits.
 """
 

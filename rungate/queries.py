@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC
 from typing import Any
 
 import orjson
 
+from rungate.clock import isoformat, parse_iso
 from rungate.errors import BadRequest
 from rungate.store import EventStore, Row
 
@@ -25,12 +27,28 @@ def _cursor_decode(cursor: str) -> tuple[str, str]:
         raise BadRequest("`cursor` is not a cursor this API returned.", code="invalid_cursor") from None
 
 
+def _instant(value: str | None, name: str) -> str | None:
+    """An ISO 8601 filter bound in the stored form (UTC, microseconds, `Z`), or 400."""
+    if value is None:
+        return None
+    try:
+        moment = parse_iso(value)
+    except ValueError:
+        raise BadRequest(f"`{name}` must be an ISO 8601 timestamp.", code="invalid_parameter") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return isoformat(moment)
+
+
 async def list_runs(store: EventStore, *, agent_id: str | None = None, status: str | None = None,
                     since: str | None = None, until: str | None = None, limit: int = 50,
                     cursor: str | None = None) -> tuple[list[Row], str | None]:
     """Runs newest first, filtered; returns the page and the cursor of the next page (or None)."""
     if status is not None and status not in RUN_STATUSES:
         raise BadRequest(f"`status` must be one of {', '.join(RUN_STATUSES)}.", code="invalid_status")
+    if limit < 1:
+        raise BadRequest("`limit` must be at least 1.", code="invalid_parameter")
+    since, until = _instant(since, "since"), _instant(until, "until")
     clauses: list[str] = []
     params: list[Any] = []
     for column, op, value in (("agent_id", "=", agent_id), ("status", "=", status),

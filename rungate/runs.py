@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rungate.clock import iso_minus
-from rungate.errors import Conflict, GovernanceRefusal, NotFound
+from rungate.errors import Conflict, GovernanceRefusal, NotFound, RungateError, StoreError, Unauthorized
 from rungate.events import NewEvent, stream_name
-from rungate.events.catalogue import RunCompleted, RunStarted, StepStarted, ToolStepLogged
+from rungate.events.catalogue import (
+    CallRefused,
+    RunCompleted,
+    RunStarted,
+    StepCompleted,
+    StepStarted,
+    ToolStepLogged,
+)
 from rungate.ids import new_id
-from rungate.store.base import Lookup, Row
+from rungate.store.base import Lookup, Refused, Row
 
 CLOSED = ("completed", "stopped", "blocked")
 
@@ -25,9 +32,23 @@ def run_stream(run_id: str) -> str:
     return stream_name("run", run_id)
 
 
+# SDKs auto-retry 409s; a closed or foreign run will not open by retrying.
+_NO_RETRY = {"x-should-retry": "false"}
+
+
 def _run_closed(run_id: str, status: str) -> Conflict:
     return Conflict(f"Run {run_id} is {status}; start a new run to continue.", code="run_closed",
-                    extra={"run_id": run_id, "status": status})
+                    extra={"run_id": run_id, "status": status}, headers=_NO_RETRY)
+
+
+def _run_unavailable() -> Conflict:
+    # A client-chosen id another agent already uses: refused without saying more about that run.
+    return Conflict("This run id is not available to this agent.", code="run_unavailable", headers=_NO_RETRY)
+
+
+def _idle(run: Row, now: str, idle_timeout_s: int) -> bool:
+    """An auto-run is idle when no call is in flight and nothing happened within the window."""
+    return bool(run["open_steps"] == 0 and run["last_activity_at"] < iso_minus(now, idle_timeout_s))
 
 
 @dataclass(frozen=True)
@@ -69,31 +90,25 @@ class AdmitCall:
         f = self.facts
         agent_lookup, run_lookup = self.lookups()
         agent = found[agent_lookup]
+        # Re-checked atomically with admission: an agent disabled or deleted a moment ago lets nothing more in.
         if agent is None:
-            raise NotFound("Unknown agent.")
+            raise Unauthorized("Unknown agent token.")
+        if agent["disabled"]:
+            self._refuse(agent_disabled(f.run_id))
         run = found[run_lookup]
         events: list[NewEvent] = []
-        if agent["disabled"]:
-            raise GovernanceRefusal("This agent is disabled.", code="agent_disabled", status=403,
-                                    run_id=f.run_id, context={"rule": "agent.disabled", "agent_id": f.agent_id,
-                                                              "policy_id": None, "policy_name": None,
-                                                              "policy_version": None,
-                                                              "next": "Ask an operator to enable the agent."})
         if f.run_id is not None:
             if run is None:
                 events.append(NewEvent(run_stream(f.run_id),
                                        RunStarted(run_id=f.run_id, agent_id=f.agent_id, auto=False)))
                 self.started_run = True
             elif run["agent_id"] != f.agent_id:
-                # Another agent's run: refuse without telling whether it exists.
-                raise Conflict("This run id is not available to this agent.", code="run_unavailable")
+                self._refuse(_run_unavailable())
             elif run["status"] in CLOSED:
-                raise _run_closed(f.run_id, run["status"])
+                self._refuse(_run_closed(f.run_id, run["status"]))
             self.run_id = f.run_id
         else:
-            # A run with a call still in flight is not idle, however old its last event.
-            idle = (run is not None and run["reserved_pusd"] == 0
-                    and run["last_activity_at"] < iso_minus(now, f.idle_timeout_s))
+            idle = run is not None and _idle(run, now, f.idle_timeout_s)
             if run is not None and (idle or f.new_run):
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
                     run_id=run["id"], status="completed", ended_reason="idle_timeout" if idle else "new_run")))
@@ -109,6 +124,49 @@ class AdmitCall:
             step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=f.provider,
             model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=f.reserved_pusd)))
         return events
+
+    def _refuse(self, error: RungateError) -> None:
+        """Refuse the call and record the refusal on the agent's stream."""
+        f = self.facts
+        raise Refused(error, [NewEvent(stream_name("agent", f.agent_id), CallRefused(
+            agent_id=f.agent_id, run_id=f.run_id, endpoint=f.endpoint, model=f.model, status=error.status,
+            code=error.code, reason=error.message))])
+
+
+def agent_disabled(run_id: str | None) -> GovernanceRefusal:
+    """The canonical refusal for a disabled agent (SPEC §4)."""
+    return GovernanceRefusal("This agent is disabled.", code="agent_disabled", status=403, run_id=run_id,
+                             context={"rule": "agent.disabled", "policy_id": None, "policy_name": None,
+                                      "policy_version": None, "next": "Ask an operator to enable the agent."})
+
+
+@dataclass
+class SettleStep:
+    """Close a step exactly once: append its `StepCompleted` only while the step is still `started`.
+
+    With `completed`, that event is recorded. Without it the step is abandoned (its process died or its
+    caller vanished): it is charged its reservation, flagged estimated, never booked as $0.
+    """
+
+    step_id: str
+    completed: StepCompleted | None = None
+    settled: bool = False
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("steps", id=self.step_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        step = found[self.lookups()[0]]
+        if step is None:
+            raise StoreError(f"step {self.step_id} does not exist", status=500, code="unknown_step")
+        if step["status"] != "started":
+            return ()
+        event = self.completed or StepCompleted(
+            step_id=self.step_id, run_id=step["run_id"], status="abandoned", provider=step["provider"],
+            model=step["model"], usage={}, cost_pusd=step["reserved_pusd"], estimated=True, latency_ms=0,
+            error="the call was never settled (process stopped or caller vanished)")
+        self.settled = True
+        return (NewEvent(run_stream(step["run_id"]), event),)
 
 
 @dataclass
@@ -126,7 +184,7 @@ class CompleteRun:
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         run = found[self.lookups()[0]]
         if run is None or run["agent_id"] != self.agent_id:
-            raise NotFound(f"Run {self.run_id} not found.")
+            raise NotFound(f"Run {self.run_id} not found.")  # another agent's run looks absent
         if run["status"] in CLOSED:
             return ()
         return (NewEvent(run_stream(self.run_id), RunCompleted(
@@ -151,9 +209,11 @@ class LogToolStep:
             events.append(NewEvent(run_stream(self.run_id),
                                    RunStarted(run_id=self.run_id, agent_id=self.agent_id, auto=False)))
         elif run["agent_id"] != self.agent_id:
-            raise Conflict("This run id is not available to this agent.", code="run_unavailable")
+            raise _run_unavailable()
         elif run["status"] in CLOSED:
             raise _run_closed(self.run_id, run["status"])
+        if self.step.run_id != self.run_id:
+            raise ValueError("the step belongs to another run")
         events.append(NewEvent(run_stream(self.run_id), self.step))
         return events
 
@@ -170,8 +230,7 @@ class CloseIdleRun:
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         run = found[self.lookups()[0]]
-        if (run is None or run["status"] != "active" or run["reserved_pusd"] > 0
-                or run["last_activity_at"] >= iso_minus(now, self.idle_timeout_s)):
+        if run is None or run["status"] != "active" or not _idle(run, now, self.idle_timeout_s):
             return ()
         return (NewEvent(run_stream(self.run_id), RunCompleted(
             run_id=self.run_id, status="completed", ended_reason="idle_timeout")),)

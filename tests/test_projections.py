@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rungate.admin import AddProviderKey, CreateAgent, RemoveProviderKey, RotateAgentToken, UpdateAgent
-from rungate.errors import Conflict, GovernanceRefusal, NotFound
+from rungate.errors import Conflict, GovernanceRefusal, NotFound, Unauthorized
 from rungate.events.catalogue import ToolStepLogged
 from rungate.ids import new_id, token_hash
 from rungate.runs import AdmitCall, CloseIdleRun, CompleteRun, LogToolStep
@@ -265,17 +265,19 @@ async def test_a_completed_run_is_closed_and_refuses_more_calls(tmp_path: Path) 
         with pytest.raises(Conflict) as tool_refused:
             await store.execute(LogToolStep(agent, "job-c", ToolStepLogged(
                 step_id="stp_late", run_id="job-c", tool="x", status="ok")))
-        after = len(await all_events(store))
+        log = await all_events(store)
+        after = len(log)
 
     # then the run shows completed with its reason and metadata, a second completion changes nothing,
-    # and calls into it are refused with run_closed without writing anything
+    # and calls into it are refused with run_closed: the refused call is recorded on the agent's stream only
     assert [e.type for e in done] == ["RunCompleted"] and again == []
     assert (run["status"], run["ended_reason"], run["ended_at"], run["metadata"]) == (
         "completed", "agent_done", done[0].recorded_at, '{"outcome":"refunded"}')
     assert call_refused.value.code == "run_closed" and call_refused.value.extra == {
         "run_id": "job-c", "status": "completed"}
     assert tool_refused.value.code == "run_closed"
-    assert after == count
+    assert after == count + 1
+    assert (log[-1].type, log[-1].stream, log[-1].data["code"]) == ("CallRefused", f"agent-{agent}", "run_closed")
 
 
 async def test_an_explicit_run_of_another_agent_is_refused(tmp_path: Path) -> None:
@@ -293,27 +295,28 @@ async def test_an_explicit_run_of_another_agent_is_refused(tmp_path: Path) -> No
         with pytest.raises(NotFound):
             await store.execute(CompleteRun(intruder, "job-o", "hijack", {}))
         run = await _run(store, "job-o")
-        after = len(await all_events(store))
+        log = await all_events(store)
 
-    # then every attempt is refused as unavailable and nothing is written
+    # then every attempt is refused as unavailable; only the refused call is recorded, on the intruder's stream
     assert admit_refused.value.code == "run_unavailable" and tool_refused.value.code == "run_unavailable"
     assert (run["agent_id"], run["status"], run["step_count"]) == (owner, "active", 1)
-    assert after == count
+    assert len(log) == count + 1 and log[-1].type == "CallRefused" and log[-1].stream == f"agent-{intruder}"
 
 
-async def test_unknown_and_disabled_agents_are_refused_before_any_event(tmp_path: Path) -> None:
+async def test_unknown_and_disabled_agents_are_refused_and_only_the_refusal_is_recorded(tmp_path: Path) -> None:
     async with opened(tmp_path / "log.db") as store:
         agent = await _agent(store)
         await store.execute(UpdateAgent(agent, None, True, None))
         count = len(await all_events(store))
-        with pytest.raises(NotFound):
+        with pytest.raises(Unauthorized):
             await store.execute(AdmitCall(facts("agt_nobody")))
         with pytest.raises(GovernanceRefusal) as refused:
             await store.execute(AdmitCall(facts(agent)))
         runs = await store.fetch("SELECT * FROM runs")
-        after = len(await all_events(store))
+        log = await all_events(store)
     assert refused.value.code == "agent_disabled" and refused.value.status == 403
-    assert runs == [] and after == count
+    assert runs == [] and len(log) == count + 1
+    assert (log[-1].type, log[-1].data["code"], log[-1].data["status"]) == ("CallRefused", "agent_disabled", 403)
 
 
 async def test_auto_runs_group_calls_and_new_run_supersedes(tmp_path: Path) -> None:

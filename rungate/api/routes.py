@@ -14,6 +14,7 @@ from rungate.admin import (
     RotateAgentToken,
     UpdateAgent,
     add_provider_key,
+    check_name,
     create_agent,
 )
 from rungate.auth import check_admin
@@ -101,8 +102,8 @@ async def agents_get(request: web.Request) -> web.Response:
 
 def _agent_changes(body: dict[str, Any]) -> tuple[str | None, bool | None, dict[str, Any] | None]:
     name, metadata, disabled = body.get("name"), body.get("metadata"), None
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise BadRequest("name must be a non-empty string.", code="invalid_name")
+    if name is not None:
+        name = check_name(name, "Agent")
     if metadata is not None and not isinstance(metadata, dict):
         raise BadRequest("metadata must be an object.", code="invalid_metadata")
     if "status" in body:

@@ -108,6 +108,18 @@ class StepCompleted(Event):
     tool_calls: list[dict[str, Any]] = []
 
 
+class CallRefused(Event):
+    """A call was refused before anything went upstream; recorded on the agent's stream (SPEC §4)."""
+
+    agent_id: str
+    run_id: str | None
+    endpoint: str
+    model: str | None
+    status: int
+    code: str
+    reason: str
+
+
 class ToolStepLogged(Event):
     """The agent logged a tool step the proxy could not see (`POST /v1/runs/{id}/steps`)."""
 
@@ -135,5 +147,6 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     RunCompleted,
     StepStarted,
     StepCompleted,
+    CallRefused,
     ToolStepLogged,
 )

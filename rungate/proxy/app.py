@@ -17,15 +17,16 @@ from rungate.log import configure, get_logger
 from rungate.prices import PriceTable
 from rungate.providers.mock import create_mock_app
 from rungate.proxy.keys import HTTP, KEYRING, PRICES, SETTINGS, STORE, TARGETS
-from rungate.proxy.middleware import error_middleware
+from rungate.proxy.middleware import add_request_id, error_middleware
 from rungate.proxy.routes import routes as proxy_routes
 from rungate.proxy.upstream import TargetResolver
-from rungate.runs import CloseIdleRun
+from rungate.runs import CloseIdleRun, SettleStep
 from rungate.storage import open_store
 from rungate.store import EventStore
 
 log = get_logger("rungate.app")
 SWEEP_INTERVAL_S = 30.0
+ORPHAN_GRACE_S = 60  # beyond the upstream silence timeout, before an open step counts as orphaned
 
 
 def create_app(settings: Settings, store: EventStore | None = None) -> web.Application:
@@ -37,6 +38,7 @@ def create_app(settings: Settings, store: EventStore | None = None) -> web.Appli
     app[PRICES] = PriceTable.load(settings.price_overrides)
     app.add_routes(proxy_routes)
     app.add_routes(api_routes)
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_resources)
     return app
 
@@ -56,9 +58,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         mock_url = f"http://127.0.0.1:{port}"
         log.info("mock_provider_started", url=mock_url)
     # No retries and no redirects inside the client: every upstream attempt is a decision of ours.
+    # No total limit: a healthy stream may run for many minutes. Silence is what times out: no byte from the
+    # provider for RUNGATE_UPSTREAM_TIMEOUT_S (before the answer or between chunks).
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), auto_decompress=True,
-        timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=10))
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.upstream_timeout_s))
     app[HTTP] = session
     app[TARGETS] = TargetResolver(settings, store, app[KEYRING], mock_base_url=mock_url)
     sweeper = asyncio.create_task(_sweep_idle_runs(app), name="rungate-idle-sweeper")
@@ -75,15 +79,25 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _sweep_idle_runs(app: web.Application) -> None:
-    """Close auto-runs idle past the window, so their status is true even if the agent never returns."""
+    """Close auto-runs idle past the window, and settle steps no process will settle any more.
+
+    A step still open long after the upstream could have answered belonged to a process that stopped (or
+    a caller that vanished): it is settled as abandoned and charged its reservation.
+    """
     settings, store = app[SETTINGS], app[STORE]
     while True:
-        await asyncio.sleep(min(SWEEP_INTERVAL_S, settings.idle_timeout_s))
         try:
-            cutoff = iso_minus(now_iso(), settings.idle_timeout_s)
-            rows = await store.fetch("SELECT id FROM runs WHERE status = 'active' AND auto = 1"
+            now = now_iso()
+            cutoff = iso_minus(now, settings.idle_timeout_s)
+            rows = await store.fetch("SELECT id FROM runs WHERE status = 'active' AND auto = 1 AND open_steps = 0"
                                      " AND last_activity_at < ? LIMIT 500", (cutoff,))
             for row in rows:
                 await store.execute(CloseIdleRun(row["id"], settings.idle_timeout_s))
+            stale = iso_minus(now, settings.upstream_timeout_s + ORPHAN_GRACE_S)
+            orphans = await store.fetch("SELECT id FROM steps WHERE status = 'started' AND started_at < ? LIMIT 500",
+                                        (stale,))
+            for row in orphans:
+                await store.execute(SettleStep(row["id"]))
         except Exception as exc:  # the sweeper must outlive a transient database error
-            log.warning("idle_sweep_failed", error=str(exc))
+            log.warning("sweep_failed", error=str(exc))
+        await asyncio.sleep(min(SWEEP_INTERVAL_S, settings.idle_timeout_s))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from rungate.errors import BadRequest, PayloadTooLarge
 
@@ -43,7 +43,8 @@ async def read_json_object(request: web.Request, limit: int, *,
         if allow_empty:
             return raw, {}
         raise BadRequest("Request body is empty; expected a JSON object.")
-    if request.content_type and not _is_json_type(request.content_type):
+    # No Content-Type at all is taken as JSON (curl -d sends one, SDKs send application/json).
+    if hdrs.CONTENT_TYPE in request.headers and not _is_json_type(request.content_type):
         raise BadRequest(f"Content-Type must be application/json, got {request.content_type}.",
                          code="unsupported_content_type")
     try:

@@ -44,10 +44,6 @@ class WireFormat:
     tool_calls: Callable[[Any], list[ToolCall]]
     meter: Callable[[bool], StreamMeter] | None
 
-    @property
-    def anthropic(self) -> bool:
-        return self.provider == "anthropic"
-
 
 CHAT = WireFormat("chat", "openai", "/chat/completions", ("messages",), ("max_completion_tokens", "max_tokens"),
                   usage_from_chat, tool_calls_from_chat, ChatStreamMeter)
@@ -71,8 +67,8 @@ def client_error_inner(anthropic: bool, status: int, code: str, message: str) ->
                 404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",
                 429: "rate_limit_error", 503: "api_error"}.get(status, "api_error")
         return {"type": kind, "message": message, "code": code}
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            503: "server_error"}.get(status, "invalid_request_error")
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
     return {"message": message, "type": kind, "param": None, "code": code}
 
 

@@ -1,7 +1,9 @@
 """The proxy recipe: authenticate → parse → admit (durably) → forward → meter → settle → respond.
 
-Streams are relayed one SSE event at a time. Whatever happens (upstream error, cut stream, client gone,
-cancellation), the step is settled exactly once in a `finally`, so its reservation never leaks.
+Streams are relayed one SSE event at a time. Every admitted step is settled by `SettleStep`, which
+records its `StepCompleted` only while the step is still open: upstream errors, cut streams, a client
+that walks away, a cancelled handler — each path settles once, with the tokens seen so far. A step whose
+process died is settled by the app's sweeper (charged its reservation).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,24 +22,29 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from rungate.auth import authenticate_agent
-from rungate.errors import BadRequest, ProviderError
-from rungate.events import NewEvent
+from rungate.errors import BadRequest, ProviderError, StoreError
 from rungate.events.catalogue import StepCompleted
 from rungate.ids import is_valid_client_id
 from rungate.log import get_logger
 from rungate.prices import PriceTable, format_usd, to_pico
-from rungate.providers.metering import estimate_input_tokens, prepare_chat_stream_request
+from rungate.providers.metering import ToolCall, estimate_input_tokens, prepare_chat_stream_request
 from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
-from rungate.proxy.keys import HTTP, PRICES, SETTINGS, STORE, TARGETS
+from rungate.proxy.keys import HTTP, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
 from rungate.proxy.upstream import Target, relayed_headers, upstream_headers
-from rungate.runs import AdmitCall, CallFacts, run_stream
-from rungate.store import Append, EventStore
+from rungate.runs import AdmitCall, CallFacts, SettleStep
+from rungate.store import EventStore
 from rungate.usage import Usage
 
 log = get_logger("rungate.proxy")
 _TRUE = {"1", "true", "yes"}
+_MAX_MODEL_CHARS = 256
+SETTLE_ATTEMPTS = 3
+
+
+class ClientGone(Exception):
+    """The agent closed its connection while Rungate was writing to it."""
 
 
 @dataclass
@@ -53,9 +61,18 @@ class Call:
     reserved_pusd: int
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
+    meter: StreamMeter | None = None
     usage: Usage = field(default_factory=Usage)
     cost_pusd: int | None = 0
     warnings: list[str] = field(default_factory=list)
+
+    def seen_usage(self) -> tuple[Usage, bool]:
+        """What a stream reported so far, or an estimate from what was relayed (and whether estimated)."""
+        if self.meter is not None and self.meter.usage is not None:
+            return self.meter.usage, False
+        if self.meter is not None:
+            return self.meter.estimated_usage(self.input_estimate), True
+        return Usage(input=self.input_estimate), True
 
 
 def _max_output(body: dict[str, Any], fmt: WireFormat) -> int | None:
@@ -81,8 +98,10 @@ def _run_options(request: web.Request, body: dict[str, Any]) -> tuple[str | None
 
 def _validate(body: dict[str, Any], fmt: WireFormat) -> str:
     model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise BadRequest("`model` is required and must be a non-empty string.", code="missing_model")
+    if (not isinstance(model, str) or not model.strip() or len(model) > _MAX_MODEL_CHARS
+            or not model.isprintable()):
+        raise BadRequest(f"`model` is required: a printable string of at most {_MAX_MODEL_CHARS} characters.",
+                         code="missing_model")
     for key in fmt.required:
         if key not in body:
             raise BadRequest(f"`{key}` is required.", code=f"missing_{key}")
@@ -93,48 +112,67 @@ def _validate(body: dict[str, Any], fmt: WireFormat) -> str:
     return model
 
 
-def _price(prices: PriceTable, model: str, usage: Usage) -> int | None:
-    cost = prices.cost(model, usage)
-    return None if cost is None else to_pico(cost)
-
-
 async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamResponse:
     """Handle one agent call in `fmt`; see the module docstring for the recipe."""
     app = request.app
     settings, store, prices = app[SETTINGS], app[STORE], app[PRICES]
-    agent = await authenticate_agent(request, store)
+    # A disabled agent is refused by the admission itself, so that the refusal is recorded.
+    agent = await authenticate_agent(request, store, refuse_disabled=False)
     structlog.contextvars.bind_contextvars(agent_id=agent["id"])
-    raw, body = await read_json_object(request, settings.max_body_bytes)
+    _, body = await read_json_object(request, settings.max_body_bytes)
     model = _validate(body, fmt)
-    changed = "rungate" in body  # the key is removed before forwarding, so the body must be re-encoded
     run_id, new_run = _run_options(request, body)
     stream = body.get("stream") is True and fmt.meter is not None
     client_wants_usage = False
     if fmt is CHAT and stream:
-        wanted = (body.get("stream_options") or {}).get("include_usage") is True
         body, client_wants_usage = prepare_chat_stream_request(body)
-        changed = changed or not wanted
-    forward = orjson.dumps(body) if changed else raw
+    # What goes upstream is exactly what Rungate decided on (no duplicate keys, no `rungate` key).
+    forward = orjson.dumps(body)
 
     target = await app[TARGETS].resolve(fmt.provider, model)
     input_estimate = estimate_input_tokens(body)
     worst = prices.max_cost(model, input_estimate, _max_output(body, fmt))
     reserved = to_pico(worst) if worst is not None else 0
     admit = AdmitCall(CallFacts(
-        agent_id=agent["id"], run_id=run_id, new_run=new_run, endpoint=fmt.name, provider=target.provider,
-        model=model, stream=stream, fingerprint=hashlib.sha256(forward).hexdigest(), reserved_pusd=reserved,
-        idle_timeout_s=settings.idle_timeout_s))
-    await store.execute(admit, metadata={"agent_id": agent["id"]})
+        agent_id=agent["id"], run_id=run_id, new_run=new_run, endpoint=fmt.name,
+        provider=target.provider, model=model, stream=stream, fingerprint=hashlib.sha256(forward).hexdigest(),
+        reserved_pusd=reserved, idle_timeout_s=settings.idle_timeout_s))
+    call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, reserved)
+    await _admit(store, prices, admit, call)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
-    call = Call(fmt, agent["id"], admit.run_id, admit.step_id, target, stream, input_estimate, reserved)
-
     try:
         return await _forward(request, call, forward, client_wants_usage)
     finally:
-        if not call.settled:  # cancelled or crashed before settling: close the books anyway
-            await asyncio.shield(_settle(store, prices, call, status="aborted", http_status=None,
-                                         usage=Usage(input=input_estimate), estimated=True,
-                                         error="handler aborted"))
+        if not call.settled:  # cancelled or crashed before settling: close the books with what was seen
+            usage, estimated = call.seen_usage()
+            await _shielded(_settle(store, prices, call, status="aborted", http_status=None, usage=usage,
+                                    estimated=estimated, error="handler aborted"))
+
+
+async def _admit(store: EventStore, prices: PriceTable, admit: AdmitCall, call: Call) -> None:
+    """Record the admission; if the caller is cancelled meanwhile, settle the step once it is recorded."""
+    admission = asyncio.ensure_future(store.execute(admit, metadata={"agent_id": call.agent_id}))
+    try:
+        await asyncio.shield(admission)
+    except asyncio.CancelledError:
+        await asyncio.wait([admission])
+        if not admission.cancelled() and admission.exception() is None:
+            call.run_id = admit.run_id
+            await _shielded(_settle(store, prices, call, status="aborted", http_status=None,
+                                    usage=Usage(input=call.input_estimate), estimated=True,
+                                    error="cancelled before forwarding"))
+        raise
+    call.run_id = admit.run_id
+
+
+async def _shielded(work: Awaitable[None]) -> None:
+    """Finish `work` even if the surrounding task is being cancelled."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 async def _forward(request: web.Request, call: Call, forward: bytes,
@@ -143,27 +181,30 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
     store, prices = app[STORE], app[PRICES]
     url = call.target.base_url + call.fmt.upstream_path
     try:
-        # The session carries the timeouts (`RUNGATE_UPSTREAM_TIMEOUT_S`); building them per call is costly.
         upstream = await app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, call.target),
                                         allow_redirects=False)
     except (aiohttp.ClientError, TimeoutError) as exc:
         reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
                       estimated=False, error=reason)
-        raise ProviderError("The provider could not be reached.", [
-            {"provider": call.target.provider, "model": call.target.model, "status": None, "error": reason}]) from None
+        raise _provider_error(call, "The provider could not be reached.", None, reason) from None
     async with upstream:
-        is_sse = upstream.content_type == "text/event-stream"
-        if call.stream and upstream.status < 300 and is_sse:
+        if upstream.status in (401, 403):
+            # The provider refused Rungate's key: the agent's own token is fine, so this is not a 401 for it,
+            # and the provider's body (which may hint at the key) is not relayed.
+            await _settle(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
+                          estimated=False, error=f"provider refused the key (status {upstream.status})")
+            raise _provider_error(call, "The provider refused Rungate's key for it.", upstream.status,
+                                  "provider_auth_failed")
+        if call.stream and upstream.status < 300 and upstream.content_type == "text/event-stream":
             return await _relay_stream(request, call, upstream, client_wants_usage)
         try:
             payload = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             await _settle(store, prices, call, status="upstream_error", http_status=upstream.status,
                           usage=Usage(input=call.input_estimate), estimated=True, error=type(exc).__name__)
-            raise ProviderError("The provider's answer broke off.", [
-                {"provider": call.target.provider, "model": call.target.model, "status": upstream.status,
-                 "error": type(exc).__name__}]) from None
+            raise _provider_error(call, "The provider's answer broke off.", upstream.status,
+                                  type(exc).__name__) from None
         headers = relayed_headers(upstream.headers)
         if upstream.status >= 400:
             await _settle(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
@@ -178,62 +219,82 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
                           usage=usage if usage is not None else Usage(input=call.input_estimate),
                           estimated=usage is None, error=None if usage else "usage missing from the answer",
                           tool_calls=call.fmt.tool_calls(parsed))
-        headers.update(_rungate_headers(call))
+        headers.update(rungate_headers(call))
         return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+def _provider_error(call: Call, message: str, status: int | None, reason: str) -> ProviderError:
+    error = ProviderError(message, [{"provider": call.target.provider, "model": call.target.model,
+                                     "status": status, "error": reason}])
+    error.headers.update(rungate_headers(call))
+    return error
+
+
+async def _send(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
+        raise ClientGone() from exc
 
 
 async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
                         client_wants_usage: bool) -> web.StreamResponse:
+    """Relay SSE events as they arrive; once headers are out, every ending is written into the stream."""
     store, prices = request.app[STORE], request.app[PRICES]
     assert call.fmt.meter is not None
-    meter: StreamMeter = call.fmt.meter(client_wants_usage)
+    meter = call.meter = call.fmt.meter(client_wants_usage)
     response = web.StreamResponse(status=upstream.status, headers=relayed_headers(upstream.headers))
-    response.headers.update(_rungate_headers(call, final=False))
+    response.headers.update(rungate_headers(call, final=False))
+    request[STREAM_STARTED] = True
     await response.prepare(request)
     parser = SSEParser()
     held_done: bytes | None = None
     status, error = "ok", None
+
+    async def relay(events: Sequence[Any]) -> None:
+        nonlocal held_done
+        for event in events:
+            if not meter.feed(event):
+                continue
+            if call.fmt is CHAT and event.data.strip() == "[DONE]":
+                held_done = event.raw  # written after settlement, with the trailer
+                continue
+            await _send(response, event.raw)
+
     try:
         try:
             async for chunk in upstream.content.iter_any():
-                for event in parser.feed(chunk):
-                    if not meter.feed(event):
-                        continue
-                    if call.fmt is CHAT and event.data.strip() == "[DONE]":
-                        held_done = event.raw  # written after settlement, with the trailer
-                        continue
-                    await response.write(event.raw)
-            for event in parser.flush():
-                if meter.feed(event) and event.data.strip() != "[DONE]":
-                    await response.write(event.raw)
+                await relay(parser.feed(chunk))
+            await relay(parser.flush())
         except (aiohttp.ClientError, TimeoutError) as exc:
             status, error = "cut", f"upstream stream broke: {type(exc).__name__}"
+        except ValueError as exc:  # an SSE event beyond the parser's size bound
+            status, error = "cut", f"upstream stream unreadable: {exc}"
         if status == "ok" and not meter.done:
             status, error = "cut", "upstream stream ended without its final event"
         if meter.error is not None and status == "ok":
             status, error = "error", "the provider sent an error event"
-        usage = meter.usage
-        await _settle(store, prices, call, status=status, http_status=upstream.status,
-                      usage=usage if usage is not None else meter.estimated_usage(call.input_estimate),
-                      estimated=usage is None, error=error,
-                      tool_calls=meter.tool_calls)
+        usage, estimated = call.seen_usage()
+        try:
+            await _settle(store, prices, call, status=status, http_status=upstream.status, usage=usage,
+                          estimated=estimated, error=error, tool_calls=meter.tool_calls)
+        except StoreError:
+            status, error = "cut", "the step could not be recorded"
         if status == "cut":
-            await response.write(stream_error_event(call.fmt, "The provider's stream broke off before the end."))
+            await _send(response, stream_error_event(call.fmt, "The stream broke off before the end."))
         # Chat streams: the trailer follows [DONE]. Stock OpenAI SDKs stop reading at [DONE], so they never see
         # it (placed before, openai 3.x yields it as a chunk whose `choices` is None and naive loops crash);
         # the `rungate` SDK reads on to the end of the body and picks it up. Other formats end with it.
         if held_done is not None:
-            await response.write(held_done)
-        await response.write(_trailer(call))
+            await _send(response, held_done)
+        if call.settled:
+            await _send(response, _trailer(call))
         await response.write_eof()
-    except ConnectionError:
-        # The client went away: stop reading upstream and record what was seen.
-        if not call.settled:
-            usage = meter.usage
-            await asyncio.shield(_settle(
-                store, prices, call, status="client_closed", http_status=upstream.status,
-                usage=usage if usage is not None else meter.estimated_usage(call.input_estimate),
-                estimated=usage is None, error="client disconnected", tool_calls=meter.tool_calls))
+    except ClientGone:
+        usage, estimated = call.seen_usage()
+        await _shielded(_settle(store, prices, call, status="client_closed", http_status=upstream.status,
+                                usage=usage, estimated=estimated, error="client disconnected",
+                                tool_calls=meter.tool_calls))
     return response
 
 
@@ -245,7 +306,8 @@ def _trailer(call: Call) -> bytes:
     }), "rungate")
 
 
-def _rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
+def rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
+    """The `x-rungate-*` headers of a proxied answer (`final`: the step is settled, figures are known)."""
     headers: CIMultiDict[str] = CIMultiDict({
         "x-rungate-run-id": call.run_id,
         "x-rungate-step-id": call.step_id,
@@ -255,7 +317,7 @@ def _rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
         "x-rungate-budget-remaining-usd": "unlimited",
         "x-rungate-budget-remaining-tokens": "unlimited",
     })
-    if final:
+    if final and call.settled:
         headers["x-rungate-tokens-used"] = str(call.usage.total)
         headers["x-rungate-cost-usd"] = "unpriced" if call.cost_pusd is None else format_usd(call.cost_pusd)
     if call.warnings:
@@ -263,27 +325,43 @@ def _rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
     return headers
 
 
+def _price(prices: PriceTable, model: str, usage: Usage) -> int | None:
+    cost = prices.cost(model, usage)
+    return None if cost is None else to_pico(cost)
+
+
 async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: str, http_status: int | None,
-                  usage: Usage, estimated: bool, error: str | None, tool_calls: Any = ()) -> None:
-    """Record `StepCompleted` once: the real cost, or for an estimate the larger of estimate and reservation."""
+                  usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = ()) -> None:
+    """Record the step's `StepCompleted` once (retrying a store hiccup); a no-op when already settled.
+
+    The cost is the real one, or for an estimate the larger of estimate and reservation (never a silent $0).
+    Raises `StoreError` when the store stays unavailable; the sweeper then closes the step later.
+    """
     if call.settled:
         return
-    call.settled = True
     cost = _price(prices, call.target.model, usage)
     unpriced = cost is None
     if estimated and status == "ok" and call.reserved_pusd:
-        # Usage missing from a successful answer: never a silent $0, charge the reservation.
+        # Usage missing from a successful answer: charge the reservation.
         cost = max(cost or 0, call.reserved_pusd)
-    if unpriced:
-        call.warnings.append(f"model {call.target.model} has no price; cost recorded as null")
-    if estimated and status == "ok":
-        call.warnings.append("the provider reported no usage; tokens are estimated")
-    call.usage, call.cost_pusd = usage, cost
     event = StepCompleted(
         step_id=call.step_id, run_id=call.run_id, status=status, http_status=http_status,
         provider=call.target.provider, model=call.target.model, usage=usage.as_dict(), cost_pusd=cost,
         unpriced=unpriced, estimated=estimated, latency_ms=int((time.monotonic() - call.started) * 1000),
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls])
-    await store.execute(Append((NewEvent(run_stream(call.run_id), event),)), metadata={"agent_id": call.agent_id})
+    for attempt in range(SETTLE_ATTEMPTS):
+        try:
+            await store.execute(SettleStep(call.step_id, event), metadata={"agent_id": call.agent_id})
+            break
+        except StoreError:
+            if attempt == SETTLE_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.05 * 4**attempt)
+    call.settled = True
+    call.usage, call.cost_pusd = usage, cost
+    if unpriced:
+        call.warnings.append(f"model {call.target.model} has no price; cost recorded as null")
+    if estimated and status == "ok":
+        call.warnings.append("the provider reported no usage; tokens are estimated")
     log.debug("step_settled", step_id=call.step_id, status=status, tokens=usage.total,
-             cost_usd=None if cost is None else format_usd(cost), estimated=estimated)
+              cost_usd=None if cost is None else format_usd(cost), estimated=estimated)

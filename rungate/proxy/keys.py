@@ -17,3 +17,7 @@ KEYRING = web.AppKey("KEYRING", Keyring)
 PRICES = web.AppKey("PRICES", PriceTable)
 HTTP = web.AppKey("HTTP", aiohttp.ClientSession)
 TARGETS = web.AppKey("TARGETS", TargetResolver)
+
+# Set on a request once its response headers went out: from then on errors end the stream, not a new response.
+STREAM_STARTED = web.RequestKey("STREAM_STARTED", bool)
+REQUEST_ID = web.RequestKey("REQUEST_ID", str)

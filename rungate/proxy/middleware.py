@@ -16,6 +16,7 @@ from rungate.errors import ClientError, GovernanceRefusal, ProviderError, Rungat
 from rungate.ids import new_id
 from rungate.log import get_logger
 from rungate.proxy.formats import client_error_inner, error_body
+from rungate.proxy.keys import REQUEST_ID, STREAM_STARTED
 
 log = get_logger("rungate.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,24 +52,35 @@ def render_error(request: web.Request, exc: RungateError) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind request context for logs and render every error through `render_error`."""
     request_id = new_id("req")
+    request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id, path=request.path, method=request.method)
     try:
-        response = await handler(request)
-    except RungateError as exc:
+        return await handler(request)
+    except Exception as exc:
+        if request.get(STREAM_STARTED):  # headers are out: a second response cannot follow; drop the connection
+            log.exception("error_after_stream_started")
+            raise
+        return _render_exception(request, exc)
+
+
+def _render_exception(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The response for an exception caught by the middleware (called inside its `except`)."""
+    if isinstance(exc, RungateError):
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code, status=exc.status)
-        response = render_error(request, exc)
-    except web.HTTPException as exc:
+        return render_error(request, exc)
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
-        status = exc.status
-        message = exc.reason if status != 404 else f"No route for {request.method} {request.path}."
-        response = render_error(request, ClientError(message, status=status,
-                                                     code=_HTTP_CODES.get(status, "http_error")))
-    except Exception:
-        log.exception("unhandled_error")
-        response = render_error(request, RungateError("Internal error; see the server log.", status=500))
-    if not response.prepared:
-        response.headers["x-rungate-request-id"] = request_id
-    return response
+            raise exc  # redirects and the like are answers, not errors
+        message = exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}."
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return render_error(request, ClientError(message, status=exc.status, code=code))
+    log.exception("unhandled_error")
+    return render_error(request, RungateError("Internal error; see the server log.", status=500))
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: every answer, streamed or not, names its request id."""
+    if REQUEST_ID in request:
+        response.headers["x-rungate-request-id"] = request[REQUEST_ID]

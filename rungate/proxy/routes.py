@@ -21,6 +21,7 @@ from rungate.runs import CompleteRun, LogToolStep
 from rungate.views import run_view, step_view
 
 routes = web.RouteTableDef()
+MAX_TOKENS = 10**12  # far beyond any real call, far below the 64-bit columns that sum them
 
 
 @routes.post("/v1/chat/completions")
@@ -75,7 +76,8 @@ async def complete_run(request: web.Request) -> web.Response:
     run_id = _run_id(request)
     _, body = await read_json_object(request, request.app[SETTINGS].max_body_bytes, allow_empty=True)
     reason = body.get("ended_reason", "agent_signaled")
-    metadata = body.get("metadata") or {}
+    metadata = body.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(reason, str) or not reason or len(reason) > 500:
         raise BadRequest("ended_reason must be a non-empty string of at most 500 characters.")
     if not isinstance(metadata, dict):
@@ -108,8 +110,8 @@ def _tokens(value: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for key in ("input", "output"):
         number = value.get(key, 0)
-        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-            raise BadRequest(f"tokens.{key} must be a non-negative integer.")
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= MAX_TOKENS:
+            raise BadRequest(f"tokens.{key} must be an integer between 0 and {MAX_TOKENS}.")
         out[key] = number
     return out
 

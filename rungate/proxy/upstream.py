@@ -24,7 +24,7 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
 # Never forwarded upstream: credentials, framing the client session sets itself, and our own headers.
 _REQUEST_DROP = HOP_BY_HOP | {
     "host", "authorization", "x-api-key", "content-length", "content-encoding", "accept-encoding", "cookie",
-    "expect",
+    "expect", "forwarded",
 }
 # Never relayed back: framing that aiohttp recomputes (bodies arrive decompressed) and cookies.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie", "date", "server"}
@@ -41,7 +41,7 @@ class Target:
     model: str
     base_url: str
     api_key: str
-    key_id: str
+    key_id: str  # which stored key served the call ("env" or "mock" otherwise); for the failover issue's logs
 
     def __repr__(self) -> str:  # keep the key out of any traceback or log line
         return f"Target(provider={self.provider!r}, model={self.model!r}, base_url={self.base_url!r})"
@@ -49,10 +49,13 @@ class Target:
 
 def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
     """Headers for the upstream request: the client's vendor headers plus the provider's credentials."""
+    # Headers the client names in `Connection:` are hop-by-hop too (RFC 9110 §7.6.1).
+    named = {token.strip().lower() for value in incoming.getall("Connection", []) for token in value.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower.startswith("x-rungate-"):
+        if (lower in _REQUEST_DROP or lower in named or lower.startswith("x-rungate-")
+                or lower.startswith("x-forwarded-")):
             continue
         out.add(name, value)
     out[hdrs.CONTENT_TYPE] = "application/json"
@@ -66,7 +69,9 @@ def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMulti
 
 def relayed_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers of the provider's answer that the agent sees."""
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _RESPONSE_DROP)
+    # The provider cannot speak for Rungate: its own `x-rungate-*` headers are dropped.
+    return CIMultiDict((k, v) for k, v in upstream.items()
+                       if k.lower() not in _RESPONSE_DROP and not k.lower().startswith("x-rungate-"))
 
 
 class TargetResolver:
