@@ -28,10 +28,11 @@ def configure(log_format: str = "console", level: str = "info") -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=False,  # tests configure more than once per process
     )
 
 
 def get_logger(name: str) -> Any:
-    """A logger for one subsystem (`rungate.proxy`, `rungate.store`, …); its lines carry `logger=name`."""
-    return structlog.get_logger().bind(logger=name)
+    """A logger for one subsystem (`rungate.proxy`, `rungate.store`, …); its lines carry `subsystem=name`."""
+    # Lazy: resolved at each call, so `configure` applies even to loggers made at import time.
+    return structlog.get_logger(subsystem=name)

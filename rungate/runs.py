@@ -144,13 +144,15 @@ def agent_disabled(run_id: str | None) -> GovernanceRefusal:
 class SettleStep:
     """Close a step exactly once: append its `StepCompleted` only while the step is still `started`.
 
-    With `completed`, that event is recorded. Without it the step is abandoned (its process died or its
-    caller vanished): it is charged its reservation, flagged estimated, never booked as $0.
+    With `completed`, that event is recorded. Without it the step is closed as `reason` says: by default
+    abandoned (its process died or its caller vanished after forwarding) and charged its reservation,
+    never booked as $0; with `charge_reservation=False` (nothing was forwarded) at no cost.
     """
 
     step_id: str
     completed: StepCompleted | None = None
-    settled: bool = False
+    reason: str = "the call was never settled (process stopped or caller vanished)"
+    charge_reservation: bool = True
 
     def lookups(self) -> Sequence[Lookup]:
         return (Lookup.of("steps", id=self.step_id),)
@@ -162,10 +164,10 @@ class SettleStep:
         if step["status"] != "started":
             return ()
         event = self.completed or StepCompleted(
-            step_id=self.step_id, run_id=step["run_id"], status="abandoned", provider=step["provider"],
-            model=step["model"], usage={}, cost_pusd=step["reserved_pusd"], estimated=True, latency_ms=0,
-            error="the call was never settled (process stopped or caller vanished)")
-        self.settled = True
+            step_id=self.step_id, run_id=step["run_id"],
+            status="abandoned" if self.charge_reservation else "cancelled", provider=step["provider"],
+            model=step["model"], usage={}, cost_pusd=step["reserved_pusd"] if self.charge_reservation else 0,
+            estimated=self.charge_reservation, latency_ms=0, error=self.reason)
         return (NewEvent(run_stream(step["run_id"]), event),)
 
 

@@ -9,6 +9,7 @@ process died is settled by the app's sweeper (charged its reservation).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Sequence
@@ -150,22 +151,19 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
 
 
 async def _admit(store: EventStore, prices: PriceTable, admit: AdmitCall, call: Call) -> None:
-    """Record the admission; if the caller is cancelled meanwhile, settle the step once it is recorded."""
-    admission = asyncio.ensure_future(store.execute(admit, metadata={"agent_id": call.agent_id}))
+    """Record the admission. If the caller is cancelled meanwhile, the admission may still commit, so a
+    settlement is queued behind it (the writer applies jobs in order): the step closes at no cost."""
     try:
-        await asyncio.shield(admission)
+        await store.execute(admit, metadata={"agent_id": call.agent_id})
     except asyncio.CancelledError:
-        await asyncio.wait([admission])
-        if not admission.cancelled() and admission.exception() is None:
-            call.run_id = admit.run_id
-            await _shielded(_settle(store, prices, call, status="aborted", http_status=None,
-                                    usage=Usage(input=call.input_estimate), estimated=True,
-                                    error="cancelled before forwarding"))
+        with contextlib.suppress(StoreError):  # the admission may have been refused: nothing to close
+            await _shielded(store.execute(SettleStep(admit.step_id, reason="cancelled before forwarding",
+                                                     charge_reservation=False)))
         raise
     call.run_id = admit.run_id
 
 
-async def _shielded(work: Awaitable[None]) -> None:
+async def _shielded(work: Awaitable[Any]) -> None:
     """Finish `work` even if the surrounding task is being cancelled."""
     task = asyncio.ensure_future(work)
     try:
