@@ -8,6 +8,7 @@ folds them into the inline projections, all in one transaction. A command that r
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ class Lookup:
     where: tuple[tuple[str, Any], ...]
 
     def __post_init__(self) -> None:
-        names = [self.table, *(column for column, _ in self.where)]
-        if not self.where or not all(_IDENTIFIER.match(name) for name in names):
-            raise ValueError(f"not a lookup over plain identifiers: {names}")
+        if not self.where:
+            raise ValueError("a lookup needs at least one condition")
+        _lookup_sql(self.table, tuple(column for column, _ in self.where))  # validates (once per shape)
 
     @classmethod
     def of(cls, table: str, **where: Any) -> Lookup:
@@ -43,12 +44,19 @@ class Lookup:
 
     @property
     def sql(self) -> str:
-        clause = " AND ".join(f"{column} = ?" for column, _ in self.where)
-        return f"SELECT * FROM {self.table} WHERE {clause} ORDER BY position DESC LIMIT 1"
+        return _lookup_sql(self.table, tuple(column for column, _ in self.where))
 
     @property
     def params(self) -> tuple[Any, ...]:
         return tuple(value for _, value in self.where)
+
+
+@functools.lru_cache(maxsize=256)
+def _lookup_sql(table: str, columns: tuple[str, ...]) -> str:
+    if not all(_IDENTIFIER.match(name) for name in (table, *columns)):
+        raise ValueError(f"not a lookup over plain identifiers: {(table, *columns)}")
+    clause = " AND ".join(f"{column} = ?" for column in columns)
+    return f"SELECT * FROM {table} WHERE {clause} ORDER BY position DESC LIMIT 1"
 
 
 class Refused(Exception):
