@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rungate import queries
 from rungate.crypto import Keyring, key_hint
 from rungate.errors import BadRequest, Conflict, NotFound
 from rungate.events import NewEvent, stream_name
@@ -139,7 +140,7 @@ async def create_agent(store: EventStore, name: Any, metadata: Any = None) -> tu
         raise BadRequest("metadata must be an object.", code="invalid_metadata")
     command = CreateAgent(check_name(name, "Agent"), metadata or {})
     await store.execute(command)
-    row = await store.fetchone("SELECT * FROM agents WHERE id = ?", (command.agent_id,))
+    row = await queries.get_agent(store, command.agent_id)
     assert row is not None
     return row, command.token
 
@@ -154,6 +155,6 @@ async def add_provider_key(store: EventStore, keyring: Keyring, provider: Any, n
     nonce, ciphertext = keyring.encrypt(key_id, secret.strip())
     await store.execute(AddProviderKey(check_name(name, "Key"), provider, nonce, ciphertext,
                                        key_hint(secret.strip()), key_id))
-    row = await store.fetchone("SELECT * FROM provider_keys WHERE id = ?", (key_id,))
+    row = await queries.get_provider_key(store, key_id)
     assert row is not None
     return row

@@ -10,6 +10,7 @@ import hmac
 
 from aiohttp import web
 
+from rungate import queries
 from rungate.config import Settings
 from rungate.errors import Unauthorized
 from rungate.ids import token_hash
@@ -36,8 +37,7 @@ async def authenticate_agent(request: web.Request, store: EventStore, *, refuse_
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("Missing agent token: send Authorization: Bearer rg_agt_… or x-api-key.")
-    row = await store.fetchone("SELECT id, name, disabled, token_hash FROM agents WHERE token_hash = ?",
-                               (token_hash(token),))
+    row = await queries.agent_by_token_hash(store, token_hash(token))
     if row is None:
         raise Unauthorized("Unknown agent token.")
     if refuse_disabled and row["disabled"]:

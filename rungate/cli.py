@@ -73,7 +73,12 @@ async def _keys_add(settings: Settings, store: EventStore, provider: str, name: 
         import getpass
 
         secret = getpass.getpass(f"{provider} API key for {name!r}: ") if sys.stdin.isatty() else sys.stdin.readline()
-    row = await add_provider_key(store, load_keyring(settings), provider, name, secret.strip())
+    keyring = load_keyring(settings)
+    if keyring.generated and await queries.provider_key_count(store):
+        raise ConfigError("RUNGATE_MASTER_KEY: the key file beside the database is missing but provider keys are"
+                          " stored under the old key; restore it or set RUNGATE_MASTER_KEY")
+    keyring.persist()
+    row = await add_provider_key(store, keyring, provider, name, secret.strip())
     _print_json(provider_key_view(row))
     return 0
 

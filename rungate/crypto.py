@@ -19,10 +19,27 @@ from rungate.errors import ConfigError, StoreError
 class Keyring:
     """Encrypts and decrypts provider keys; the plaintext never leaves this object except to go upstream."""
 
-    def __init__(self, master_key: bytes) -> None:
+    def __init__(self, master_key: bytes, *, pending_file: Path | None = None) -> None:
         if len(master_key) != 32:
             raise ConfigError("RUNGATE_MASTER_KEY must be 32 bytes")
         self._aead = AESGCM(master_key)
+        self._key = master_key
+        # A freshly made key not yet written beside the database (see `persist`).
+        self._pending_file = pending_file
+
+    @property
+    def generated(self) -> bool:
+        """True when no key existed: provider keys already stored could not be read with this one."""
+        return self._pending_file is not None
+
+    def persist(self) -> None:
+        """Write a freshly made key to its file (mode 0600); if another process wrote one first, use that."""
+        if self._pending_file is None:
+            return
+        path, self._pending_file = self._pending_file, None
+        _create_key_file(path, self._key)
+        self._key = parse_master_key(path.read_text().strip(), str(path))
+        self._aead = AESGCM(self._key)
 
     def encrypt(self, key_id: str, plaintext: str) -> tuple[str, str]:
         """Returns (nonce, ciphertext), both base64."""
@@ -44,10 +61,11 @@ def key_hint(secret: str) -> str:
 
 
 def load_keyring(settings: Settings) -> Keyring:
-    """The keyring from `RUNGATE_MASTER_KEY`, or from a key file created once beside the SQLite database.
+    """The keyring from `RUNGATE_MASTER_KEY`, or from the key file beside the SQLite database.
 
-    The generated file is written with mode 0600; losing it makes stored provider keys unreadable, so
-    production deployments should set `RUNGATE_MASTER_KEY` explicitly.
+    Without either, a key is made and written (mode 0600) by `Keyring.persist` once the caller has checked
+    that no provider key is stored under a lost one. Losing the file makes stored provider keys
+    unreadable, so production deployments should set `RUNGATE_MASTER_KEY` explicitly.
     """
     if settings.master_key is not None:
         return Keyring(settings.master_key_bytes())
@@ -55,19 +73,19 @@ def load_keyring(settings: Settings) -> Keyring:
     if db_path is None:
         raise ConfigError("RUNGATE_MASTER_KEY must be set when the database is PostgreSQL")
     key_path = Path(f"{db_path}.key")
-    if not key_path.exists():
-        _create_key_file(key_path)
-    return Keyring(parse_master_key(key_path.read_text().strip(), str(key_path)))
+    if key_path.exists():
+        return Keyring(parse_master_key(key_path.read_text().strip(), str(key_path)))
+    return Keyring(secrets.token_bytes(32), pending_file=key_path)
 
 
-def _create_key_file(key_path: Path) -> None:
-    """Write a fresh key atomically: a temporary file, then a hard link that fails if another process won."""
+def _create_key_file(key_path: Path, key: bytes) -> None:
+    """Write a key atomically: a temporary file, then a hard link that fails if another process won."""
     key_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = key_path.with_name(f"{key_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_bytes(32).hex() + "\n")
+            fh.write(key.hex() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         try:

@@ -76,6 +76,38 @@ async def run_steps(store: EventStore, run_id: str) -> list[Row]:
     return await store.fetch("SELECT * FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
 
 
+async def agent_by_token_hash(store: EventStore, digest: str) -> Row | None:
+    return await store.fetchone("SELECT id, name, disabled, token_hash FROM agents WHERE token_hash = ?", (digest,))
+
+
+async def newest_provider_key(store: EventStore, provider: str) -> Row | None:
+    return await store.fetchone(
+        "SELECT id, nonce, ciphertext FROM provider_keys WHERE provider = ? ORDER BY position DESC LIMIT 1",
+        (provider,))
+
+
+async def provider_key_count(store: EventStore) -> int:
+    row = await store.fetchone("SELECT count(*) AS n FROM provider_keys")
+    return int(row["n"]) if row else 0
+
+
+async def get_step(store: EventStore, step_id: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM steps WHERE id = ?", (step_id,))
+
+
+async def idle_auto_runs(store: EventStore, before: str, limit: int = 500) -> list[str]:
+    """Active auto-runs with no call in flight and no activity since `before`."""
+    rows = await store.fetch("SELECT id FROM runs WHERE status = 'active' AND auto = 1 AND open_steps = 0"
+                             " AND last_activity_at < ? LIMIT ?", (before, limit))
+    return [row["id"] for row in rows]
+
+
+async def open_steps_started_before(store: EventStore, before: str, limit: int = 500) -> list[str]:
+    rows = await store.fetch("SELECT id FROM steps WHERE status = 'started' AND started_at < ? LIMIT ?",
+                             (before, limit))
+    return [row["id"] for row in rows]
+
+
 async def get_agent(store: EventStore, agent_id: str) -> Row | None:
     return await store.fetchone("SELECT * FROM agents WHERE id = ?", (agent_id,))
 

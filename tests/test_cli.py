@@ -136,3 +136,15 @@ async def test_serve_with_the_mock_provider_end_to_end(tmp_path: Path) -> None:
     assert server.returncode == 0 or server.returncode == -15
     assert run_id in rungate(db, "runs", "list").stdout  # the CLI sees what the server recorded
     assert rungate(db, "verify").stdout.startswith("ok")
+
+
+def test_a_lost_key_file_is_refused_rather_than_replaced_silently(tmp_path: Path) -> None:
+    db = tmp_path / "keys.db"
+    assert rungate(db, "keys", "add", "openai", "first", stdin="sk-first-key-123456\n").returncode == 0
+    (tmp_path / "keys.db.key").unlink()  # e.g. a restored backup without its key file
+    again = rungate(db, "keys", "add", "openai", "second", stdin="sk-second-key-123456\n")
+    assert again.returncode == 2 and "RUNGATE_MASTER_KEY" in again.stderr
+    served = subprocess.run([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve",
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "RUNGATE_LOG_LEVEL": "warning"})
+    assert served.returncode == 2 and "RUNGATE_MASTER_KEY" in served.stderr

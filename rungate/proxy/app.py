@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from rungate import queries
 from rungate.api.routes import routes as api_routes
 from rungate.clock import iso_minus, now_iso
 from rungate.config import Settings
 from rungate.crypto import load_keyring
+from rungate.errors import ConfigError
 from rungate.log import configure, get_logger
 from rungate.prices import PriceTable
 from rungate.providers.mock import create_mock_app
@@ -47,6 +49,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings, store = app[SETTINGS], app[STORE]
     app[KEYRING] = load_keyring(settings)
     await store.start()
+    if app[KEYRING].generated and await queries.provider_key_count(store):
+        await store.close()
+        raise ConfigError(f"RUNGATE_MASTER_KEY: the key file beside the database was missing, so a new key was made,"
+                          f" but stored provider keys need the old one; restore {settings.sqlite_path}.key"
+                          " or set RUNGATE_MASTER_KEY")
+    app[KEYRING].persist()
     mock_runner: web.AppRunner | None = None
     mock_url: str | None = None
     if settings.mock:
@@ -89,15 +97,11 @@ async def _sweep_idle_runs(app: web.Application) -> None:
         try:
             now = now_iso()
             cutoff = iso_minus(now, settings.idle_timeout_s)
-            rows = await store.fetch("SELECT id FROM runs WHERE status = 'active' AND auto = 1 AND open_steps = 0"
-                                     " AND last_activity_at < ? LIMIT 500", (cutoff,))
-            for row in rows:
-                await store.execute(CloseIdleRun(row["id"], settings.idle_timeout_s))
+            for run_id in await queries.idle_auto_runs(store, cutoff):
+                await store.execute(CloseIdleRun(run_id, settings.idle_timeout_s))
             stale = iso_minus(now, settings.upstream_timeout_s + ORPHAN_GRACE_S)
-            orphans = await store.fetch("SELECT id FROM steps WHERE status = 'started' AND started_at < ? LIMIT 500",
-                                        (stale,))
-            for row in orphans:
-                await store.execute(SettleStep(row["id"]))
+            for step_id in await queries.open_steps_started_before(store, stale):
+                await store.execute(SettleStep(step_id))
         except Exception as exc:  # the sweeper must outlive a transient database error
             log.warning("sweep_failed", error=str(exc))
         await asyncio.sleep(min(SWEEP_INTERVAL_S, settings.idle_timeout_s))

@@ -142,6 +142,6 @@ async def log_step(request: web.Request) -> web.Response:
                           cost_pusd=_money(body.get("cost_usd"), "cost_usd"), latency_ms=int(latency),
                           error=error if isinstance(error, str) else None)
     await store.execute(LogToolStep(agent["id"], run_id, step))
-    row = await store.fetchone("SELECT * FROM steps WHERE id = ?", (step.step_id,))
+    row = await queries.get_step(store, step.step_id)
     assert row is not None
     return web.json_response({"data": step_view(row)}, status=201)

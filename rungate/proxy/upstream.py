@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from rungate import queries
 from rungate.config import Settings
 from rungate.crypto import Keyring
 from rungate.errors import ProviderError
@@ -95,9 +96,7 @@ class TargetResolver:
         base = self.base_url(provider)
         if self._mock_base_url is not None:
             return Target(provider, model, base, MOCK_KEY, "mock")
-        row = await self._store.fetchone(
-            "SELECT id, nonce, ciphertext FROM provider_keys WHERE provider = ? ORDER BY position DESC LIMIT 1",
-            (provider,))
+        row = await queries.newest_provider_key(self._store, provider)
         if row is not None:
             secret = self._plain.get(row["id"])
             if secret is None:  # key ids are never reused, so a decrypted key stays valid while its row exists
