@@ -139,7 +139,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
         provider=target.provider, model=model, stream=stream, fingerprint=hashlib.sha256(forward).hexdigest(),
         reserved_pusd=reserved, idle_timeout_s=settings.idle_timeout_s))
     call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, reserved)
-    await _admit(store, prices, admit, call)
+    await _admit(store, admit, call)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
     try:
         return await _forward(request, call, forward, client_wants_usage)
@@ -150,7 +150,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
                                     estimated=estimated, error="handler aborted"))
 
 
-async def _admit(store: EventStore, prices: PriceTable, admit: AdmitCall, call: Call) -> None:
+async def _admit(store: EventStore, admit: AdmitCall, call: Call) -> None:
     """Record the admission. If the caller is cancelled meanwhile, the admission may still commit, so a
     settlement is queued behind it (the writer applies jobs in order): the step closes at no cost."""
     try:
@@ -287,7 +287,8 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             await _send(response, held_done)
         if call.settled:
             await _send(response, _trailer(call))
-        await response.write_eof()
+        with contextlib.suppress(ConnectionError):  # everything was written; a client gone now loses nothing
+            await response.write_eof()
     except ClientGone:
         usage, estimated = call.seen_usage()
         await _shielded(_settle(store, prices, call, status="client_closed", http_status=upstream.status,
