@@ -38,12 +38,12 @@ _NO_RETRY = {"x-should-retry": "false"}
 
 def _run_closed(run_id: str, status: str) -> Conflict:
     return Conflict(f"Run {run_id} is {status}; start a new run to continue.", code="run_closed",
-                    extra={"run_id": run_id, "status": status}, headers=_NO_RETRY)
+                    extra={"run_id": run_id, "status": status}, headers=dict(_NO_RETRY))
 
 
 def _run_unavailable() -> Conflict:
     # A client-chosen id another agent already uses: refused without saying more about that run.
-    return Conflict("This run id is not available to this agent.", code="run_unavailable", headers=_NO_RETRY)
+    return Conflict("This run id is not available to this agent.", code="run_unavailable", headers=dict(_NO_RETRY))
 
 
 def _idle(run: Row, now: str, idle_timeout_s: int) -> bool:
