@@ -250,14 +250,18 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     status, error = "ok", None
 
     async def relay(events: Sequence[Any]) -> None:
+        """Forward the complete events of one upstream read in one write (nothing waits for more)."""
         nonlocal held_done
+        out: list[bytes] = []
         for event in events:
             if not meter.feed(event):
                 continue
             if call.fmt is CHAT and event.data.strip() == "[DONE]":
                 held_done = event.raw  # written after settlement, with the trailer
                 continue
-            await _send(response, event.raw)
+            out.append(event.raw)
+        if out:
+            await _send(response, b"".join(out))
 
     try:
         try:
