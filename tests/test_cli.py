@@ -148,3 +148,54 @@ def test_a_lost_key_file_is_refused_rather_than_replaced_silently(tmp_path: Path
                              "--port", str(free_port())], capture_output=True, text=True, timeout=30,
                             env={**os.environ, "RUNGATE_LOG_LEVEL": "warning"})
     assert served.returncode == 2 and "RUNGATE_MASTER_KEY" in served.stderr
+
+
+async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None:
+    """SPEC: kill the server at any moment and `rungate verify` passes on restart; projections rebuild equal."""
+    import asyncio
+    import random
+    import signal
+
+    db = tmp_path / "kill.db"
+    token = json.loads(rungate(db, "agents", "create", "victim").stdout)["token"]
+    rng = random.Random(7)
+    for round_ in range(3):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve",
+                                   "--mock", "--port", str(port)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, env={**os.environ, "RUNGATE_LOG_LEVEL": "warning"})
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                try:
+                    async with http.get(base + "/health") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+
+            async def hammer(worker: int) -> None:
+                for i in range(10_000):
+                    body = {"model": "mock-gpt", "stream": (i + worker) % 2 == 0,
+                            "messages": [{"role": "user", "content": f"load {worker} {i}"}]}
+                    try:
+                        async with http.post(base + "/v1/chat/completions", data=orjson.dumps(body),
+                                             headers={"authorization": f"Bearer {token}",
+                                                      "x-rungate-run-id": f"kill-{round_}-{worker % 3}",
+                                                      "content-type": "application/json"}) as resp:
+                            await resp.read()
+                    except aiohttp.ClientError:
+                        return
+
+            workers = [asyncio.create_task(hammer(w)) for w in range(8)]
+            await asyncio.sleep(rng.uniform(0.5, 1.5))
+            server.send_signal(signal.SIGKILL)
+            server.wait(timeout=10)
+            await asyncio.gather(*workers)
+        verified = rungate(db, "verify")
+        assert verified.returncode == 0 and verified.stdout.startswith("ok"), verified.stdout
+    before = [json.loads(rungate(db, "runs", "show", f"kill-{r}-{w}").stdout) for r in range(3) for w in range(3)]
+    assert sum(run["step_count"] for run in before) > 0
+    assert rungate(db, "rebuild").returncode == 0
+    after = [json.loads(rungate(db, "runs", "show", f"kill-{r}-{w}").stdout) for r in range(3) for w in range(3)]
+    assert after == before
