@@ -174,7 +174,7 @@ async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.05)
 
-            async def hammer(worker: int) -> None:
+            async def hammer(worker: int, base: str = base, round_: int = round_) -> None:
                 for i in range(10_000):
                     body = {"model": "mock-gpt", "stream": (i + worker) % 2 == 0,
                             "messages": [{"role": "user", "content": f"load {worker} {i}"}]}
