@@ -287,7 +287,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         # Chat streams: the trailer follows [DONE]. Stock OpenAI SDKs stop reading at [DONE], so they never see
         # it (placed before, openai 3.x yields it as a chunk whose `choices` is None and naive loops crash);
         # the `rungate` SDK reads on to the end of the body and picks it up. Other formats end with it.
-        if held_done is not None:
+        if held_done is not None and status != "cut":
             await _send(response, held_done)
         if call.settled:
             await _send(response, _trailer(call))
