@@ -73,6 +73,13 @@ def _delete(position: int) -> Tamper:
     return tamper
 
 
+def _truncate_from(position: int) -> Tamper:
+    def tamper(conn: sqlite3.Connection) -> None:
+        assert conn.execute("DELETE FROM events WHERE position >= ?", (position,)).rowcount > 1
+
+    return tamper
+
+
 def _swap(first: int, second: int) -> Tamper:
     def tamper(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE events SET position = -1 WHERE position = ?", (first,))
@@ -108,6 +115,8 @@ CASES: list[tuple[str, Tamper, int, str]] = [
     ("last_row", _change_column(EVENTS, "data", "json_set(data, '$.model', 'cheap')"), 41, "hash"),
     ("delete_middle", _delete(20), 20, "missing"),
     ("delete_first", _delete(1), 1, "missing"),
+    ("delete_last", _delete(EVENTS), EVENTS, "missing"),
+    ("truncate_tail", _truncate_from(EVENTS - 4), EVENTS - 4, "missing from the end"),
     ("swap_neighbours", _swap(14, 15), 14, "prev_hash"),
     ("swap_apart", _swap(10, 33), 10, "prev_hash"),
     ("forged_tail", _forge_tail, EVENTS + 1, "hash"),

@@ -81,6 +81,7 @@ class BatchWriter:
         """
         head = conn.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1").fetchone()
         state = _Head(int(head[0]), head[1]) if head else _Head(0, GENESIS)
+        start_position = state.position
         if state.position != self.known_head or len(self.versions) > 100_000:
             self.versions.clear()  # someone else appended, or the cache grew: start afresh
         # Recorded times never go backwards, even if the wall clock does.
@@ -103,6 +104,10 @@ class BatchWriter:
                 outcomes.append(plan)
                 continue
             outcomes.append(self._write_isolated(conn, job, plan, state, now, isolated))
+        if state.position != start_position:
+            conn.execute("INSERT INTO chain_head (id, position, hash) VALUES (1, ?, ?)"
+                         " ON CONFLICT (id) DO UPDATE SET position = excluded.position, hash = excluded.hash",
+                         (state.position, state.hash))
         return outcomes, state.position
 
     def _write_isolated(self, conn: sqlite3.Connection, job: Job, events: Sequence[NewEvent], state: _Head,

@@ -25,8 +25,12 @@ def chain_hash(prev_hash: str, position: int, event_id: str, stream: str, versio
     return hashlib.sha256(material).hexdigest()
 
 
-def verify_rows(rows: Iterable[dict[str, Any]]) -> VerifyReport:
-    """Check rows in position order; report the first position where the chain breaks."""
+def verify_rows(rows: Iterable[dict[str, Any]], head: tuple[int, str] | None = None) -> VerifyReport:
+    """Check rows in position order; report the first position where the chain breaks.
+
+    `head` is the recorded (position, hash) of the last event written: a log that ends before it, or whose
+    last event differs from it, lost its tail.
+    """
     prev_hash = GENESIS
     expected_position = 1
     count = 0
@@ -45,4 +49,9 @@ def verify_rows(rows: Iterable[dict[str, Any]]) -> VerifyReport:
             return VerifyReport(False, count, position, "hash does not match the stored columns")
         prev_hash = row["hash"]
         expected_position += 1
+    if head is not None and (expected_position - 1, prev_hash) != head:
+        if expected_position - 1 < head[0]:
+            return VerifyReport(False, count, expected_position,
+                                f"events {expected_position}..{head[0]} are missing from the end of the log")
+        return VerifyReport(False, count, head[0], "the last event differs from the recorded head of the chain")
     return VerifyReport(True, count)

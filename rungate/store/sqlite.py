@@ -315,7 +315,9 @@ class SQLiteEventStore:
         conn = self._open_reader(busy_timeout_ms=BUSY_TIMEOUT_MS)
         try:
             conn.execute("BEGIN")  # one consistent snapshot for the whole scan
-            return verify_rows(dict(row) for row in conn.execute("SELECT * FROM events ORDER BY position"))
+            recorded = conn.execute("SELECT position, hash FROM chain_head WHERE id = 1").fetchone()
+            head = (int(recorded[0]), recorded[1]) if recorded else None
+            return verify_rows((dict(row) for row in conn.execute("SELECT * FROM events ORDER BY position")), head)
         finally:
             conn.close()
 

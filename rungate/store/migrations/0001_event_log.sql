@@ -29,3 +29,10 @@ CREATE TRIGGER IF NOT EXISTS events_no_replace BEFORE INSERT ON events
                  OR (stream = NEW.stream AND version = NEW.version)
                  OR (NEW.idempotency_key IS NOT NULL AND idempotency_key = NEW.idempotency_key))
     BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+-- The head of the chain, rewritten in every write transaction: `verify` compares the log's last event with it,
+-- so events cut off the end are noticed too (a forger would have to rewrite this row as well).
+CREATE TABLE IF NOT EXISTS chain_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    position INTEGER NOT NULL,
+    hash TEXT NOT NULL
+) STRICT;
