@@ -126,11 +126,15 @@ class AdmitCall:
         return events
 
     def _refuse(self, error: RungateError) -> None:
-        """Refuse the call and record the refusal on the agent's stream."""
         f = self.facts
-        raise Refused(error, [NewEvent(stream_name("agent", f.agent_id), CallRefused(
-            agent_id=f.agent_id, run_id=f.run_id, endpoint=f.endpoint, model=f.model, status=error.status,
-            code=error.code, reason=error.message))])
+        raise refusal(f.agent_id, f.run_id, f.endpoint, f.model, error)
+
+
+def refusal(agent_id: str, run_id: str | None, endpoint: str, model: str | None, error: RungateError) -> Refused:
+    """Refuse a call with `error` and record the refusal (`CallRefused`) on the agent's stream."""
+    return Refused(error, [NewEvent(stream_name("agent", agent_id), CallRefused(
+        agent_id=agent_id, run_id=run_id, endpoint=endpoint, model=model, status=error.status, code=error.code,
+        reason=error.message))])
 
 
 def agent_disabled(run_id: str | None) -> GovernanceRefusal:
@@ -211,9 +215,9 @@ class LogToolStep:
             events.append(NewEvent(run_stream(self.run_id),
                                    RunStarted(run_id=self.run_id, agent_id=self.agent_id, auto=False)))
         elif run["agent_id"] != self.agent_id:
-            raise _run_unavailable()
+            raise refusal(self.agent_id, self.run_id, "steps", None, _run_unavailable())
         elif run["status"] in CLOSED:
-            raise _run_closed(self.run_id, run["status"])
+            raise refusal(self.agent_id, self.run_id, "steps", None, _run_closed(self.run_id, run["status"]))
         if self.step.run_id != self.run_id:
             raise ValueError("the step belongs to another run")
         events.append(NewEvent(run_stream(self.run_id), self.step))

@@ -269,15 +269,17 @@ async def test_a_completed_run_is_closed_and_refuses_more_calls(tmp_path: Path) 
         after = len(log)
 
     # then the run shows completed with its reason and metadata, a second completion changes nothing,
-    # and calls into it are refused with run_closed: the refused call is recorded on the agent's stream only
+    # and calls into it are refused with run_closed: each refusal is recorded on the agent's stream only
     assert [e.type for e in done] == ["RunCompleted"] and again == []
     assert (run["status"], run["ended_reason"], run["ended_at"], run["metadata"]) == (
         "completed", "agent_done", done[0].recorded_at, '{"outcome":"refunded"}')
     assert call_refused.value.code == "run_closed" and call_refused.value.extra == {
         "run_id": "job-c", "status": "completed"}
     assert tool_refused.value.code == "run_closed"
-    assert after == count + 1
-    assert (log[-1].type, log[-1].stream, log[-1].data["code"]) == ("CallRefused", f"agent-{agent}", "run_closed")
+    assert after == count + 2
+    assert [(e.type, e.stream, e.data["code"], e.data["endpoint"]) for e in log[-2:]] == [
+        ("CallRefused", f"agent-{agent}", "run_closed", "chat"),
+        ("CallRefused", f"agent-{agent}", "run_closed", "steps")]
 
 
 async def test_an_explicit_run_of_another_agent_is_refused(tmp_path: Path) -> None:
@@ -297,10 +299,11 @@ async def test_an_explicit_run_of_another_agent_is_refused(tmp_path: Path) -> No
         run = await _run(store, "job-o")
         log = await all_events(store)
 
-    # then every attempt is refused as unavailable; only the refused call is recorded, on the intruder's stream
+    # then every attempt is refused as unavailable; the refused call and step are recorded on the intruder's stream
     assert admit_refused.value.code == "run_unavailable" and tool_refused.value.code == "run_unavailable"
     assert (run["agent_id"], run["status"], run["step_count"]) == (owner, "active", 1)
-    assert len(log) == count + 1 and log[-1].type == "CallRefused" and log[-1].stream == f"agent-{intruder}"
+    assert len(log) == count + 2
+    assert all(e.type == "CallRefused" and e.stream == f"agent-{intruder}" for e in log[-2:])
 
 
 async def test_unknown_and_disabled_agents_are_refused_and_only_the_refusal_is_recorded(tmp_path: Path) -> None:
