@@ -15,6 +15,7 @@ Contracts:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -136,6 +137,53 @@ class ModelPrice:
             return (input_tokens * self.input + limit * output_rate) / _PER_TOKENS
 
 
+    @functools.cached_property
+    def _pico_rates(self) -> tuple[int, int, int, int, int, int | None] | None:
+        """Integer pico-USD per token (input, output, cache read, 5m write, 1h write, reasoning), or None.
+
+        A price per 1M tokens with at most six decimals is a whole number of pico-USD per token, so costs
+        can be summed exactly in integers (the hot path); other prices fall back to `Decimal`.
+        """
+        cache_read = self.cache_read if self.cache_read is not None else self.input
+        cache_write = self.cache_write if self.cache_write is not None else self.input
+        cache_write_1h = self.cache_write_1h if self.cache_write_1h is not None else cache_write
+        prices = (self.input, self.output, cache_read, cache_write, cache_write_1h)
+        scaled = [price * _PER_TOKENS for price in prices]
+        if any(value != value.to_integral_value() for value in scaled):
+            return None
+        reasoning = None
+        if self.reasoning is not None:
+            reasoning_scaled = self.reasoning * _PER_TOKENS
+            if reasoning_scaled != reasoning_scaled.to_integral_value():
+                return None
+            reasoning = int(reasoning_scaled)
+        ints = [int(value) for value in scaled]
+        return ints[0], ints[1], ints[2], ints[3], ints[4], reasoning
+
+    def cost_pico(self, usage: Usage) -> int:
+        """`to_pico(self.cost(usage))`, computed in integers when the prices allow it."""
+        rates = self._pico_rates
+        if rates is None or min(usage.input, usage.output, usage.cached, usage.cache_write, usage.cache_write_1h,
+                                usage.reasoning) < 0:
+            return to_pico(self.cost(usage))  # also raises for negative counts
+        input_rate, output_rate, read_rate, write_rate, write_1h_rate, reasoning_rate = rates
+        total = (usage.input * input_rate + usage.cached * read_rate + usage.cache_write * write_rate
+                 + usage.cache_write_1h * write_1h_rate)
+        if reasoning_rate is None:
+            return total + usage.output * output_rate
+        reasoning = min(usage.reasoning, usage.output)
+        return total + (usage.output - reasoning) * output_rate + reasoning * reasoning_rate
+
+    def max_cost_pico(self, input_tokens: int, max_output_tokens: int | None = None) -> int:
+        """`to_pico(self.max_cost(...))`, computed in integers when the prices allow it."""
+        rates = self._pico_rates
+        if rates is None or input_tokens < 0 or (max_output_tokens is not None and max_output_tokens < 0):
+            return to_pico(self.max_cost(input_tokens, max_output_tokens))
+        limit = max_output_tokens if max_output_tokens is not None else (self.max_output_tokens or 0)
+        output_rate = max(rates[1], rates[5] or 0)
+        return input_tokens * rates[0] + limit * output_rate
+
+
 class PriceTable:
     """Model prices by name, with lenient name resolution; immutable once built.
 
@@ -241,6 +289,16 @@ class PriceTable:
         """The worst-case USD cost on `model` (see `ModelPrice.max_cost`), or `None` if unpriced."""
         price = self.lookup(model)
         return None if price is None else price.max_cost(input_tokens, max_output_tokens)
+
+    def cost_pico(self, model: str, usage: Usage) -> int | None:
+        """The cost of `usage` on `model` in whole pico-USD (rounded up), or `None` if unpriced."""
+        price = self.lookup(model)
+        return None if price is None else price.cost_pico(usage)
+
+    def max_cost_pico(self, model: str, input_tokens: int, max_output_tokens: int | None) -> int | None:
+        """The worst-case cost on `model` in whole pico-USD (rounded up), or `None` if unpriced."""
+        price = self.lookup(model)
+        return None if price is None else price.max_cost_pico(input_tokens, max_output_tokens)
 
     def _resolve(self, name: str) -> ModelPrice | None:
         found = self._index.get(name)

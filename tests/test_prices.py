@@ -457,3 +457,28 @@ def test_cost_equals_the_formula_computed_with_fractions(usage: Usage, model: st
                 + usage.output * Fraction(price.output)) / 1_000_000
     cost = table.cost(model, usage)
     assert cost is not None and Fraction(cost) == expected
+
+
+TOKENS = st.integers(min_value=0, max_value=10**9)
+
+
+@given(st.sampled_from(sorted(PriceTable.load().models)), TOKENS, TOKENS, TOKENS, TOKENS, TOKENS, TOKENS,
+       st.one_of(st.none(), TOKENS))
+def test_integer_costs_equal_the_decimal_costs_rounded_up(model: str, inp: int, out: int, cached: int, write: int,
+                                                          write_1h: int, reasoning: int,
+                                                          max_out: int | None) -> None:
+    table = PriceTable.load()
+    usage = Usage(input=inp, output=out, cached=cached, cache_write=write, cache_write_1h=write_1h,
+                  reasoning=reasoning)
+    exact = table.cost(model, usage)
+    worst = table.max_cost(model, inp, max_out)
+    assert exact is not None and worst is not None
+    assert table.cost_pico(model, usage) == to_pico(exact)
+    assert table.max_cost_pico(model, inp, max_out) == to_pico(worst)
+
+
+def test_integer_costs_fall_back_for_prices_finer_than_a_pico_per_token() -> None:
+    table = PriceTable.load({"odd-model": {"input": Decimal("0.0000001"), "output": Decimal("1")}})
+    usage = Usage(input=3, output=2)
+    assert table.cost_pico("odd-model", usage) == to_pico(table.cost("odd-model", usage) or Decimal(0))
+    assert table.cost_pico("no-such-model", usage) is None

@@ -27,7 +27,7 @@ from rungate.errors import BadRequest, ProviderError, StoreError
 from rungate.events.catalogue import StepCompleted
 from rungate.ids import is_valid_client_id
 from rungate.log import get_logger
-from rungate.prices import PriceTable, format_usd, to_pico
+from rungate.prices import PriceTable, format_usd
 from rungate.providers.metering import ToolCall, estimate_input_tokens, prepare_chat_stream_request
 from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
@@ -132,8 +132,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
 
     target = await app[TARGETS].resolve(fmt.provider, model)
     input_estimate = estimate_input_tokens(body)
-    worst = prices.max_cost(model, input_estimate, _max_output(body, fmt))
-    reserved = to_pico(worst) if worst is not None else 0
+    reserved = prices.max_cost_pico(model, input_estimate, _max_output(body, fmt)) or 0
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], run_id=run_id, new_run=new_run, endpoint=fmt.name,
         provider=target.provider, model=model, stream=stream, fingerprint=hashlib.sha256(forward).hexdigest(),
@@ -328,11 +327,6 @@ def rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
     return headers
 
 
-def _price(prices: PriceTable, model: str, usage: Usage) -> int | None:
-    cost = prices.cost(model, usage)
-    return None if cost is None else to_pico(cost)
-
-
 async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: str, http_status: int | None,
                   usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = ()) -> None:
     """Record the step's `StepCompleted` once (retrying a store hiccup); a no-op when already settled.
@@ -342,7 +336,7 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
     """
     if call.settled:
         return
-    cost = _price(prices, call.target.model, usage)
+    cost = prices.cost_pico(call.target.model, usage)
     unpriced = cost is None
     if estimated and status == "ok" and call.reserved_pusd:
         # Usage missing from a successful answer: charge the reservation.
