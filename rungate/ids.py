@@ -1,6 +1,6 @@
 """Identifiers: time-ordered ids with a type prefix, and secret tokens.
 
-`new_id("run")` → `run_0196…`: milliseconds then 60 random bits in hex, so ids sort by creation time and do
+`new_id("run")` → `run_1a21…`: milliseconds then 60 random bits in hex, so ids sort by creation time and do
 not collide in practice. Tokens carry 256 random bits.
 """
 
@@ -17,7 +17,7 @@ CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
 
 def new_id(prefix: str) -> str:
-    """A fresh time-ordered id such as `stp_0196…` (26 lowercase hex digits after the prefix)."""
+    """A fresh time-ordered id such as `stp_1a21…` (26 lowercase hex digits after the prefix)."""
     # 44 bits of milliseconds (good until the year 2527) then 60 random bits: fixed width, so text order is time order.
     return f"{prefix}_{time.time_ns() // 1_000_000:011x}{os.urandom(8).hex()[:15]}"
 

@@ -30,7 +30,7 @@ class Event(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
-    """An event about to be appended to `stream` (`category-id`, e.g. `run-run_01J…`)."""
+    """An event about to be appended to `stream` (`category-id`, e.g. `run-run_1a21…`)."""
 
     stream: str
     event: Event
@@ -71,5 +71,5 @@ def canonical_json(value: Any) -> str:
 
 
 def stream_name(category: str, ident: str) -> str:
-    """`stream_name("run", "run_01J…")` → `run-run_01J…`."""
+    """`stream_name("run", "run_1a21…")` → `run-run_1a21…`."""
     return f"{category}-{ident}"
