@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rungate import queries
-from rungate.crypto import Keyring, key_hint
-from rungate.errors import BadRequest, Conflict, NotFound
+from rungate.config import Settings
+from rungate.crypto import Keyring, key_hint, load_keyring
+from rungate.errors import BadRequest, ConfigError, Conflict, NotFound
 from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
     AgentCreated,
@@ -158,3 +159,16 @@ async def add_provider_key(store: EventStore, keyring: Keyring, provider: Any, n
     row = await queries.get_provider_key(store, key_id)
     assert row is not None
     return row
+
+
+async def open_keyring(settings: Settings, store: EventStore) -> Keyring:
+    """The keyring for `settings`, refusing to make a new key while provider keys are stored under a lost one.
+
+    A freshly made key is written beside the database only after that check.
+    """
+    keyring = load_keyring(settings)
+    if keyring.generated and await queries.provider_key_count(store):
+        raise ConfigError(f"RUNGATE_MASTER_KEY: the key file beside the database ({settings.sqlite_path}.key) is"
+                          " missing but provider keys are stored under it; restore it or set RUNGATE_MASTER_KEY")
+    keyring.persist()
+    return keyring

@@ -16,9 +16,8 @@ import orjson
 from aiohttp import web
 
 from rungate import __version__, queries
-from rungate.admin import add_provider_key, create_agent
+from rungate.admin import add_provider_key, create_agent, open_keyring
 from rungate.config import Settings, load_settings
-from rungate.crypto import load_keyring
 from rungate.errors import ConfigError, RungateError
 from rungate.log import configure
 from rungate.runs import run_stream
@@ -73,12 +72,7 @@ async def _keys_add(settings: Settings, store: EventStore, provider: str, name: 
         import getpass
 
         secret = getpass.getpass(f"{provider} API key for {name!r}: ") if sys.stdin.isatty() else sys.stdin.readline()
-    keyring = load_keyring(settings)
-    if keyring.generated and await queries.provider_key_count(store):
-        raise ConfigError("RUNGATE_MASTER_KEY: the key file beside the database is missing but provider keys are"
-                          " stored under the old key; restore it or set RUNGATE_MASTER_KEY")
-    keyring.persist()
-    row = await add_provider_key(store, keyring, provider, name, secret.strip())
+    row = await add_provider_key(store, await open_keyring(settings, store), provider, name, secret.strip())
     _print_json(provider_key_view(row))
     return 0
 

@@ -10,10 +10,10 @@ import aiohttp
 from aiohttp import web
 
 from rungate import queries
+from rungate.admin import open_keyring
 from rungate.api.routes import routes as api_routes
 from rungate.clock import iso_minus, now_iso
 from rungate.config import Settings
-from rungate.crypto import load_keyring
 from rungate.errors import ConfigError
 from rungate.log import configure, get_logger
 from rungate.prices import PriceTable
@@ -47,14 +47,12 @@ def create_app(settings: Settings, store: EventStore | None = None) -> web.Appli
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings, store = app[SETTINGS], app[STORE]
-    app[KEYRING] = load_keyring(settings)
     await store.start()
-    if app[KEYRING].generated and await queries.provider_key_count(store):
+    try:
+        app[KEYRING] = await open_keyring(settings, store)
+    except ConfigError:
         await store.close()
-        raise ConfigError(f"RUNGATE_MASTER_KEY: the key file beside the database was missing, so a new key was made,"
-                          f" but stored provider keys need the old one; restore {settings.sqlite_path}.key"
-                          " or set RUNGATE_MASTER_KEY")
-    app[KEYRING].persist()
+        raise
     mock_runner: web.AppRunner | None = None
     mock_url: str | None = None
     if settings.mock:
