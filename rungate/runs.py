@@ -79,12 +79,15 @@ class AdmitCall:
     run_id: str = ""
     started_run: bool = False
 
-    def lookups(self) -> Sequence[Lookup]:
+    def __post_init__(self) -> None:
+        # Built once: the store asks for them and `decide` indexes its rows by them.
         f = self.facts
-        agent = Lookup.of("agents", id=f.agent_id)
-        if f.run_id is not None:
-            return (agent, Lookup.of("runs", id=f.run_id))
-        return (agent, Lookup.of("runs", agent_id=f.agent_id, auto=1, status="active"))
+        run = (Lookup.of("runs", id=f.run_id) if f.run_id is not None
+               else Lookup.of("runs", agent_id=f.agent_id, auto=1, status="active"))
+        self._lookups = (Lookup.of("agents", id=f.agent_id), run)
+
+    def lookups(self) -> Sequence[Lookup]:
+        return self._lookups
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         f = self.facts
@@ -158,11 +161,14 @@ class SettleStep:
     reason: str = "the call was never settled (process stopped or caller vanished)"
     charge_reservation: bool = True
 
+    def __post_init__(self) -> None:
+        self._step = Lookup.of("steps", id=self.step_id)
+
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("steps", id=self.step_id),)
+        return (self._step,)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        step = found[self.lookups()[0]]
+        step = found[self._step]
         if step is None:
             raise StoreError(f"step {self.step_id} does not exist", status=500, code="unknown_step")
         if step["status"] != "started":
