@@ -14,6 +14,7 @@ from rungate import queries
 from rungate.config import Settings
 from rungate.errors import Unauthorized
 from rungate.ids import token_hash
+from rungate.readcache import ReadCache
 from rungate.runs import agent_disabled
 from rungate.store import EventStore, Row
 
@@ -28,16 +29,22 @@ def bearer_token(request: web.Request) -> str | None:
     return api_key or None
 
 
-async def authenticate_agent(request: web.Request, store: EventStore, *, refuse_disabled: bool = True) -> Row:
+async def authenticate_agent(request: web.Request, store: EventStore, *, cache: ReadCache | None = None,
+                             refuse_disabled: bool = True) -> Row:
     """The calling agent's row (`id`, `name`, `disabled`, `token_hash`).
 
     Raises `Unauthorized` when the token is missing or unknown, and the `agent_disabled` refusal when the
-    agent is disabled (unless the caller records that refusal itself, as admission does).
+    agent is disabled (unless the caller records that refusal itself, as admission does). With `cache`,
+    the row may be up to a second old: only for callers that re-check it atomically (the proxy's admission).
     """
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("Missing agent token: send Authorization: Bearer rg_agt_… or x-api-key.")
-    row = await queries.agent_by_token_hash(store, token_hash(token))
+    digest = token_hash(token)
+    if cache is None:
+        row = await queries.agent_by_token_hash(store, digest)
+    else:
+        row = await cache.get(digest, lambda: queries.agent_by_token_hash(store, digest))
     if row is None:
         raise Unauthorized("Unknown agent token.")
     if refuse_disabled and row["disabled"]:

@@ -7,6 +7,7 @@ Governance rules (issue 3) plug into `AdmitCall.decide`: it is the one place a c
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,7 @@ class CallFacts:
     """What the proxy knows about a call before it goes upstream."""
 
     agent_id: str
+    token_hash: str  # the digest the caller authenticated with: re-checked at admission
     run_id: str | None
     new_run: bool
     endpoint: str
@@ -93,8 +95,9 @@ class AdmitCall:
         f = self.facts
         agent_lookup, run_lookup = self.lookups()
         agent = found[agent_lookup]
-        # Re-checked atomically with admission: an agent disabled or deleted a moment ago lets nothing more in.
-        if agent is None:
+        # Re-checked atomically with admission: an agent disabled or deleted, or a token rotated, a moment ago
+        # lets nothing more in (authentication may have read a cached row).
+        if agent is None or not hmac.compare_digest(agent["token_hash"], f.token_hash):
             raise Unauthorized("Unknown agent token.")
         if agent["disabled"]:
             self._refuse(agent_disabled(f.run_id))

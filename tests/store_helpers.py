@@ -51,11 +51,14 @@ def append_one(index: int, prefix: str = "a") -> Append:
     return Append((agent_created(index, prefix),))
 
 
-def facts(agent_id: str, *, run_id: str | None = None, new_run: bool = False, reserved_pusd: int = 0,
-          idle_timeout_s: int = 900, model: str = "gpt-4o-mini", stream: bool = False) -> CallFacts:
-    return CallFacts(agent_id=agent_id, run_id=run_id, new_run=new_run, endpoint="chat", provider="openai",
-                     model=model, stream=stream, fingerprint="f" * 64, reserved_pusd=reserved_pusd,
-                     idle_timeout_s=idle_timeout_s)
+async def facts(store: SQLiteEventStore, agent_id: str, *, run_id: str | None = None, new_run: bool = False,
+                reserved_pusd: int = 0, idle_timeout_s: int = 900, model: str = "gpt-4o-mini",
+                stream: bool = False) -> CallFacts:
+    """A chat call's facts as the proxy would build them for `agent_id` (authenticated with its current token)."""
+    row = await store.fetchone("SELECT token_hash FROM agents WHERE id = ?", (agent_id,))
+    return CallFacts(agent_id=agent_id, token_hash=row["token_hash"] if row else "unknown", run_id=run_id,
+                     new_run=new_run, endpoint="chat", provider="openai", model=model, stream=stream,
+                     fingerprint="f" * 64, reserved_pusd=reserved_pusd, idle_timeout_s=idle_timeout_s)
 
 
 def settle(run_id: str, step_id: str, *, usage: dict[str, int] | None = None, cost_pusd: int | None = 0,

@@ -27,7 +27,7 @@ CHILD = textwrap.dedent("""
     from rungate.admin import CreateAgent
     from rungate.events.catalogue import StepCompleted, ToolStepLogged
     from rungate.events import NewEvent
-    from rungate.ids import new_id
+    from rungate.ids import new_id, token_hash
     from rungate.runs import AdmitCall, CallFacts, CompleteRun, LogToolStep, run_stream
     from projections import ALL
     from rungate.store import Append, SQLiteEventStore
@@ -50,6 +50,7 @@ CHILD = textwrap.dedent("""
         creates = [CreateAgent(f"crash-agent-{sys.argv[2]}-{i}", {}) for i in range(5)]
         ack(await asyncio.gather(*(store.execute(c) for c in creates)))
         agents = [c.agent_id for c in creates]
+        hashes = {c.agent_id: token_hash(c.token) for c in creates}
         pending = []
         while True:  # rounds of 50 concurrent commands until killed
             commands = []
@@ -58,7 +59,8 @@ CHILD = textwrap.dedent("""
                 roll = rng.random()
                 if roll < 0.45 or not pending:
                     commands.append(AdmitCall(CallFacts(
-                        agent_id=agent, run_id=None if roll < 0.3 else f"job-{agent}-{rng.randint(0, 3)}",
+                        agent_id=agent, token_hash=hashes[agent],
+                        run_id=None if roll < 0.3 else f"job-{agent}-{rng.randint(0, 3)}",
                         new_run=rng.random() < 0.05, endpoint="chat", provider="openai", model="m", stream=False,
                         fingerprint="f", reserved_pusd=rng.randint(0, 10**6), idle_timeout_s=900)))
                 elif roll < 0.9:
@@ -141,7 +143,7 @@ async def test_sigkill_during_group_commits_loses_no_acknowledged_event(tmp_path
         # and the recovered log accepts new appends that continue the chain
         create = CreateAgent(f"after-crash-{attempt}", {})
         more = await store.execute(create)
-        await store.execute(AdmitCall(facts(create.agent_id)))
+        await store.execute(AdmitCall(await facts(store, create.agent_id)))
         after = await store.verify()
 
     assert report.ok, report

@@ -84,15 +84,16 @@ async def drive_realistic_log(store: SQLiteEventStore, seed: int = 7, rounds: in
             agent = rng.choice(agents)
             if roll < 0.40:
                 if rng.random() < 0.5 or not open_runs[agent]:
-                    commands.append(AdmitCall(facts(agent, new_run=rng.random() < 0.04,
+                    commands.append(AdmitCall(await facts(store, agent, new_run=rng.random() < 0.04,
                                                     reserved_pusd=rng.choice((0, 10**6, 5 * 10**7)))))
                 else:
-                    commands.append(AdmitCall(facts(agent, run_id=rng.choice(open_runs[agent]),
+                    commands.append(AdmitCall(await facts(store, agent, run_id=rng.choice(open_runs[agent]),
                                                     reserved_pusd=rng.randint(0, 10**8))))
             elif roll < 0.45:
                 run_id = f"job-{new_id('x')}"
                 open_runs[agent].append(run_id)
-                commands.append(AdmitCall(facts(agent, run_id=run_id, reserved_pusd=rng.randint(0, 10**8))))
+                call = await facts(store, agent, run_id=run_id, reserved_pusd=rng.randint(0, 10**8))
+                commands.append(AdmitCall(call))
             elif roll < 0.85 and pending:
                 run_id, step_id = pending.pop(rng.randrange(len(pending)))
                 unpriced = rng.random() < 0.1
@@ -187,8 +188,8 @@ async def test_an_admitted_call_reserves_and_its_settlement_releases_and_charges
     async with opened(tmp_path / "log.db") as store:
         agent = await _agent(store)
         # given two calls admitted into a new explicit run, both with reservations
-        first = AdmitCall(facts(agent, run_id="job-1", reserved_pusd=700, stream=True))
-        second = AdmitCall(facts(agent, run_id="job-1", reserved_pusd=300))
+        first = AdmitCall(await facts(store, agent, run_id="job-1", reserved_pusd=700, stream=True))
+        second = AdmitCall(await facts(store, agent, run_id="job-1", reserved_pusd=300))
         started = await store.execute(first)
         await store.execute(second)
         run_open = await _run(store, "job-1")
@@ -229,7 +230,7 @@ async def test_tool_steps_number_after_llm_steps_and_add_their_cost(tmp_path: Pa
         tool = ToolStepLogged(step_id="stp_tool1", run_id="job-t", tool="search", status="ok",
                               usage={"input": 5, "output": 6}, cost_pusd=900, latency_ms=33, args={"q": "x"})
         first = await store.execute(LogToolStep(agent, "job-t", tool))
-        admit = AdmitCall(facts(agent, run_id="job-t"))
+        admit = AdmitCall(await facts(store, agent, run_id="job-t"))
         await store.execute(admit)
         await store.execute(LogToolStep(agent, "job-t", ToolStepLogged(
             step_id="stp_tool2", run_id="job-t", tool="sql", status="error", error="timeout", cost_pusd=None)))
@@ -253,7 +254,7 @@ async def test_tool_steps_number_after_llm_steps_and_add_their_cost(tmp_path: Pa
 async def test_a_completed_run_is_closed_and_refuses_more_calls(tmp_path: Path) -> None:
     async with opened(tmp_path / "log.db") as store:
         agent = await _agent(store)
-        await store.execute(AdmitCall(facts(agent, run_id="job-c")))
+        await store.execute(AdmitCall(await facts(store, agent, run_id="job-c")))
         # given the agent completes its run
         done = await store.execute(CompleteRun(agent, "job-c", "agent_done", {"outcome": "refunded"}))
         again = await store.execute(CompleteRun(agent, "job-c", "other", {}))
@@ -261,7 +262,7 @@ async def test_a_completed_run_is_closed_and_refuses_more_calls(tmp_path: Path) 
         count = len(await all_events(store))
         # when it calls into it or logs a tool step there
         with pytest.raises(Conflict) as call_refused:
-            await store.execute(AdmitCall(facts(agent, run_id="job-c")))
+            await store.execute(AdmitCall(await facts(store, agent, run_id="job-c")))
         with pytest.raises(Conflict) as tool_refused:
             await store.execute(LogToolStep(agent, "job-c", ToolStepLogged(
                 step_id="stp_late", run_id="job-c", tool="x", status="ok")))
@@ -286,11 +287,11 @@ async def test_an_explicit_run_of_another_agent_is_refused(tmp_path: Path) -> No
     async with opened(tmp_path / "log.db") as store:
         owner, intruder = await _agent(store, "owner"), await _agent(store, "intruder")
         # given a run that belongs to another agent
-        await store.execute(AdmitCall(facts(owner, run_id="job-o")))
+        await store.execute(AdmitCall(await facts(store, owner, run_id="job-o")))
         count = len(await all_events(store))
         # when the intruder calls into it, logs into it, or completes it
         with pytest.raises(Conflict) as admit_refused:
-            await store.execute(AdmitCall(facts(intruder, run_id="job-o")))
+            await store.execute(AdmitCall(await facts(store, intruder, run_id="job-o")))
         with pytest.raises(Conflict) as tool_refused:
             await store.execute(LogToolStep(intruder, "job-o", ToolStepLogged(
                 step_id="stp_i", run_id="job-o", tool="x", status="ok")))
@@ -312,9 +313,9 @@ async def test_unknown_and_disabled_agents_are_refused_and_only_the_refusal_is_r
         await store.execute(UpdateAgent(agent, None, True, None))
         count = len(await all_events(store))
         with pytest.raises(Unauthorized):
-            await store.execute(AdmitCall(facts("agt_nobody")))
+            await store.execute(AdmitCall(await facts(store, "agt_nobody")))
         with pytest.raises(GovernanceRefusal) as refused:
-            await store.execute(AdmitCall(facts(agent)))
+            await store.execute(AdmitCall(await facts(store, agent)))
         runs = await store.fetch("SELECT * FROM runs")
         log = await all_events(store)
     assert refused.value.code == "agent_disabled" and refused.value.status == 403
@@ -326,7 +327,8 @@ async def test_auto_runs_group_calls_and_new_run_supersedes(tmp_path: Path) -> N
     async with opened(tmp_path / "log.db") as store:
         agent = await _agent(store)
         # given two calls without a run id, then one asking for a new run
-        one, two, fresh = AdmitCall(facts(agent)), AdmitCall(facts(agent)), AdmitCall(facts(agent, new_run=True))
+        one, two = AdmitCall(await facts(store, agent)), AdmitCall(await facts(store, agent))
+        fresh = AdmitCall(await facts(store, agent, new_run=True))
         await store.execute(one)
         await store.execute(two)
         events = await store.execute(fresh)
@@ -345,14 +347,14 @@ async def test_an_idle_auto_run_is_closed_by_the_next_call(tmp_path: Path) -> No
     async with opened(tmp_path / "log.db") as store:
         agent = await _agent(store)
         # given an auto-run whose only call has settled
-        first = AdmitCall(facts(agent, idle_timeout_s=1, reserved_pusd=50))
+        first = AdmitCall(await facts(store, agent, idle_timeout_s=1, reserved_pusd=50))
         await store.execute(first)
         await store.execute(settle(first.run_id, first.step_id, usage={"input": 1, "output": 1}, cost_pusd=5))
         # when the next call comes after the idle window (the decision reads the store's clock)
         await asyncio.sleep(1.1)
-        late = AdmitCall(facts(agent, idle_timeout_s=1))
+        late = AdmitCall(await facts(store, agent, idle_timeout_s=1))
         events = await store.execute(late)
-        soon = AdmitCall(facts(agent, idle_timeout_s=1))
+        soon = AdmitCall(await facts(store, agent, idle_timeout_s=1))
         soon_events = await store.execute(soon)
         old, new = await _run(store, first.run_id), await _run(store, late.run_id)
 
@@ -372,12 +374,12 @@ async def test_an_auto_run_with_a_call_in_flight_is_not_closed_as_idle(tmp_path:
     async with opened(tmp_path / "log.db") as store:
         agent = await _agent(store)
         # given an auto-run whose call is still streaming (reservation held) past the idle window
-        slow = AdmitCall(facts(agent, idle_timeout_s=1, reserved_pusd=10**9))
+        slow = AdmitCall(await facts(store, agent, idle_timeout_s=1, reserved_pusd=10**9))
         await store.execute(slow)
         await asyncio.sleep(1.1)
         swept = await store.execute(CloseIdleRun(slow.run_id, 1))
         # when the agent's next call arrives
-        nxt = AdmitCall(facts(agent, idle_timeout_s=1))
+        nxt = AdmitCall(await facts(store, agent, idle_timeout_s=1))
         await store.execute(nxt)
         run = await _run(store, slow.run_id)
 
@@ -390,7 +392,7 @@ async def test_an_auto_run_with_a_call_in_flight_is_not_closed_as_idle(tmp_path:
 async def test_the_idle_sweeper_closes_only_settled_idle_auto_runs(tmp_path: Path) -> None:
     async with opened(tmp_path / "log.db") as store:
         agent = await _agent(store)
-        admit = AdmitCall(facts(agent, reserved_pusd=80))
+        admit = AdmitCall(await facts(store, agent, reserved_pusd=80))
         await store.execute(admit)
         # given an idle auto-run still holding a reservation, then the same run settled
         await asyncio.sleep(1.1)
@@ -461,7 +463,7 @@ def test_any_command_sequence_keeps_invariants_and_rebuilds_identically(ops: lis
                 agent = agents[who]
                 explicit = f"job-{who}-{int(flag)}"
                 if kind in ("auto", "new_run", "explicit"):
-                    commands.append(AdmitCall(facts(agent, run_id=explicit if kind == "explicit" else None,
+                    commands.append(AdmitCall(await facts(store, agent, run_id=explicit if kind == "explicit" else None,
                                                     new_run=kind == "new_run", reserved_pusd=amount)))
                 elif kind == "settle" and pending:
                     run_id, step_id = pending.pop(amount % len(pending))

@@ -15,6 +15,7 @@ from projections import ALL
 from rungate.admin import CreateAgent
 from rungate.config import load_settings
 from rungate.events.catalogue import StepCompleted
+from rungate.ids import token_hash
 from rungate.proxy.app import create_app
 from rungate.runs import AdmitCall, CallFacts, SettleStep
 from rungate.store import SQLiteEventStore
@@ -40,7 +41,8 @@ async def test_a_step_settles_exactly_once_and_an_orphan_is_charged_its_reservat
     try:
         create = CreateAgent("once", {})
         await store.execute(create)
-        facts = CallFacts(agent_id=create.agent_id, run_id="r-once", new_run=False, endpoint="chat",
+        facts = CallFacts(agent_id=create.agent_id, token_hash=token_hash(create.token), run_id="r-once",
+                          new_run=False, endpoint="chat",
                           provider="openai", model="mock-gpt", stream=False, fingerprint="f", reserved_pusd=900,
                           idle_timeout_s=900)
         served, orphan = AdmitCall(facts), AdmitCall(facts)
@@ -67,7 +69,8 @@ async def test_the_sweeper_settles_orphaned_steps(tmp_path: Path, aiohttp_server
     await store.start()
     create = CreateAgent("orphaned", {})
     await store.execute(create)
-    admit = AdmitCall(CallFacts(agent_id=create.agent_id, run_id="r-orphan", new_run=False, endpoint="chat",
+    admit = AdmitCall(CallFacts(agent_id=create.agent_id, token_hash=token_hash(create.token), run_id="r-orphan",
+                                new_run=False, endpoint="chat",
                                 provider="openai", model="mock-gpt", stream=False, fingerprint="f",
                                 reserved_pusd=500, idle_timeout_s=900))
     await store.execute(admit)  # then the process "dies" before settling

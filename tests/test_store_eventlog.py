@@ -344,7 +344,7 @@ async def test_concurrent_commands_decide_against_each_others_writes(tmp_path: P
         agent = await store.fetchone("SELECT id FROM agents WHERE name = 'same-name'")
         assert agent is not None
         # and 30 calls of that agent, without a run id, admitted at once
-        admits = [AdmitCall(facts(agent["id"])) for _ in range(30)]
+        admits = [AdmitCall(await facts(store, agent["id"])) for _ in range(30)]
         await asyncio.gather(*(store.execute(a) for a in admits))
         runs = await store.fetch("SELECT id, step_count FROM runs")
 

@@ -31,13 +31,13 @@ def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
             await store.execute(create)  # 1 event
             run_id = "run-integrity"
             for i in range(13):  # 1 RunStarted + 13 StepStarted + 13 StepCompleted = 27 events
-                admit = AdmitCall(facts(create.agent_id, run_id=run_id, reserved_pusd=100 + i))
+                admit = AdmitCall(await facts(store, create.agent_id, run_id=run_id, reserved_pusd=100 + i))
                 await store.execute(admit)
                 await store.execute(settle(run_id, admit.step_id, usage={"input": i, "output": 2 * i},
                                            cost_pusd=1000 * i))
             await store.execute(CompleteRun(create.agent_id, run_id, "done", {}))  # 1 event
             for _ in range(11):  # auto-run: 1 RunStarted + 11 StepStarted = 12 events
-                await store.execute(AdmitCall(facts(create.agent_id)))
+                await store.execute(AdmitCall(await facts(store, create.agent_id)))
             count = await store.fetchone("SELECT count(*) AS n FROM events")
             assert count == {"n": EVENTS}
     asyncio.run(fill())

@@ -18,10 +18,11 @@ from rungate.errors import ConfigError
 from rungate.log import configure, get_logger
 from rungate.prices import PriceTable
 from rungate.providers.mock import create_mock_app
-from rungate.proxy.keys import HTTP, KEYRING, PRICES, SETTINGS, STORE, TARGETS
+from rungate.proxy.keys import AGENTS, HTTP, KEYRING, PRICES, SETTINGS, STORE, TARGETS
 from rungate.proxy.middleware import add_request_id, error_middleware
 from rungate.proxy.routes import routes as proxy_routes
 from rungate.proxy.upstream import TargetResolver
+from rungate.readcache import ReadCache
 from rungate.runs import CloseIdleRun, SettleStep
 from rungate.storage import open_store
 from rungate.store import EventStore
@@ -71,6 +72,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.upstream_timeout_s))
     app[HTTP] = session
     app[TARGETS] = TargetResolver(settings, store, app[KEYRING], mock_base_url=mock_url)
+    app[AGENTS] = ReadCache(store, "agents", keep_missing=False)  # unknown tokens are not remembered
     sweeper = asyncio.create_task(_sweep_idle_runs(app), name="rungate-idle-sweeper")
     try:
         yield

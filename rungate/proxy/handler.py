@@ -32,7 +32,7 @@ from rungate.providers.metering import ToolCall, estimate_input_tokens, prepare_
 from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
-from rungate.proxy.keys import HTTP, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
+from rungate.proxy.keys import AGENTS, HTTP, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
 from rungate.proxy.upstream import Target, relayed_headers, upstream_headers
 from rungate.runs import AdmitCall, CallFacts, SettleStep
 from rungate.store import EventStore
@@ -118,7 +118,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     app = request.app
     settings, store, prices = app[SETTINGS], app[STORE], app[PRICES]
     # A disabled agent is refused by the admission itself, so that the refusal is recorded.
-    agent = await authenticate_agent(request, store, refuse_disabled=False)
+    agent = await authenticate_agent(request, store, cache=app[AGENTS], refuse_disabled=False)
     structlog.contextvars.bind_contextvars(agent_id=agent["id"])
     _, body = await read_json_object(request, settings.max_body_bytes)
     model = _validate(body, fmt)
@@ -134,7 +134,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     input_estimate = estimate_input_tokens(body)
     reserved = prices.max_cost_pico(model, input_estimate, _max_output(body, fmt)) or 0
     admit = AdmitCall(CallFacts(
-        agent_id=agent["id"], run_id=run_id, new_run=new_run, endpoint=fmt.name,
+        agent_id=agent["id"], token_hash=agent["token_hash"], run_id=run_id, new_run=new_run, endpoint=fmt.name,
         provider=target.provider, model=model, stream=stream, fingerprint=hashlib.sha256(forward).hexdigest(),
         reserved_pusd=reserved, idle_timeout_s=settings.idle_timeout_s))
     call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, reserved)

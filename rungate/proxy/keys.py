@@ -9,6 +9,7 @@ from rungate.config import Settings
 from rungate.crypto import Keyring
 from rungate.prices import PriceTable
 from rungate.proxy.upstream import TargetResolver
+from rungate.readcache import ReadCache
 from rungate.store import EventStore
 
 SETTINGS = web.AppKey("SETTINGS", Settings)
@@ -17,6 +18,7 @@ KEYRING = web.AppKey("KEYRING", Keyring)
 PRICES = web.AppKey("PRICES", PriceTable)
 HTTP = web.AppKey("HTTP", aiohttp.ClientSession)
 TARGETS = web.AppKey("TARGETS", TargetResolver)
+AGENTS = web.AppKey("AGENTS", ReadCache)  # token digest → agent row, for the proxy routes
 
 # Set on a request once its response headers went out: from then on errors end the stream, not a new response.
 STREAM_STARTED = web.RequestKey("STREAM_STARTED", bool)

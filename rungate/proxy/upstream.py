@@ -16,6 +16,7 @@ from rungate import queries
 from rungate.config import Settings
 from rungate.crypto import Keyring
 from rungate.errors import ProviderError
+from rungate.readcache import ReadCache
 from rungate.store import EventStore
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -85,6 +86,8 @@ class TargetResolver:
         self._keyring = keyring
         self._mock_base_url = mock_base_url
         self._plain: dict[str, str] = {}
+        # The newest key per provider ("none stored" included), re-read when a key is added or removed.
+        self._newest = ReadCache(store, "agents", keep_missing=True)
 
     def base_url(self, provider: str) -> str:
         if self._mock_base_url is not None:
@@ -96,7 +99,7 @@ class TargetResolver:
         base = self.base_url(provider)
         if self._mock_base_url is not None:
             return Target(provider, model, base, MOCK_KEY, "mock")
-        row = await queries.newest_provider_key(self._store, provider)
+        row = await self._newest.get(provider, lambda: queries.newest_provider_key(self._store, provider))
         if row is not None:
             secret = self._plain.get(row["id"])
             if secret is None:  # key ids are never reused, so a decrypted key stays valid while its row exists

@@ -143,6 +143,15 @@ class EventStore(Protocol):
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
 
+    def projection_version(self, name: str) -> int:
+        """A number that changes whenever projection `name` may have changed since it was last asked.
+
+        It moves when this process commits an event the projection folds, rebuilds, or notices that
+        another process appended to the log; read caches compare it to know when to drop what they hold.
+        Writes by another process are noticed at this process's next write, so caches also expire by age.
+        """
+        ...
+
     async def verify(self) -> VerifyReport: ...
 
     async def rebuild(self) -> int:

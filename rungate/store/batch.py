@@ -9,7 +9,6 @@ one savepoint per command (`isolated=True`), so a batch is applied at most twice
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import orjson
 from rungate.clock import now_iso
 from rungate.errors import StoreError
 from rungate.events import NewEvent, Recorded, canonical_json
+from rungate.ids import new_event_id
 from rungate.store.base import Command, Lookup, Projection, Refused, Row
 from rungate.store.hashing import GENESIS, chain_hash
 
@@ -67,6 +67,9 @@ class BatchWriter:
         # else (the CLI, another process) has appended since.
         self.versions: dict[str, int] = {}
         self.known_head = -1
+        # Projections the current batch folded events into; `None` when another process wrote meanwhile
+        # (then any projection may have changed).
+        self.touched: set[str] | None = set()
 
     def forget(self) -> None:
         """Drop cached state after a rollback or a foreign write."""
@@ -82,6 +85,7 @@ class BatchWriter:
         head = conn.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1").fetchone()
         state = _Head(int(head[0]), head[1]) if head else _Head(0, GENESIS)
         start_position = state.position
+        self.touched = set() if state.position == self.known_head else None
         if state.position != self.known_head or len(self.versions) > 100_000:
             self.versions.clear()  # someone else appended, or the cache grew: start afresh
         # Recorded times never go backwards, even if the wall clock does.
@@ -151,7 +155,7 @@ class BatchWriter:
 
     def _write_events(self, conn: sqlite3.Connection, job: Job, new_events: Sequence[NewEvent], state: _Head,
                       now: str) -> list[Recorded]:
-        meta = {**job.metadata, "command_id": os.urandom(16).hex()}
+        meta = {**job.metadata, "command_id": new_event_id()}
         metadata = canonical_json(meta)
         versions = self.versions
         recorded: list[Recorded] = []
@@ -161,7 +165,7 @@ class BatchWriter:
                 versions[new.stream] = int(current[0] or 0)
             version = versions[new.stream] + 1
             position = state.position + 1
-            event_id = os.urandom(16).hex()
+            event_id = new_event_id()
             payload = new.event.payload()
             data = canonical_json(payload)
             type_ = new.event.type_name()
@@ -176,7 +180,7 @@ class BatchWriter:
             )
             rec = Recorded(position, event_id, new.stream, version, type_, new.event.schema_version, payload, meta,
                            now, state.hash, digest)
-            apply_projections(conn, self.projections, rec)
+            apply_projections(conn, self.projections, rec, self.touched)
             versions[new.stream] = version
             state.position, state.hash = position, digest
             recorded.append(rec)
@@ -188,11 +192,18 @@ class BatchWriter:
         return dict(row) if row is not None else None
 
 
-def apply_projections(conn: sqlite3.Connection, projections: Sequence[Projection], rec: Recorded) -> None:
-    """Fold one recorded event into every projection (live appends and rebuilds share this)."""
+def apply_projections(conn: sqlite3.Connection, projections: Sequence[Projection], rec: Recorded,
+                      touched: set[str] | None = None) -> None:
+    """Fold one recorded event into every projection (live appends and rebuilds share this).
+
+    The names of the projections that changed are added to `touched` when given.
+    """
     for projection in projections:
-        for sql, params in projection.handle(rec):
+        statements = projection.handle(rec)
+        for sql, params in statements:
             conn.execute(sql, params)
+        if statements and touched is not None:
+            touched.add(projection.name)
 
 
 def fold_all(conn: sqlite3.Connection, projections: Sequence[Projection]) -> int:
