@@ -21,7 +21,8 @@ class RunsProjection(Projection):
             unpriced_steps INTEGER NOT NULL DEFAULT 0, open_steps INTEGER NOT NULL DEFAULT 0,
             last_activity_at TEXT NOT NULL,
             position BIGINT NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS runs_agent_status ON runs (agent_id, status, auto)",
+        # `position` last: admission's "newest active auto-run of this agent" is read off the index, unsorted.
+        "CREATE INDEX IF NOT EXISTS runs_agent_status ON runs (agent_id, status, auto, position)",
         "CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at)",
         """CREATE TABLE IF NOT EXISTS steps (
             id TEXT PRIMARY KEY, run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,

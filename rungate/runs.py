@@ -27,6 +27,8 @@ from rungate.ids import new_id
 from rungate.store.base import Lookup, Refused, Row
 
 CLOSED = ("completed", "stopped", "blocked")
+# What admission reads of a run (the write transaction fetches only these).
+_RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at")
 
 
 def run_stream(run_id: str) -> str:
@@ -84,9 +86,9 @@ class AdmitCall:
     def __post_init__(self) -> None:
         # Built once: the store asks for them and `decide` indexes its rows by them.
         f = self.facts
-        run = (Lookup.of("runs", id=f.run_id) if f.run_id is not None
-               else Lookup.of("runs", agent_id=f.agent_id, auto=1, status="active"))
-        self._lookups = (Lookup.of("agents", id=f.agent_id), run)
+        run = (Lookup.of("runs", *_RUN_COLUMNS, id=f.run_id) if f.run_id is not None
+               else Lookup.of("runs", *_RUN_COLUMNS, agent_id=f.agent_id, auto=1, status="active"))
+        self._lookups = (Lookup.of("agents", "disabled", "token_hash", id=f.agent_id), run)
 
     def lookups(self) -> Sequence[Lookup]:
         return self._lookups
@@ -165,7 +167,7 @@ class SettleStep:
     charge_reservation: bool = True
 
     def __post_init__(self) -> None:
-        self._step = Lookup.of("steps", id=self.step_id)
+        self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", id=self.step_id)
 
     def lookups(self) -> Sequence[Lookup]:
         return (self._step,)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rungate.errors import RungateError
@@ -25,38 +25,41 @@ _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """`SELECT * FROM table WHERE k1 = v1 AND …` — the newest matching row (by `position`), or None.
+    """`SELECT columns FROM table WHERE k1 = v1 AND …` — the newest matching row (by `position`), or None.
 
+    `columns` empty means every column. Naming the few a decision needs makes the hot look-ups cheaper
+    (a row of 26 columns costs more to fetch and to turn into a dict than the search itself).
     Table and column names come from code, never from a request; they are checked to be plain identifiers.
+    The SQL and the parameters are built once, when the look-up is made.
     """
 
     table: str
     where: tuple[tuple[str, Any], ...]
+    columns: tuple[str, ...] = ()
+    sql: str = field(init=False, compare=False, repr=False)
+    params: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.where:
             raise ValueError("a lookup needs at least one condition")
-        _lookup_sql(self.table, tuple(column for column, _ in self.where))  # validates (once per shape)
+        # validated (once per shape, cached) and built here: the writer runs many look-ups per batch
+        object.__setattr__(self, "sql", _lookup_sql(self.table, tuple(column for column, _ in self.where),
+                                                    self.columns))
+        object.__setattr__(self, "params", tuple(value for _, value in self.where))
 
     @classmethod
-    def of(cls, table: str, **where: Any) -> Lookup:
-        return cls(table, tuple(sorted(where.items())))
-
-    @property
-    def sql(self) -> str:
-        return _lookup_sql(self.table, tuple(column for column, _ in self.where))
-
-    @property
-    def params(self) -> tuple[Any, ...]:
-        return tuple(value for _, value in self.where)
+    def of(cls, table: str, *columns: str, **where: Any) -> Lookup:
+        """`Lookup.of("steps", "status", "run_id", id=step_id)`: those columns (all without any) of the row."""
+        return cls(table, tuple(sorted(where.items())), columns)
 
 
 @functools.lru_cache(maxsize=256)
-def _lookup_sql(table: str, columns: tuple[str, ...]) -> str:
-    if not all(_IDENTIFIER.match(name) for name in (table, *columns)):
-        raise ValueError(f"not a lookup over plain identifiers: {(table, *columns)}")
-    clause = " AND ".join(f"{column} = ?" for column in columns)
-    return f"SELECT * FROM {table} WHERE {clause} ORDER BY position DESC LIMIT 1"
+def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    if not all(_IDENTIFIER.match(name) for name in (table, *where, *columns)):
+        raise ValueError(f"not a lookup over plain identifiers: {(table, *where, *columns)}")
+    clause = " AND ".join(f"{column} = ?" for column in where)
+    selected = ", ".join(columns) if columns else "*"
+    return f"SELECT {selected} FROM {table} WHERE {clause} ORDER BY position DESC LIMIT 1"
 
 
 class Refused(Exception):
