@@ -20,25 +20,25 @@ folded into the `raw` of the following event, so no byte is ever lost.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "SSEEvent", "SSEParser", "encode_event"]
 
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
+_CR_BYTE = b"\r"
 _EOL = re.compile(rb"\r\n?|\n")
 _SPLIT = re.compile(rb"\r\n|\r|\n")
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
     """One event as received.
 
     `raw` holds the exact bytes including the terminating blank line (and any preceding stray blank
     lines or the stream's BOM), `event` the last `event:` value (None when there was no `event:` line),
     `data` the `data:` values joined by "\\n" ("" when there were none), and `is_comment` is True when the
-    event consists only of `:` comment lines (e.g. a keepalive).
+    event consists only of `:` comment lines (e.g. a keepalive). A named tuple: a stream makes many.
     """
 
     raw: bytes
@@ -123,10 +123,12 @@ class SSEParser:
             if buf.startswith(_BOM):
                 self._pos = self._scan = len(_BOM)
         events: list[SSEEvent] = []
-        end = len(buf)
         start = 0  # first byte of the current event
-        pos = self._pos
-        scan = self._scan
+        if self._pos == 0 and not self._has_lines and _CR_BYTE not in buf:
+            start = self._single_data_lines(buf, events)
+        end = len(buf)
+        pos = self._pos + start
+        scan = max(self._scan, start)
         while True:
             match = _EOL.search(buf, scan)
             if match is None:
@@ -151,6 +153,27 @@ class SSEParser:
         self._scan = scan - start
         self._check_size(len(buf))
         return events
+
+    def _single_data_lines(self, buf: bytearray, events: list[SSEEvent]) -> int:
+        """Fast path for the shape providers send: `data: …\n\n` events, no `\r`, nothing pending.
+
+        Takes complete events of exactly one `data:` line from the front of `buf` and returns where it
+        stopped; anything else (other fields, comments, stray blank lines, a partial event) is left to the
+        general loop, which then starts at an event boundary. The result is what the general loop gives.
+        """
+        start, end = 0, len(buf)
+        while start < end:
+            stop = buf.find(b"\n\n", start)
+            if stop < 0 or not buf.startswith(b"data:", start) or buf.find(b"\n", start, stop) >= 0:
+                break
+            self._check_size(stop + 2 - start)
+            value = bytes(buf[start + 5:stop])
+            if value.startswith(b" "):
+                value = value[1:]
+            events.append(SSEEvent(raw=bytes(buf[start:stop + 2]), event=None,
+                                   data=value.decode("utf-8", "replace"), is_comment=False))
+            start = stop + 2
+        return start
 
     def _check_size(self, size: int) -> None:
         if size > self._max:

@@ -281,17 +281,19 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                           estimated=estimated, error=error, tool_calls=meter.tool_calls)
         except StoreError:
             status, error = "cut", "the step could not be recorded"
+        # The ending goes out in one write with the end of the body (one send, not three).
+        tail: list[bytes] = []
         if status == "cut":
-            await _send(response, stream_error_event(call.fmt, "The stream broke off before the end."))
+            tail.append(stream_error_event(call.fmt, "The stream broke off before the end."))
         # Chat streams: the trailer follows [DONE]. Stock OpenAI SDKs stop reading at [DONE], so they never see
         # it (placed before, openai 3.x yields it as a chunk whose `choices` is None and naive loops crash);
         # the `rungate` SDK reads on to the end of the body and picks it up. Other formats end with it.
         if held_done is not None and status != "cut":
-            await _send(response, held_done)
+            tail.append(held_done)
         if call.settled:
-            await _send(response, _trailer(call))
-        with contextlib.suppress(ConnectionError):  # everything was written; a client gone now loses nothing
-            await response.write_eof()
+            tail.append(_trailer(call))
+        with contextlib.suppress(ConnectionError):  # the step is settled: a client gone now loses nothing
+            await response.write_eof(b"".join(tail))
     except ClientGone:
         usage, estimated = call.seen_usage()
         await _shielded(_settle(store, prices, call, status="client_closed", http_status=upstream.status,

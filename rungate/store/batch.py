@@ -155,7 +155,8 @@ class BatchWriter:
 
     def _write_events(self, conn: sqlite3.Connection, job: Job, new_events: Sequence[NewEvent], state: _Head,
                       now: str) -> list[Recorded]:
-        meta = {**job.metadata, "command_id": new_event_id()}
+        first_id = new_event_id()  # also names the command: its events are found again by it on replay
+        meta = {**job.metadata, "command_id": first_id}
         metadata = canonical_json(meta)
         versions = self.versions
         recorded: list[Recorded] = []
@@ -165,7 +166,7 @@ class BatchWriter:
                 versions[new.stream] = int(current[0] or 0)
             version = versions[new.stream] + 1
             position = state.position + 1
-            event_id = new_event_id()
+            event_id = first_id if index == 0 else new_event_id()
             payload = new.event.payload()
             data = canonical_json(payload)
             type_ = new.event.type_name()
