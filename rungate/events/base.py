@@ -6,8 +6,7 @@ changes; a changed event gets a new `schema_version` and an upcaster, never new 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -28,17 +27,18 @@ class Event(BaseModel):
         return self.model_dump(mode="json")
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
+class NewEvent(NamedTuple):
     """An event about to be appended to `stream` (`category-id`, e.g. `run-run_1a21…`)."""
 
     stream: str
     event: Event
 
 
-@dataclass(frozen=True, slots=True)
-class Recorded:
-    """An event as stored: its global position, per-stream version and hash-chain link."""
+class Recorded(NamedTuple):
+    """An event as stored: its global position, per-stream version and hash-chain link.
+
+    (Named tuples, like `NewEvent`: immutable, and several are made per call on the hot path.)
+    """
 
     position: int
     event_id: str
