@@ -2,8 +2,9 @@
 
 Writes: every command waits in a queue; the writer task takes everything queued (up to `MAX_BATCH`) and
 applies it in ONE `BEGIN IMMEDIATE … COMMIT` (see `batch.py`). The statements run on the event loop —
-they touch SQLite's page cache and take microseconds — while COMMIT (the WAL write and its fsync) runs on
-the writer thread, so the loop keeps relaying while the disk works; BEGIN goes there too when another
+they touch SQLite's page cache and take microseconds. Under load COMMIT (the WAL write and its fsync) runs
+on the writer thread, so the loop keeps relaying while the disk works; when calls come one at a time and
+commits are quick it runs inline, sparing two thread hand-offs. BEGIN goes to the thread when another
 process holds the write lock. Futures resolve only after COMMIT returned, so no response is released
 before its events are durable (`synchronous=FULL` by default). Other processes (the CLI beside a running
 server) may write the same file: the head of the chain is re-read under the write lock in every batch.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,8 @@ from rungate.store.batch import BatchWriter, Job, Outcome, StatementsFailed, fol
 from rungate.store.hashing import verify_rows
 
 MAX_BATCH = 512
+INLINE_BELOW_BATCH = 1.5  # average jobs per batch under which COMMIT runs on the loop (light load) ...
+INLINE_COMMIT_S = 0.002  # ... provided commits have been this quick
 BUSY_TIMEOUT_MS = 5000
 log = get_logger("rungate.store")
 T = TypeVar("T")
@@ -63,6 +67,10 @@ class SQLiteEventStore:
         # Serialises every use of the writer connection (batches on the loop, rebuild on the thread).
         self._conn_lock = asyncio.Lock()
         self._projection_versions: dict[str, int] = {p.name: 0 for p in self.projections}
+        # Where COMMIT runs (see `_write_batch`): recent batch sizes and commit times, moving averages.
+        # Both start "loaded" so the first commits go to the thread until the storage has shown it is fast.
+        self._batch_avg = float(INLINE_BELOW_BATCH)
+        self._commit_avg_s = 1.0
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -204,21 +212,35 @@ class SQLiteEventStore:
                 self._rollback(conn)
                 await self._begin(conn)
                 outcomes, head = self._batches.apply(conn, jobs, isolated=True)
-            # The callers are answered in the same loop turn that learns of the commit, not one turn later
-            # when this task resumes: under load every turn is a few hundred microseconds of other work.
             touched = self._batches.touched
 
             def committed() -> None:
                 self._bump_projections(touched)
                 _resolve(jobs, outcomes)
 
-            await self._in_thread(conn.execute, "COMMIT", on_done=committed)
+            self._batch_avg = 0.9 * self._batch_avg + 0.1 * len(jobs)
+            if self._batch_avg < INLINE_BELOW_BATCH and self._commit_avg_s < INLINE_COMMIT_S:
+                # Calls arrive one at a time: nothing else wants the loop during this short fsync, and two
+                # thread hand-offs per call would cost more than the fsync itself.
+                self._timed_commit(conn)
+                committed()
+            else:
+                # Under load the loop keeps relaying while the disk works; the callers are answered in the
+                # loop turn that learns of the commit, not one turn later when this task resumes.
+                await self._in_thread(self._timed_commit, conn, on_done=committed)
         except BaseException as exc:
             self._rollback(conn)
             if isinstance(exc, RungateError | asyncio.CancelledError):
                 raise
             raise StoreError(f"event log write failed: {exc}") from exc
         self._batches.known_head = head
+
+    def _timed_commit(self, conn: sqlite3.Connection) -> None:
+        started = time.perf_counter()
+        conn.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+        # One slow commit (slow storage, a checkpoint) keeps the next ones off the loop for a while.
+        self._commit_avg_s = max(elapsed, 0.9 * self._commit_avg_s + 0.1 * elapsed)
 
     def _bump_projections(self, names: set[str] | None) -> None:
         """Move the versions of projections `names` (all of them for `None`) after a commit."""
