@@ -14,7 +14,7 @@ class AgentsProjection(Projection):
     ddl = (
         """CREATE TABLE IF NOT EXISTS agents (
             id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL UNIQUE,
-            disabled INTEGER NOT NULL DEFAULT 0, metadata TEXT NOT NULL DEFAULT '{}',
+            disabled INTEGER NOT NULL DEFAULT 0, metadata TEXT NOT NULL DEFAULT '{}', policy_id TEXT,
             created_at TEXT NOT NULL, updated_at TEXT NOT NULL, position BIGINT NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS provider_keys (
             id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, provider TEXT NOT NULL,
@@ -29,6 +29,7 @@ class AgentsProjection(Projection):
             "AgentTokenRotated": self._rotated,
             "AgentUpdated": self._updated,
             "AgentDeleted": self._deleted,
+            "AgentPolicySet": self._policy_set,
             "ProviderKeyAdded": self._key_added,
             "ProviderKeyRemoved": self._key_removed,
         })
@@ -56,6 +57,10 @@ class AgentsProjection(Projection):
         out.append(("UPDATE agents SET updated_at = ?, position = ? WHERE id = ?",
                     (rec.recorded_at, rec.position, d["agent_id"])))
         return out
+
+    def _policy_set(self, rec: Recorded) -> list[Statement]:
+        return [("UPDATE agents SET policy_id = ?, updated_at = ?, position = ? WHERE id = ?",
+                 (rec.data["policy_id"], rec.recorded_at, rec.position, rec.data["agent_id"]))]
 
     def _deleted(self, rec: Recorded) -> list[Statement]:
         return [("DELETE FROM agents WHERE id = ?", (rec.data["agent_id"],))]

@@ -14,10 +14,12 @@ class RunsProjection(Projection):
     ddl = (
         """CREATE TABLE IF NOT EXISTS runs (
             id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT NOT NULL, auto INTEGER NOT NULL,
-            policy TEXT, started_at TEXT NOT NULL, ended_at TEXT, ended_reason TEXT,
+            policy TEXT, policy_id TEXT, policy_version INTEGER,
+            started_at TEXT NOT NULL, ended_at TEXT, ended_reason TEXT,
             metadata TEXT NOT NULL DEFAULT '{}', step_count INTEGER NOT NULL DEFAULT 0,
             tokens_input BIGINT NOT NULL DEFAULT 0, tokens_output BIGINT NOT NULL DEFAULT 0,
             spend_pusd BIGINT NOT NULL DEFAULT 0, reserved_pusd BIGINT NOT NULL DEFAULT 0,
+            reserved_tokens BIGINT NOT NULL DEFAULT 0, budget_add_pusd BIGINT NOT NULL DEFAULT 0,
             unpriced_steps INTEGER NOT NULL DEFAULT 0, open_steps INTEGER NOT NULL DEFAULT 0,
             last_activity_at TEXT NOT NULL,
             position BIGINT NOT NULL)""",
@@ -30,11 +32,14 @@ class RunsProjection(Projection):
             status TEXT NOT NULL, http_status INTEGER, tokens_input BIGINT NOT NULL DEFAULT 0,
             tokens_output BIGINT NOT NULL DEFAULT 0, tokens_cached BIGINT NOT NULL DEFAULT 0,
             tokens_cache_write BIGINT NOT NULL DEFAULT 0, tokens_reasoning BIGINT NOT NULL DEFAULT 0,
-            reserved_pusd BIGINT NOT NULL DEFAULT 0, cost_pusd BIGINT, unpriced INTEGER NOT NULL DEFAULT 0,
+            reserved_pusd BIGINT NOT NULL DEFAULT 0, reserved_tokens BIGINT NOT NULL DEFAULT 0,
+            fingerprint TEXT, cost_pusd BIGINT, unpriced INTEGER NOT NULL DEFAULT 0,
             estimated INTEGER NOT NULL DEFAULT 0, latency_ms INTEGER, error TEXT,
             tool_calls TEXT NOT NULL DEFAULT '[]', started_at TEXT NOT NULL, ended_at TEXT,
             position BIGINT NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS steps_run ON steps (run_id, seq)",
+        # Runaway protection counts a run's identical requests.
+        "CREATE INDEX IF NOT EXISTS steps_fingerprint ON steps (run_id, fingerprint)",
     )
 
     def __init__(self) -> None:
@@ -42,6 +47,8 @@ class RunsProjection(Projection):
         self.handlers.update({
             "RunStarted": self._run_started,
             "RunCompleted": self._run_completed,
+            "RunStopped": self._run_stopped,
+            "RunResumed": self._run_resumed,
             "StepStarted": self._step_started,
             "StepCompleted": self._step_completed,
             "ToolStepLogged": self._tool_step,
@@ -49,11 +56,22 @@ class RunsProjection(Projection):
 
     def _run_started(self, rec: Recorded) -> list[Statement]:
         d = rec.data
-        policy = _json(d["policy"]) if d.get("policy") else None
-        return [("INSERT INTO runs (id, agent_id, status, auto, policy, started_at, last_activity_at, position)"
-                 " VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
-                 (d["run_id"], d["agent_id"], int(d["auto"]), policy, rec.recorded_at, rec.recorded_at,
-                  rec.position))]
+        ref = d.get("policy") or {}
+        return [("INSERT INTO runs (id, agent_id, status, auto, policy, policy_id, policy_version, started_at,"
+                 " last_activity_at, position) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+                 (d["run_id"], d["agent_id"], int(d["auto"]), _json(ref) if ref else None, ref.get("id"),
+                  ref.get("version"), rec.recorded_at, rec.recorded_at, rec.position))]
+
+    def _run_stopped(self, rec: Recorded) -> list[Statement]:
+        return [("UPDATE runs SET status = 'stopped', ended_reason = ?, last_activity_at = ?, position = ?"
+                 " WHERE id = ?",
+                 (rec.data.get("reason") or "stopped by an operator", rec.recorded_at, rec.position,
+                  rec.data["run_id"]))]
+
+    def _run_resumed(self, rec: Recorded) -> list[Statement]:
+        return [("UPDATE runs SET status = 'active', ended_at = NULL, ended_reason = NULL,"
+                 " budget_add_pusd = budget_add_pusd + ?, last_activity_at = ?, position = ? WHERE id = ?",
+                 (rec.data.get("add_pusd", 0), rec.recorded_at, rec.position, rec.data["run_id"]))]
 
     def _run_completed(self, rec: Recorded) -> list[Statement]:
         d = rec.data
@@ -66,13 +84,15 @@ class RunsProjection(Projection):
         d = rec.data
         return [
             ("INSERT INTO steps (id, run_id, seq, kind, endpoint, provider, model, stream, status,"
-             " reserved_pusd, started_at, position)"
-             " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), ?, ?, ?, ?, ?, 'started', ?, ?, ?)",
+             " reserved_pusd, reserved_tokens, fingerprint, started_at, position)"
+             " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?)",
              (d["step_id"], d["run_id"], d["run_id"], d["kind"], d["endpoint"], d["provider"], d["model"],
-              int(d["stream"]), d["reserved_pusd"], rec.recorded_at, rec.position)),
+              int(d["stream"]), d["reserved_pusd"], d.get("reserved_tokens", 0), d["fingerprint"],
+              rec.recorded_at, rec.position)),
             ("UPDATE runs SET step_count = step_count + 1, reserved_pusd = reserved_pusd + ?,"
-             " open_steps = open_steps + 1, last_activity_at = ?, position = ? WHERE id = ?",
-             (d["reserved_pusd"], rec.recorded_at, rec.position, d["run_id"])),
+             " reserved_tokens = reserved_tokens + ?, open_steps = open_steps + 1, last_activity_at = ?,"
+             " position = ? WHERE id = ?",
+             (d["reserved_pusd"], d.get("reserved_tokens", 0), rec.recorded_at, rec.position, d["run_id"])),
         ]
 
     def _step_completed(self, rec: Recorded) -> list[Statement]:
@@ -83,14 +103,16 @@ class RunsProjection(Projection):
         return [
             # Release the reservation first: it reads the step's reserved amount before the step is closed.
             ("UPDATE runs SET reserved_pusd = reserved_pusd - (SELECT reserved_pusd FROM steps WHERE id = ?),"
+             " reserved_tokens = reserved_tokens - (SELECT reserved_tokens FROM steps WHERE id = ?),"
              " tokens_input = tokens_input + ?, tokens_output = tokens_output + ?,"
              " spend_pusd = spend_pusd + ?, unpriced_steps = unpriced_steps + ?, open_steps = open_steps - 1,"
              " last_activity_at = ?, position = ? WHERE id = ?",
-             (d["step_id"], total_input, u.get("output", 0), cost or 0, int(d["unpriced"]), rec.recorded_at,
-              rec.position, d["run_id"])),
+             (d["step_id"], d["step_id"], total_input, u.get("output", 0), cost or 0, int(d["unpriced"]),
+              rec.recorded_at, rec.position, d["run_id"])),
             ("UPDATE steps SET status = ?, http_status = ?, provider = ?, model = ?, tokens_input = ?,"
              " tokens_output = ?, tokens_cached = ?, tokens_cache_write = ?, tokens_reasoning = ?,"
-             " reserved_pusd = 0, cost_pusd = ?, unpriced = ?, estimated = ?, latency_ms = ?, error = ?,"
+             " reserved_pusd = 0, reserved_tokens = 0, cost_pusd = ?, unpriced = ?, estimated = ?, latency_ms = ?,"
+             " error = ?,"
              " tool_calls = ?, ended_at = ?, position = ? WHERE id = ?",
              (d["status"], d.get("http_status"), d["provider"], d["model"], total_input, u.get("output", 0),
               u.get("cached", 0), u.get("cache_write", 0) + u.get("cache_write_1h", 0), u.get("reasoning", 0),

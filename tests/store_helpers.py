@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECTION_TABLES: tuple[tuple[str, str], ...] = (
     ("agents", "id"),
     ("provider_keys", "id"),
+    ("policies", "id"),
+    ("policy_versions", "policy_id, version"),
     ("runs", "id"),
     ("steps", "id"),
 )
@@ -77,7 +79,8 @@ async def snapshot(store: SQLiteEventStore) -> dict[str, list[tuple[Any, ...]]]:
         out[table] = [tuple(row.values()) for row in await store.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
     out["schema"] = [tuple(row.values()) for row in await store.fetch(
         "SELECT type, name, tbl_name, sql FROM sqlite_master"
-        " WHERE tbl_name IN ('agents', 'provider_keys', 'runs', 'steps') ORDER BY name")]
+        " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps')"
+        " ORDER BY name")]
     return out
 
 
@@ -90,7 +93,8 @@ def snapshot_file(path: Path) -> dict[str, list[tuple[Any, ...]]]:
             out[table] = conn.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
         out["schema"] = conn.execute(
             "SELECT type, name, tbl_name, sql FROM sqlite_master"
-            " WHERE tbl_name IN ('agents', 'provider_keys', 'runs', 'steps') ORDER BY name").fetchall()
+            " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps')"
+            " ORDER BY name").fetchall()
         return out
     finally:
         conn.close()

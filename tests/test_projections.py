@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,9 @@ async def test_rebuild_of_a_realistic_log_gives_identical_projections(tmp_path: 
     assert {("active", 1), ("completed", 1), ("active", 0), ("completed", 0)} <= statuses
     kinds = {(row[3], row[9]) for row in before["steps"]}  # (kind, status)
     assert {("llm", "started"), ("llm", "ok"), ("llm", "error"), ("tool", "ok")} <= kinds
-    assert any(row[17] is None and row[18] == 1 for row in before["steps"])  # an unpriced step
+    step_columns = [row[1] for row in sqlite3.connect(tmp_path / "log.db").execute("PRAGMA table_info(steps)")]
+    cost, unpriced = step_columns.index("cost_pusd"), step_columns.index("unpriced")
+    assert any(row[cost] is None and row[unpriced] == 1 for row in before["steps"])  # an unpriced step
 
 
 async def test_cli_rebuild_gives_identical_projections(tmp_path: Path) -> None:
@@ -437,7 +440,8 @@ async def test_agent_and_provider_key_events_fold_into_their_rows(tmp_path: Path
     assert taken.value.code == "name_taken"
     assert agent == {
         "id": create.agent_id, "name": "beta", "token_hash": token_hash(rotate.token), "disabled": 1,
-        "metadata": '{"team":"b"}', "created_at": created[0].recorded_at, "updated_at": updated[0].recorded_at,
+        "metadata": '{"team":"b"}', "policy_id": None, "created_at": created[0].recorded_at,
+        "updated_at": updated[0].recorded_at,
         "position": updated[0].position}
     assert rotated[0].data["token_hash"] != created[0].data["token_hash"]
     assert keys == [{"id": kept, "name": "main", "provider": "openai", "nonce": "n1", "ciphertext": "c1",

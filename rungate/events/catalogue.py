@@ -1,4 +1,4 @@
-"""Every event type Rungate records (issue 2 scope: agents, provider keys, runs, steps).
+"""Every event type Rungate records: agents, provider keys, policies, runs, steps and decisions.
 
 Money is integer pico-USD (1e-12 USD) in events; JSON on the wire carries decimal strings.
 """
@@ -58,6 +58,28 @@ class ProviderKeyRemoved(Event):
     key_id: str
 
 
+class AgentPolicySet(Event):
+    """The agent's default policy changed (`policy_id` None: no default); runs already started keep theirs."""
+
+    agent_id: str
+    policy_id: str | None
+
+
+class PolicyVersionCreated(Event):
+    """A policy was created (version 1) or changed (version n+1); every version is kept forever."""
+
+    policy_id: str
+    name: str
+    version: int
+    document: dict[str, Any]
+
+
+class PolicyDeleted(Event):
+    """The policy no longer applies to new runs; runs bound to one of its versions keep it."""
+
+    policy_id: str
+
+
 class RunStarted(Event):
     """A run began: explicitly named by the client, or an auto-run grouping an agent's calls."""
 
@@ -77,7 +99,12 @@ class RunCompleted(Event):
 
 
 class StepStarted(Event):
-    """A call was admitted and is about to go upstream (written before any byte leaves)."""
+    """A call was admitted and is about to go upstream (written before any byte leaves).
+
+    `reserved_pusd` and `reserved_tokens` are its worst case, held against the run's budget until it settles;
+    `warnings` lists shadow-mode decisions that would have refused it and anything changed (a shrunk
+    `max_tokens`).
+    """
 
     step_id: str
     run_id: str
@@ -88,6 +115,8 @@ class StepStarted(Event):
     stream: bool
     fingerprint: str
     reserved_pusd: int = 0
+    reserved_tokens: int = 0
+    warnings: list[dict[str, Any]] = []
 
 
 class StepCompleted(Event):
@@ -109,7 +138,11 @@ class StepCompleted(Event):
 
 
 class CallRefused(Event):
-    """A call was refused before anything went upstream; recorded on the agent's stream (SPEC §4)."""
+    """A call was refused before anything went upstream; recorded on the agent's stream (SPEC §4).
+
+    `rule` names the rule by its path in the policy and `policy` the version that refused (None for
+    refusals no policy makes, such as a closed run).
+    """
 
     agent_id: str
     run_id: str | None
@@ -118,6 +151,22 @@ class CallRefused(Event):
     status: int
     code: str
     reason: str
+    rule: str | None = None
+    policy: dict[str, Any] | None = None
+
+
+class RunStopped(Event):
+    """An operator stopped the run (kill switch): every later call is refused, calls in flight are cut."""
+
+    run_id: str
+    reason: str | None = None
+
+
+class RunResumed(Event):
+    """An operator let a stopped or blocked run continue, optionally with more budget (`add_pusd`)."""
+
+    run_id: str
+    add_pusd: int = 0
 
 
 class ToolStepLogged(Event):
@@ -141,6 +190,9 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     AgentTokenRotated,
     AgentUpdated,
     AgentDeleted,
+    AgentPolicySet,
+    PolicyVersionCreated,
+    PolicyDeleted,
     ProviderKeyAdded,
     ProviderKeyRemoved,
     RunStarted,
@@ -148,5 +200,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     StepStarted,
     StepCompleted,
     CallRefused,
+    RunStopped,
+    RunResumed,
     ToolStepLogged,
 )

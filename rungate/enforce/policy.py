@@ -1,0 +1,276 @@
+"""The policy document (SPEC §4.1): its shape, its validation, and the compiled form rules read.
+
+One shape everywhere: YAML for `rungate policies apply FILE`, the same object as JSON over the API. Every
+section is optional and a limit no policy sets does not exist. `parse_document` either returns the
+normalised document (money as decimal strings) or raises `InvalidPolicy` listing every problem as
+`{"path", "reason"}`; nothing is stored then.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rungate.errors import BadRequest
+from rungate.prices import format_usd, to_pico
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+Mode = Literal["enforce", "shadow"]
+_MAX_USD = Decimal("1000000000")
+
+
+class InvalidPolicy(BadRequest):
+    """A policy document with problems; `problems` lists each one (path and reason)."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        first = f"{problems[0]['path']}: {problems[0]['reason']}" if problems else "invalid"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"The policy is invalid: {first}{more}.", code="invalid_policy",
+                         extra={"problems": problems})
+        self.problems = problems
+
+
+def _usd(value: Any) -> str:
+    """A money amount given as a decimal string or a number, as a normalised decimal string."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("must be a decimal string such as \"5.00\" (or a number)")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError("must be a decimal string such as \"5.00\" (or a number)") from None
+    if not amount.is_finite() or amount < 0 or amount > _MAX_USD:
+        raise ValueError("must be between 0 and 1000000000 USD")
+    return format_usd(to_pico(amount))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Budget(_Section):
+    hard_limit_usd: str | None = None
+    hard_limit_tokens: Annotated[int, Field(ge=0, strict=True)] | None = None
+    agent_hourly_usd: str | None = None
+    alerts: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.8])
+    on_exceed: Literal["refuse", "shrink"] = "refuse"
+    mode: Mode | None = None
+
+    @field_validator("hard_limit_usd", "agent_hourly_usd", mode="before")
+    @classmethod
+    def _money(cls, value: Any) -> str | None:
+        return None if value is None else _usd(value)
+
+    @field_validator("alerts")
+    @classmethod
+    def _sorted_alerts(cls, value: list[float]) -> list[float]:
+        return sorted(set(value))
+
+
+class Models(_Section):
+    allowed: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
+    blocked: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list)
+    mode: Mode | None = None
+
+
+class Tools(_Section):
+    blocked: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list)
+    mode: Mode | None = None
+
+
+class Rate(_Section):
+    requests_per_minute: Annotated[int, Field(ge=1, strict=True)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1, strict=True)] | None = None
+
+
+class RateLimits(_Section):
+    agent: Rate | None = None
+    run: Rate | None = None
+    mode: Mode | None = None
+
+
+class Runaway(_Section):
+    max_steps: Annotated[int, Field(ge=1, strict=True)] | None = None
+    max_repeats: Annotated[int, Field(ge=1, strict=True)] | None = None
+    mode: Mode | None = None
+
+
+class Runs(_Section):
+    idle_timeout_s: Annotated[int, Field(ge=1, le=7 * 86400, strict=True)] | None = None
+
+
+class Condition(_Section):
+    path: Annotated[str, Field(pattern=r"^\$(\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*$")]
+    op: Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "matches", "exists"]
+    value: Any = None
+
+
+class Approval(_Section):
+    name: Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
+    tool: Annotated[str, Field(min_length=1, max_length=200)]
+    when: list[Condition] = Field(default_factory=list)
+    channel: Literal["webhook"] = "webhook"
+    expires_in: Annotated[int, Field(ge=1, le=30 * 86400, strict=True)] = 3600
+    on_expiry: Literal["reject", "approve"] = "reject"
+    mode: Literal["202", "hold", "shadow"] = "202"
+
+
+class RouteTarget(_Section):
+    provider: Literal["openai", "anthropic"]
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class PolicyDocument(_Section):
+    """The whole document; `name` is the policy's unique name."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
+    mode: Mode = "enforce"
+    description: Annotated[str, Field(max_length=2000)] | None = None
+    budget: Budget | None = None
+    models: Models | None = None
+    tools: Tools | None = None
+    rate_limits: RateLimits | None = None
+    runaway: Runaway | None = None
+    runs: Runs | None = None
+    approvals: list[Approval] = Field(default_factory=list)
+    routes: dict[str, list[RouteTarget]] | None = None
+
+    @field_validator("approvals")
+    @classmethod
+    def _unique_approvals(cls, value: list[Approval]) -> list[Approval]:
+        names = [a.name for a in value]
+        if len(names) != len(set(names)):
+            raise ValueError("approval names must be unique")
+        return value
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(document)"
+
+
+def parse_document(raw: Any, *, name: str | None = None) -> dict[str, Any]:
+    """Validate `raw` (a decoded JSON/YAML object) and return the normalised stored form.
+
+    With `name` (a route that names the policy), the document's own `name` may be omitted but must match.
+    Raises `InvalidPolicy` with every problem found.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidPolicy([{"path": "(document)", "reason": "a policy must be an object"}])
+    if name is not None:
+        if "name" in raw and raw["name"] != name:
+            raise InvalidPolicy([{"path": "name", "reason": f"does not match the name in the URL ({name!r})"}])
+        raw = {**raw, "name": name}
+    try:
+        document = PolicyDocument.model_validate(raw)
+    except ValidationError as exc:
+        problems = [{"path": _path(tuple(e["loc"])), "reason": _reason(e)} for e in exc.errors()]
+        raise InvalidPolicy(problems) from None
+    return document.model_dump(mode="json", exclude_none=True)
+
+
+def _reason(error: Any) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "is required"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the document (kept in `openapi/policy.schema.json`, checked by a test)."""
+    schema = PolicyDocument.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Rungate policy document"
+    return schema
+
+
+# --- the compiled form -------------------------------------------------------------------------------
+
+_SEPARATORS = re.compile(r"[\s\-_.]+")
+
+
+def canonical_tool(name: str) -> str:
+    """A tool name reduced so variant spellings compare equal: case, surrounding space, `-`/`_`/`.`
+    separators and MCP-style server prefixes (`mcp__server__tool`, `server/tool`, `server:tool`) ignored."""
+    stripped = name.strip()
+    if stripped.lower().startswith("mcp__"):
+        stripped = stripped.split("__", 2)[-1]
+    else:
+        stripped = re.sub(r"^[^/:]+[/:]", "", stripped)
+    return _SEPARATORS.sub("", stripped.lower())
+
+
+class _Matcher:
+    """Glob patterns over `provider/model` and bare model names (case-insensitive)."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = list(patterns)
+        self._regex = re.compile("|".join(f"(?:{fnmatch.translate(p.strip().lower())})" for p in patterns)) \
+            if patterns else None
+
+    def matches(self, provider: str, model: str) -> bool:
+        if self._regex is None:
+            return False
+        model = model.strip().lower()
+        return bool(self._regex.match(model) or self._regex.match(f"{provider.lower()}/{model}"))
+
+
+class _ToolMatcher:
+    """Blocked tool patterns compared on canonical names (globs allowed: `delete_*`)."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = list(patterns)
+        self._exact = {canonical_tool(p) for p in patterns if not any(c in p for c in "*?[")}
+        globs = [canonical_tool(p.replace("*", "\x00").replace("?", "\x01")).replace("\x00", "*").replace(
+            "\x01", "?") for p in patterns if any(c in p for c in "*?[")]
+        self._regex = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)) if globs else None
+
+    def blocked(self, tool: str) -> bool:
+        name = canonical_tool(tool)
+        return name in self._exact or bool(self._regex and self._regex.match(name))
+
+
+class CompiledPolicy:
+    """One policy version ready for the rules: limits in pico-USD, matchers built once.
+
+    Immutable, so cached by `(policy_id, version)` for the life of the process.
+    """
+
+    def __init__(self, policy_id: str, version: int, document: dict[str, Any]) -> None:
+        doc = PolicyDocument.model_validate(document)
+        self.id, self.version, self.name = policy_id, version, doc.name
+        self.document = document
+        self.mode: str = doc.mode
+        budget = doc.budget or Budget()
+        self.run_limit_pusd = to_pico(Decimal(budget.hard_limit_usd)) if budget.hard_limit_usd else None
+        self.run_limit_tokens = budget.hard_limit_tokens
+        self.agent_hourly_pusd = to_pico(Decimal(budget.agent_hourly_usd)) if budget.agent_hourly_usd else None
+        self.alerts = tuple(budget.alerts)
+        self.shrink = budget.on_exceed == "shrink"
+        self.budget_mode = budget.mode or doc.mode
+        models = doc.models or Models()
+        self.models_allowed = _Matcher(models.allowed) if models.allowed is not None else None
+        self.models_blocked = _Matcher(models.blocked)
+        self.models_mode = models.mode or doc.mode
+        tools = doc.tools or Tools()
+        self.tools_blocked = _ToolMatcher(tools.blocked)
+        self.tools_mode = tools.mode or doc.mode
+        runaway = doc.runaway or Runaway()
+        self.max_steps, self.max_repeats = runaway.max_steps, runaway.max_repeats
+        self.runaway_mode = runaway.mode or doc.mode
+        rates = doc.rate_limits or RateLimits()
+        self.agent_rate, self.run_rate = rates.agent, rates.run
+        self.rates_mode = rates.mode or doc.mode
+        self.idle_timeout_s = doc.runs.idle_timeout_s if doc.runs else None
+
+    @property
+    def ref(self) -> dict[str, Any]:
+        """How events name this policy version."""
+        return {"id": self.id, "name": self.name, "version": self.version}
