@@ -17,6 +17,7 @@ from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
     AgentCreated,
     AgentDeleted,
+    AgentPolicySet,
     AgentTokenRotated,
     AgentUpdated,
     ProviderKeyAdded,
@@ -36,19 +37,33 @@ def check_name(name: Any, what: str) -> str:
 
 @dataclass
 class CreateAgent:
+    """Create an agent (with `policy_name` as the default policy of its runs, when given)."""
+
     name: str
     metadata: dict[str, Any]
     agent_id: str = field(default_factory=lambda: new_id("agt"))
     token: str = field(default_factory=lambda: new_token("rg_agt"), repr=False)
+    policy_name: str | None = None
 
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("agents", name=self.name),)
+        named = Lookup.of("agents", "id", name=self.name)
+        if self.policy_name is None:
+            return (named,)
+        return (named, Lookup.of("policies", "id", name=self.policy_name, deleted=0))
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        if found[self.lookups()[0]] is not None:
+        lookups = self.lookups()
+        if found[lookups[0]] is not None:
             raise Conflict(f"An agent named {self.name!r} already exists.", code="name_taken")
-        return (NewEvent(stream_name("agent", self.agent_id), AgentCreated(
-            agent_id=self.agent_id, name=self.name, token_hash=token_hash(self.token), metadata=self.metadata)),)
+        stream = stream_name("agent", self.agent_id)
+        events = [NewEvent(stream, AgentCreated(agent_id=self.agent_id, name=self.name,
+                                                token_hash=token_hash(self.token), metadata=self.metadata))]
+        if self.policy_name is not None:
+            policy = found[lookups[1]]
+            if policy is None:
+                raise NotFound(f"Policy {self.policy_name!r} not found.", code="unknown_policy")
+            events.append(NewEvent(stream, AgentPolicySet(agent_id=self.agent_id, policy_id=policy["id"])))
+        return events
 
 
 @dataclass
@@ -135,11 +150,13 @@ class RemoveProviderKey:
         return (NewEvent(stream_name("provkey", self.key_id), ProviderKeyRemoved(key_id=self.key_id)),)
 
 
-async def create_agent(store: EventStore, name: Any, metadata: Any = None) -> tuple[Row, str]:
-    """Create an agent; returns its row and the token (shown once)."""
+async def create_agent(store: EventStore, name: Any, metadata: Any = None, policy: Any = None) -> tuple[Row, str]:
+    """Create an agent (optionally with a default policy, by name); returns its row and the token (shown once)."""
     if metadata is not None and not isinstance(metadata, dict):
         raise BadRequest("metadata must be an object.", code="invalid_metadata")
-    command = CreateAgent(check_name(name, "Agent"), metadata or {})
+    if policy is not None and not isinstance(policy, str):
+        raise BadRequest("policy must be the name of a policy (or null).", code="invalid_policy_name")
+    command = CreateAgent(check_name(name, "Agent"), metadata or {}, policy_name=policy)
     await store.execute(command)
     row = await queries.get_agent(store, command.agent_id)
     assert row is not None

@@ -1,4 +1,4 @@
-"""The `rungate` command line: serve, demo, agents, keys, runs, replay, verify, rebuild.
+"""The `rungate` command line: serve, demo, agents, keys, policies, runs, replay, verify, rebuild.
 
 Operator commands work on the database directly (the same event log the server writes), so they run
 beside a live server or without one.
@@ -13,13 +13,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import yaml
 from aiohttp import web
 
 from rungate import __version__, queries
 from rungate.admin import add_provider_key, create_agent, open_keyring
 from rungate.config import Settings, load_settings
-from rungate.errors import ConfigError, RungateError
+from rungate.enforce.policy import InvalidPolicy
+from rungate.errors import BadRequest, ConfigError, NotFound, RungateError
 from rungate.log import configure
+from rungate.policy_admin import apply_policy, policy_view
 from rungate.runs import run_stream
 from rungate.storage import open_store
 from rungate.store import EventStore
@@ -49,10 +52,50 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
-async def _agents_create(store: EventStore, name: str) -> int:
-    row, token = await create_agent(store, name)
+async def _agents_create(store: EventStore, name: str, policy: str | None) -> int:
+    row, token = await create_agent(store, name, policy=policy)
     _print_json(agent_view(row, token))
     print(f"\nToken (shown once): {token}", file=sys.stderr)
+    return 0
+
+
+async def _policies_apply(store: EventStore, path: str) -> int:
+    """Apply a YAML or JSON policy file: create it, add a version, or report that nothing changed."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise BadRequest(f"{path} is not valid YAML or JSON: {exc}") from None
+    try:
+        row, outcome = await apply_policy(store, raw)
+    except InvalidPolicy as exc:
+        print(f"error: {path}: the policy is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem['path']}: {problem['reason']}", file=sys.stderr)
+        return 1
+    print(f"policy {row['name']} {outcome} (version {row['version']}, id {row['id']})", file=sys.stderr)
+    _print_json(policy_view(row))
+    return 0
+
+
+async def _policies_list(store: EventStore) -> int:
+    _print_json([policy_view(r) for r in await queries.list_policies(store)])
+    return 0
+
+
+async def _policies_show(store: EventStore, ref: str) -> int:
+    """`NAME` (current version) or `NAME@VERSION`."""
+    name, _, version = ref.partition("@")
+    row = await queries.policy_by_name(store, name)
+    if row is not None and version:
+        if not version.isdigit():
+            raise BadRequest(f"{ref}: the version must be a number")
+        row = await queries.policy_version(store, row["id"], int(version))
+    if row is None:
+        raise NotFound(f"policy {ref} not found")
+    _print_json(policy_view(row))
     return 0
 
 
@@ -150,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0)
 
     agents = sub.add_parser("agents", help="manage agents").add_subparsers(dest="action", required=True)
-    agents.add_parser("create").add_argument("name")
+    agents_create = agents.add_parser("create")
+    agents_create.add_argument("name")
+    agents_create.add_argument("--policy", help="name of the default policy of the agent's runs")
     agents.add_parser("list")
 
     keys = sub.add_parser("keys", help="manage provider keys").add_subparsers(dest="action", required=True)
@@ -159,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--from-env", metavar="VAR")
     keys.add_parser("list")
+
+    policies = sub.add_parser("policies", help="manage policies").add_subparsers(dest="action", required=True)
+    policies.add_parser("apply", help="create or update a policy from a YAML (or JSON) file").add_argument("file")
+    policies.add_parser("list")
+    policies.add_parser("show", help="a policy's current version, or NAME@VERSION").add_argument("name")
 
     runs = sub.add_parser("runs", help="inspect runs").add_subparsers(dest="action", required=True)
     runs_list = runs.add_parser("list")
@@ -202,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
 async def _dispatch(args: argparse.Namespace, settings: Settings, store: EventStore) -> int:
     match (args.command, getattr(args, "action", None)):
         case ("agents", "create"):
-            return await _agents_create(store, args.name)
+            return await _agents_create(store, args.name, args.policy)
+        case ("policies", "apply"):
+            return await _policies_apply(store, args.file)
+        case ("policies", "list"):
+            return await _policies_list(store)
+        case ("policies", "show"):
+            return await _policies_show(store, args.name)
         case ("agents", "list"):
             return await _agents_list(store)
         case ("keys", "add"):

@@ -108,16 +108,21 @@ async def open_steps_started_before(store: EventStore, before: str, limit: int =
     return [row["id"] for row in rows]
 
 
+# Agents as views show them: with the name of their default policy.
+_AGENTS = ("SELECT agents.*, policies.name AS policy_name FROM agents"
+           " LEFT JOIN policies ON policies.id = agents.policy_id")
+
+
 async def get_agent(store: EventStore, agent_id: str) -> Row | None:
-    return await store.fetchone("SELECT * FROM agents WHERE id = ?", (agent_id,))
+    return await store.fetchone(f"{_AGENTS} WHERE agents.id = ?", (agent_id,))
 
 
 async def agent_by_name(store: EventStore, name: str) -> Row | None:
-    return await store.fetchone("SELECT * FROM agents WHERE name = ?", (name,))
+    return await store.fetchone(f"{_AGENTS} WHERE agents.name = ?", (name,))
 
 
 async def list_agents(store: EventStore) -> list[Row]:
-    return await store.fetch("SELECT * FROM agents ORDER BY created_at, id")
+    return await store.fetch(f"{_AGENTS} ORDER BY agents.created_at, agents.id")
 
 
 async def list_provider_keys(store: EventStore, provider: str | None = None) -> list[Row]:
@@ -128,3 +133,27 @@ async def list_provider_keys(store: EventStore, provider: str | None = None) -> 
 
 async def get_provider_key(store: EventStore, key_id: str) -> Row | None:
     return await store.fetchone("SELECT * FROM provider_keys WHERE id = ?", (key_id,))
+
+
+async def get_policy(store: EventStore, policy_id: str) -> Row | None:
+    """A live policy's current version (deleted policies are not found)."""
+    return await store.fetchone("SELECT * FROM policies WHERE id = ? AND deleted = 0", (policy_id,))
+
+
+async def policy_by_name(store: EventStore, name: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM policies WHERE name = ? AND deleted = 0", (name,))
+
+
+async def list_policies(store: EventStore) -> list[Row]:
+    return await store.fetch("SELECT * FROM policies WHERE deleted = 0 ORDER BY name")
+
+
+async def policy_versions(store: EventStore, policy_id: str) -> list[Row]:
+    return await store.fetch("SELECT * FROM policy_versions WHERE policy_id = ? ORDER BY version", (policy_id,))
+
+
+async def policy_version(store: EventStore, policy_id: str, version: int) -> Row | None:
+    """One version of a policy, deleted or not (runs keep the version they started with)."""
+    return await store.fetchone("SELECT * FROM policy_versions WHERE policy_id = ? AND version = ?",
+                                (policy_id, version))
+

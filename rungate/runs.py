@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rungate.clock import iso_minus
-from rungate.errors import Conflict, GovernanceRefusal, NotFound, RungateError, StoreError, Unauthorized
+from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
+from rungate.enforce.rules import CallAsk, RunState, Verdict, evaluate
+from rungate.errors import (
+    BadRequest,
+    Conflict,
+    GovernanceRefusal,
+    NotFound,
+    RungateError,
+    StoreError,
+    Unauthorized,
+)
 from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
     CallRefused,
@@ -26,9 +36,11 @@ from rungate.events.catalogue import (
 from rungate.ids import new_id
 from rungate.store.base import Lookup, Refused, Row
 
-CLOSED = ("completed", "stopped", "blocked")
+CLOSED = ("completed", "stopped", "blocked")  # statuses a call cannot continue (stopped: 403, others 409)
 # What admission reads of a run (the write transaction fetches only these).
-_RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at")
+_RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at", "policy_id", "policy_version",
+                "step_count", "spend_pusd", "reserved_pusd", "tokens_input", "tokens_output", "reserved_tokens",
+                "budget_add_pusd")
 
 
 def run_stream(run_id: str) -> str:
@@ -69,80 +81,227 @@ class CallFacts:
     fingerprint: str
     reserved_pusd: int
     idle_timeout_s: int
+    reserved_tokens: int = 0  # input estimate plus the most output the call may produce
+    priced: bool = True  # the model has a price (else `reserved_pusd` is 0 and a USD budget cannot hold)
+    tools: tuple[str, ...] = ()  # tools the request offers the model
+    policy_name: str | None = None  # `x-rungate-policy: NAME[@VERSION]`: binds a run this call starts
+    policy_version: int | None = None
 
 
 @dataclass
 class AdmitCall:
-    """Resolve the call's run (explicit, auto or new) and record `StepStarted` before anything leaves.
+    """Resolve the call's run (explicit, auto or new), apply the run's policy, record `StepStarted`.
 
-    After `execute`, `run_id`, `step_id` and `started_run` tell the proxy what was decided.
+    Everything is decided inside the write transaction over the rows as they are at that instant, so two
+    concurrent calls never both take the last dollar. After `execute`: `run_id`, `step_id`, `started_run`,
+    `policy` (the compiled version the run is bound to, or None), `budget` (the run's limits and what is
+    left of them after this call's reservation) and `warnings` (shadow-mode verdicts, ignored pins).
     """
 
     facts: CallFacts
     step_id: str = field(default_factory=lambda: new_id("stp"))
     run_id: str = ""
     started_run: bool = False
+    policy: CompiledPolicy | None = None
+    state: RunState | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Built once: the store asks for them and `decide` indexes its rows by them.
         f = self.facts
-        run = (Lookup.of("runs", *_RUN_COLUMNS, id=f.run_id) if f.run_id is not None
-               else Lookup.of("runs", *_RUN_COLUMNS, agent_id=f.agent_id, auto=1, status="active"))
-        self._lookups = (Lookup.of("agents", "disabled", "token_hash", id=f.agent_id), run)
+        self._agent = Lookup.of("agents", "disabled", "token_hash", "policy_id", id=f.agent_id)
+        self._run = (Lookup.of("runs", *_RUN_COLUMNS, id=f.run_id) if f.run_id is not None
+                     else Lookup.of("runs", *_RUN_COLUMNS, agent_id=f.agent_id, auto=1, status="active"))
+        self._stopped_auto = Lookup.of("runs", "id", agent_id=f.agent_id, auto=1, status="stopped")
 
     def lookups(self) -> Sequence[Lookup]:
-        return self._lookups
+        return (self._agent, self._run)
+
+    # --- which rows the decision needs -------------------------------------------------------------
+
+    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
+        """The policy rows (only versions this process has not compiled yet) and the repeat count."""
+        agent, run = found[self._agent], found[self._run]
+        if agent is None or agent["disabled"]:
+            return ()
+        wanted: list[Lookup] = []
+        if self.facts.run_id is None and run is None and not self.facts.new_run:
+            wanted.append(self._stopped_auto)
+        starting = self._starts_run(run, now)
+        ref_lookup = self._binding_lookup(agent, starting)
+        if ref_lookup is not None:
+            wanted.append(ref_lookup)
+        ref = self._binding(found, run, starting, ref_lookup)
+        if ref is not None and cached_policy(*ref) is None:
+            wanted.append(_version_lookup(*ref))
+        policy = cached_policy(*ref) if ref is not None else None
+        if policy is not None and policy.max_repeats is not None and not starting and run is not None:
+            wanted.append(self._repeats(run["id"]))
+        return wanted
+
+    def _starts_run(self, run: Row | None, now: str) -> bool:
+        if self.facts.run_id is not None:
+            return run is None
+        return run is None or self.facts.new_run or _idle(run, now, self._idle_window(run))
+
+    def _binding_lookup(self, agent: Row, starting: bool) -> Lookup | None:
+        """Where a starting run finds its policy: the pinned one, else the agent's default."""
+        f = self.facts
+        if not starting:
+            return None
+        if f.policy_name is not None:
+            if f.policy_version is not None:
+                return Lookup.of("policy_versions", "policy_id", "version", name=f.policy_name,
+                                 version=f.policy_version)
+            return Lookup.of("policies", "id", "version", name=f.policy_name, deleted=0)
+        if agent["policy_id"] is not None:
+            return Lookup.of("policies", "id", "version", id=agent["policy_id"], deleted=0)
+        return None
+
+    def _binding(self, found: Mapping[Lookup, Row | None], run: Row | None, starting: bool,
+                 ref_lookup: Lookup | None) -> tuple[str, int] | None:
+        """The (policy id, version) the call is governed by: the run's, or the one a starting run takes."""
+        if not starting:
+            if run is None or run["policy_id"] is None:
+                return None
+            return run["policy_id"], int(run["policy_version"])
+        if ref_lookup is None or ref_lookup not in found:
+            return None
+        row = found[ref_lookup]
+        if row is None:
+            return None
+        policy_id = row["policy_id"] if "policy_id" in row else row["id"]
+        return str(policy_id), int(row["version"])
+
+    def _repeats(self, run_id: str) -> Lookup:
+        return Lookup.counting("steps", run_id=run_id, fingerprint=self.facts.fingerprint)
+
+    def _idle_window(self, run: Row) -> int:
+        if run["policy_id"] is not None:
+            policy = cached_policy(run["policy_id"], int(run["policy_version"]))
+            if policy is not None and policy.idle_timeout_s is not None:
+                return policy.idle_timeout_s
+        return self.facts.idle_timeout_s
+
+    # --- the decision --------------------------------------------------------------------------------
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         f = self.facts
-        agent_lookup, run_lookup = self.lookups()
-        agent = found[agent_lookup]
+        agent = found[self._agent]
         # Re-checked atomically with admission: an agent disabled or deleted, or a token rotated, a moment ago
         # lets nothing more in (authentication may have read a cached row).
         if agent is None or not hmac.compare_digest(agent["token_hash"], f.token_hash):
             raise Unauthorized("Unknown agent token.")
         if agent["disabled"]:
             self._refuse(agent_disabled(f.run_id))
-        run = found[run_lookup]
+        run = found[self._run]
         events: list[NewEvent] = []
         if f.run_id is not None:
-            if run is None:
-                events.append(NewEvent(run_stream(f.run_id),
-                                       RunStarted(run_id=f.run_id, agent_id=f.agent_id, auto=False)))
-                self.started_run = True
-            elif run["agent_id"] != f.agent_id:
+            if run is not None and run["agent_id"] != f.agent_id:
                 self._refuse(_run_unavailable())
-            elif run["status"] in CLOSED:
+            if run is not None and run["status"] == "stopped":
+                self._refuse(_force_stopped(f.run_id))
+            if run is not None and run["status"] in CLOSED:
                 self._refuse(_run_closed(f.run_id, run["status"]))
             self.run_id = f.run_id
         else:
-            idle = run is not None and _idle(run, now, f.idle_timeout_s)
-            if run is not None and (idle or f.new_run):
+            stopped = found.get(self._stopped_auto)
+            if run is None and stopped is not None and not f.new_run:
+                self._refuse(_force_stopped(stopped["id"]))
+            if run is not None and (f.new_run or _idle(run, now, self._idle_window(run))):
+                idle = not f.new_run
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
                     run_id=run["id"], status="completed", ended_reason="idle_timeout" if idle else "new_run")))
                 run = None
-            if run is None:
-                self.run_id = new_id("run")
-                events.append(NewEvent(run_stream(self.run_id),
-                                       RunStarted(run_id=self.run_id, agent_id=f.agent_id, auto=True)))
-                self.started_run = True
-            else:
-                self.run_id = run["id"]
+            self.run_id = run["id"] if run is not None else new_id("run")
+        starting = run is None
+        ref_lookup = self._binding_lookup(agent, starting)
+        if starting and f.policy_name is not None and (ref_lookup is None or found.get(ref_lookup) is None):
+            raise BadRequest(f"Policy {f.policy_name}{'' if f.policy_version is None else f'@{f.policy_version}'}"
+                             " not found.", code="unknown_policy")
+        ref = self._binding(found, run, starting, ref_lookup)
+        if ref is not None:
+            self.policy = cached_policy(*ref) or _compile(found, *ref)
+        if not starting and f.policy_name is not None:
+            bound = "no policy" if self.policy is None else f"{self.policy.name}@{self.policy.version}"
+            self.warnings.append(f"x-rungate-policy ignored: the run is already bound to {bound}")
+        if starting:
+            self.started_run = True
+            events.append(NewEvent(run_stream(self.run_id), RunStarted(
+                run_id=self.run_id, agent_id=f.agent_id, auto=f.run_id is None,
+                policy=None if self.policy is None else self.policy.ref)))
+        state = _state(self.run_id, None if starting else run,
+                       found.get(self._repeats(self.run_id)) if not starting else None)
+        self.state = state
+        decisions: list[dict[str, Any]] = []
+        if self.policy is not None:
+            for verdict in evaluate(self.policy, state, CallAsk(f.provider, f.model, f.reserved_pusd,
+                                                                f.reserved_tokens, f.priced, f.tools)):
+                if not verdict.shadow:
+                    self._refuse(self._governance(verdict), rule=verdict.rule)
+                decisions.append({"rule": verdict.rule, "code": verdict.code, "mode": "shadow",
+                                  "message": verdict.message})
+                self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")
         events.append(NewEvent(run_stream(self.run_id), StepStarted(
             step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=f.provider,
-            model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=f.reserved_pusd)))
+            model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=f.reserved_pusd,
+            reserved_tokens=f.reserved_tokens, warnings=decisions)))
         return events
 
-    def _refuse(self, error: RungateError) -> None:
+    def _governance(self, verdict: Verdict) -> GovernanceRefusal:
+        assert self.policy is not None
+        context = {"rule": verdict.rule, **verdict.context, "policy_id": self.policy.id,
+                   "policy_name": self.policy.name, "policy_version": self.policy.version}
+        if "step_that_tripped" in context:
+            context["step_that_tripped"] = self.step_id
+        headers = {"x-should-retry": "false"}
+        if verdict.retry_after is not None:
+            headers = {"Retry-After": str(verdict.retry_after)}
+        return GovernanceRefusal(verdict.message, code=verdict.code, status=verdict.status, run_id=self.run_id,
+                                 context=context, headers=headers)
+
+    def _refuse(self, error: RungateError, rule: str | None = None) -> None:
         f = self.facts
-        raise refusal(f.agent_id, f.run_id, f.endpoint, f.model, error)
+        raise refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
+                      policy=None if self.policy is None else self.policy.ref)
 
 
-def refusal(agent_id: str, run_id: str | None, endpoint: str, model: str | None, error: RungateError) -> Refused:
+def _version_lookup(policy_id: str, version: int) -> Lookup:
+    return Lookup.of("policy_versions", "document", policy_id=policy_id, version=version)
+
+
+def _compile(found: Mapping[Lookup, Row | None], policy_id: str, version: int) -> CompiledPolicy:
+    row = found.get(_version_lookup(policy_id, version))
+    if row is None:  # a bound version always exists: versions are never deleted
+        raise StoreError(f"policy {policy_id} version {version} is missing from the log", status=500,
+                         code="policy_missing")
+    return compile_policy(policy_id, version, row["document"])
+
+
+def _state(run_id: str, run: Row | None, repeats: Row | None) -> RunState:
+    if run is None:
+        return RunState(run_id)
+    return RunState(run_id, step_count=run["step_count"], spend_pusd=run["spend_pusd"],
+                    reserved_pusd=run["reserved_pusd"], tokens_used=run["tokens_input"] + run["tokens_output"],
+                    reserved_tokens=run["reserved_tokens"], budget_add_pusd=run["budget_add_pusd"],
+                    repeats=int(repeats["n"]) if repeats is not None else 0)
+
+
+def _force_stopped(run_id: str) -> GovernanceRefusal:
+    return GovernanceRefusal("An operator stopped this run.", code="run_force_stopped", status=403, run_id=run_id,
+                             context={"rule": "run.stopped", "policy_id": None, "policy_name": None,
+                                      "policy_version": None,
+                                      "next": "Ask an operator to resume the run, or start a new run."},
+                             headers=dict(_NO_RETRY))
+
+
+def refusal(agent_id: str, run_id: str | None, endpoint: str, model: str | None, error: RungateError, *,
+            rule: str | None = None, policy: dict[str, Any] | None = None) -> Refused:
     """Refuse a call with `error` and record the refusal (`CallRefused`) on the agent's stream."""
     return Refused(error, [NewEvent(stream_name("agent", agent_id), CallRefused(
         agent_id=agent_id, run_id=run_id, endpoint=endpoint, model=model, status=error.status, code=error.code,
-        reason=error.message))])
+        reason=error.message, rule=rule or (error.context.get("rule") if isinstance(error, GovernanceRefusal)
+                                             else None), policy=policy))])
 
 
 def agent_disabled(run_id: str | None) -> GovernanceRefusal:

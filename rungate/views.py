@@ -60,10 +60,12 @@ def step_view(row: Row) -> dict[str, Any]:
 
 
 def agent_view(row: Row, token: str | None = None) -> dict[str, Any]:
+    """An agent; `policy` names its default policy (`{"id", "name"}`) or is null."""
     view: dict[str, Any] = {
         "id": row["id"],
         "name": row["name"],
         "status": "disabled" if row["disabled"] else "active",
+        "policy": {"id": row["policy_id"], "name": row.get("policy_name")} if row.get("policy_id") else None,
         "metadata": orjson.loads(row["metadata"]),
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],

@@ -20,6 +20,7 @@ from rungate.admin import (
 from rungate.auth import check_admin
 from rungate.errors import BadRequest, NotFound, StoreError
 from rungate.openapi import load_spec
+from rungate.policy_admin import DeletePolicy, SetAgentPolicy, apply_policy, policy_view
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.keys import KEYRING, SETTINGS, STORE
 from rungate.runs import run_stream
@@ -76,7 +77,7 @@ async def openapi(request: web.Request) -> web.Response:
 @routes.post("/api/agents")
 async def agents_create(request: web.Request) -> web.Response:
     body = await _body(request)
-    row, token = await create_agent(request.app[STORE], body.get("name"), body.get("metadata"))
+    row, token = await create_agent(request.app[STORE], body.get("name"), body.get("metadata"), body.get("policy"))
     return _data(agent_view(row, token), status=201)
 
 
@@ -124,7 +125,17 @@ async def agents_update(request: web.Request) -> web.Response:
     agent_id = request.match_info["agent_id"]
     name, disabled, metadata = _agent_changes(body)
     await request.app[STORE].execute(UpdateAgent(agent_id, name, disabled, metadata))
+    await _set_policy(request, agent_id, body)
     return _data(agent_view(await _agent_or_404(request, agent_id)))
+
+
+async def _set_policy(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:
+    """`"policy": NAME` makes that policy the default of the agent's new runs; `null` removes it."""
+    if "policy" not in body:
+        return
+    if body["policy"] is not None and not isinstance(body["policy"], str):
+        raise BadRequest("policy must be the name of a policy (or null).", code="invalid_policy_name")
+    await request.app[STORE].execute(SetAgentPolicy(agent_id, body["policy"]))
 
 
 @routes.delete("/api/agents/{agent_id}")
@@ -140,10 +151,11 @@ async def agents_upsert(request: web.Request) -> web.Response:
     store = request.app[STORE]
     existing = await queries.agent_by_name(store, request.match_info["name"])
     if existing is None:
-        row, token = await create_agent(store, request.match_info["name"], body.get("metadata"))
+        row, token = await create_agent(store, request.match_info["name"], body.get("metadata"), body.get("policy"))
         return _data(agent_view(row, token), status=201)
     _, disabled, metadata = _agent_changes(body)
     await store.execute(UpdateAgent(existing["id"], None, disabled, metadata))
+    await _set_policy(request, existing["id"], body)
     return _data(agent_view(await _agent_or_404(request, existing["id"])))
 
 
@@ -186,6 +198,76 @@ async def keys_delete(request: web.Request) -> web.Response:
     _admin(request)
     await request.app[STORE].execute(RemoveProviderKey(request.match_info["key_id"]))
     return _data({"id": request.match_info["key_id"], "deleted": True})
+
+
+# --- policies ---------------------------------------------------------------------------------------
+
+async def _policy_or_404(request: web.Request) -> dict[str, Any]:
+    row = await queries.get_policy(request.app[STORE], request.match_info["policy_id"])
+    if row is None:
+        raise NotFound(f"Policy {request.match_info['policy_id']} not found.")
+    return row
+
+
+@routes.post("/api/policies")
+async def policies_create(request: web.Request) -> web.Response:
+    body = await _body(request)
+    row, _ = await apply_policy(request.app[STORE], body, create_only=True)
+    return _data(policy_view(row), status=201)
+
+
+@routes.get("/api/policies")
+async def policies_list(request: web.Request) -> web.Response:
+    _admin(request)
+    return _data([policy_view(r) for r in await queries.list_policies(request.app[STORE])], next=None)
+
+
+@routes.get("/api/policies/{policy_id}")
+async def policies_get(request: web.Request) -> web.Response:
+    _admin(request)
+    return _data(policy_view(await _policy_or_404(request)))
+
+
+@routes.put("/api/policies/{policy_id}")
+async def policies_update(request: web.Request) -> web.Response:
+    """A new version of the policy (the document may rename it); the same document changes nothing."""
+    body = await _body(request)
+    row, _ = await apply_policy(request.app[STORE], body, policy_id=request.match_info["policy_id"])
+    return _data(policy_view(row))
+
+
+@routes.put("/api/policies/by-name/{name}")
+async def policies_upsert(request: web.Request) -> web.Response:
+    body = await _body(request)
+    row, outcome = await apply_policy(request.app[STORE], body, name=request.match_info["name"])
+    return _data(policy_view(row), status=201 if outcome == "created" else 200)
+
+
+@routes.delete("/api/policies/{policy_id}")
+async def policies_delete(request: web.Request) -> web.Response:
+    _admin(request)
+    await request.app[STORE].execute(DeletePolicy(request.match_info["policy_id"]))
+    return _data({"id": request.match_info["policy_id"], "deleted": True})
+
+
+@routes.get("/api/policies/{policy_id}/versions")
+async def policies_versions(request: web.Request) -> web.Response:
+    _admin(request)
+    rows = await queries.policy_versions(request.app[STORE], request.match_info["policy_id"])
+    if not rows:
+        raise NotFound(f"Policy {request.match_info['policy_id']} not found.")
+    return _data([policy_view(r) for r in rows], next=None)
+
+
+@routes.get("/api/policies/{policy_id}/versions/{version}")
+async def policies_version(request: web.Request) -> web.Response:
+    _admin(request)
+    raw = request.match_info["version"]
+    row = (await queries.policy_version(request.app[STORE], request.match_info["policy_id"], int(raw))
+           if raw.isdigit() and len(raw) < 10 else None)
+    if row is None:
+        raise NotFound(f"Version {raw} of policy {request.match_info['policy_id']} not found.")
+    return _data(policy_view(row))
 
 
 # --- runs -------------------------------------------------------------------------------------------

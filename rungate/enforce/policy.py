@@ -13,6 +13,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rungate.errors import BadRequest
@@ -51,10 +52,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_MONEY_DOC = "USD as a decimal string (\"5.00\") or a number; stored and returned as a decimal string."
+
+
 class Budget(_Section):
-    hard_limit_usd: str | None = None
+    hard_limit_usd: Annotated[str | int | float | None, Field(description=_MONEY_DOC)] = None
     hard_limit_tokens: Annotated[int, Field(ge=0, strict=True)] | None = None
-    agent_hourly_usd: str | None = None
+    agent_hourly_usd: Annotated[str | int | float | None, Field(description=_MONEY_DOC)] = None
     alerts: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.8])
     on_exceed: Literal["refuse", "shrink"] = "refuse"
     mode: Mode | None = None
@@ -249,9 +253,10 @@ class CompiledPolicy:
         self.document = document
         self.mode: str = doc.mode
         budget = doc.budget or Budget()
-        self.run_limit_pusd = to_pico(Decimal(budget.hard_limit_usd)) if budget.hard_limit_usd else None
+        self.run_limit_pusd = to_pico(Decimal(str(budget.hard_limit_usd))) if budget.hard_limit_usd else None
         self.run_limit_tokens = budget.hard_limit_tokens
-        self.agent_hourly_pusd = to_pico(Decimal(budget.agent_hourly_usd)) if budget.agent_hourly_usd else None
+        self.agent_hourly_pusd = (to_pico(Decimal(str(budget.agent_hourly_usd))) if budget.agent_hourly_usd
+                                  else None)
         self.alerts = tuple(budget.alerts)
         self.shrink = budget.on_exceed == "shrink"
         self.budget_mode = budget.mode or doc.mode
@@ -274,3 +279,50 @@ class CompiledPolicy:
     def ref(self) -> dict[str, Any]:
         """How events name this policy version."""
         return {"id": self.id, "name": self.name, "version": self.version}
+
+
+# Policy versions never change, so each is compiled once per process (bounded: emptied when full).
+_COMPILED: dict[tuple[str, int], CompiledPolicy] = {}
+_MAX_COMPILED = 1024
+
+
+def cached_policy(policy_id: str, version: int) -> CompiledPolicy | None:
+    """The compiled version if this process has seen it."""
+    return _COMPILED.get((policy_id, version))
+
+
+def compile_policy(policy_id: str, version: int, document: str | dict[str, Any]) -> CompiledPolicy:
+    """Compile (and remember) a stored version; `document` as stored (JSON text) or decoded."""
+    hit = _COMPILED.get((policy_id, version))
+    if hit is not None:
+        return hit
+    compiled = CompiledPolicy(policy_id, version, orjson.loads(document) if isinstance(document, str) else document)
+    if len(_COMPILED) >= _MAX_COMPILED:
+        _COMPILED.clear()
+    _COMPILED[(policy_id, version)] = compiled
+    return compiled
+
+
+def openapi_components() -> dict[str, Any]:
+    """The document's schema as OpenAPI components (`PolicyDocument` and one `Policy…` per section).
+
+    `openapi/rungate.yaml` carries exactly these (a test compares them), so the API contract, the JSON
+    Schema file and the validation here cannot drift apart.
+    """
+    schema = PolicyDocument.model_json_schema(mode="validation", ref_template="#/components/schemas/Policy{model}")
+    components = {f"Policy{name}": body for name, body in schema.pop("$defs", {}).items()}
+    components["PolicyDocument"] = schema
+    stored = {"id": {"type": "string", "pattern": "^pol_[0-9a-f]{26}$"},
+              "version": {"type": "integer", "minimum": 1},
+              "created_at": {"$ref": "#/components/schemas/Timestamp"}}
+    components["PolicyVersion"] = {
+        "description": "One stored version of a policy: the document as stored, with its id and version.",
+        "type": "object", "additionalProperties": False,
+        "required": ["id", "name", "mode", "approvals", "version", "created_at"],
+        "properties": {**schema["properties"], **stored}}
+    components["Policy"] = {
+        "description": "A policy's current version: the document as stored, with its id and version.",
+        "type": "object", "additionalProperties": False,
+        "required": ["id", "name", "mode", "approvals", "version", "created_at", "updated_at"],
+        "properties": {**schema["properties"], **stored, "updated_at": {"$ref": "#/components/schemas/Timestamp"}}}
+    return components

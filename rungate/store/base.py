@@ -36,6 +36,7 @@ class Lookup:
     table: str
     where: tuple[tuple[str, Any], ...]
     columns: tuple[str, ...] = ()
+    count: bool = False  # `SELECT count(*) AS n` over the matching rows instead of the newest row
     sql: str = field(init=False, compare=False, repr=False)
     params: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
@@ -44,7 +45,7 @@ class Lookup:
             raise ValueError("a lookup needs at least one condition")
         # validated (once per shape, cached) and built here: the writer runs many look-ups per batch
         object.__setattr__(self, "sql", _lookup_sql(self.table, tuple(column for column, _ in self.where),
-                                                    self.columns))
+                                                    self.columns, self.count))
         object.__setattr__(self, "params", tuple(value for _, value in self.where))
 
     @classmethod
@@ -52,12 +53,19 @@ class Lookup:
         """`Lookup.of("steps", "status", "run_id", id=step_id)`: those columns (all without any) of the row."""
         return cls(table, tuple(sorted(where.items())), columns)
 
+    @classmethod
+    def counting(cls, table: str, **where: Any) -> Lookup:
+        """`Lookup.counting("steps", run_id=r, fingerprint=f)`: a row `{"n": …}` with the number of matches."""
+        return cls(table, tuple(sorted(where.items())), (), True)
+
 
 @functools.lru_cache(maxsize=256)
-def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...]) -> str:
+def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: bool) -> str:
     if not all(_IDENTIFIER.match(name) for name in (table, *where, *columns)):
         raise ValueError(f"not a lookup over plain identifiers: {(table, *where, *columns)}")
     clause = " AND ".join(f"{column} = ?" for column in where)
+    if count:
+        return f"SELECT count(*) AS n FROM {table} WHERE {clause}"
     selected = ", ".join(columns) if columns else "*"
     return f"SELECT {selected} FROM {table} WHERE {clause} ORDER BY position DESC LIMIT 1"
 
@@ -90,7 +98,12 @@ class Projection(Protocol):
 
 
 class Command(Protocol):
-    """A unit of decision and append, run by the single writer."""
+    """A unit of decision and append, run by the single writer.
+
+    A command may also define `more_lookups(found, now) -> Sequence[Lookup]`: asked again after each round of
+    look-ups (with everything found so far) until it asks for nothing new, for rows whose keys come from
+    other rows (the policy version a run is bound to, say).
+    """
 
     def lookups(self) -> Sequence[Lookup]: ...
 

@@ -24,6 +24,7 @@ from rungate.store.base import Command, Lookup, Projection, Refused, Row
 from rungate.store.hashing import GENESIS, chain_hash
 
 IDEMPOTENT_REPLAY_LIMIT = 1000  # a command never appends more events than this
+MAX_LOOKUP_ROUNDS = 4  # rounds of `more_lookups` a command may ask for
 
 
 def row_to_recorded(row: Mapping[str, Any]) -> Recorded:
@@ -150,8 +151,18 @@ class BatchWriter:
                         break
                     replay.append(recorded)
                 return replay
-        found: dict[Lookup, Row | None] = {lookup: self._lookup(conn, lookup) for lookup in job.command.lookups()}
-        return tuple(job.command.decide(found, now))
+        command = job.command
+        found: dict[Lookup, Row | None] = {lookup: self._lookup(conn, lookup) for lookup in command.lookups()}
+        more = getattr(command, "more_lookups", None)
+        for _ in range(MAX_LOOKUP_ROUNDS):
+            if more is None:
+                break
+            wanted = [lookup for lookup in more(found, now) if lookup not in found]
+            if not wanted:
+                break
+            for lookup in wanted:
+                found[lookup] = self._lookup(conn, lookup)
+        return tuple(command.decide(found, now))
 
     def _write_events(self, conn: sqlite3.Connection, job: Job, new_events: Sequence[NewEvent], state: _Head,
                       now: str) -> list[Recorded]:

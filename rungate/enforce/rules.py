@@ -1,0 +1,141 @@
+"""The rules: a pure function from (policy, run state, call) to the verdicts that apply (SPEC §4).
+
+No I/O and no clock: the caller (admission, inside the write transaction) hands in the run as the
+projections show it at that instant, so two concurrent calls can never both spend the same dollar. Each
+verdict names its rule by its path in the policy; a rule in shadow mode is reported, never enforced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rungate.enforce.policy import CompiledPolicy
+from rungate.prices import format_usd
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """What the run's projection row says before this call (zeros for a run this call starts)."""
+
+    run_id: str
+    step_count: int = 0
+    spend_pusd: int = 0
+    reserved_pusd: int = 0
+    tokens_used: int = 0
+    reserved_tokens: int = 0
+    budget_add_pusd: int = 0
+    repeats: int = 0  # earlier steps of the run with this call's exact request body
+
+
+@dataclass(frozen=True, slots=True)
+class CallAsk:
+    """What the call would use at worst, and what it names."""
+
+    provider: str
+    model: str
+    reserved_pusd: int  # worst-case cost; 0 when the model has no price
+    reserved_tokens: int  # input estimate plus the most output it may produce
+    priced: bool
+    tools: tuple[str, ...] = ()  # tools the request offers the model
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One rule the call breaks: the refusal it means (status, code, message, context) and its mode."""
+
+    rule: str
+    code: str
+    status: int
+    message: str
+    shadow: bool
+    context: dict[str, Any] = field(default_factory=dict)
+    retry_after: int | None = None
+
+
+def budget_limit_pusd(policy: CompiledPolicy | None, run: RunState) -> int | None:
+    """The run's USD cap: the policy's plus every operator top-up; None when no policy sets one."""
+    if policy is None or policy.run_limit_pusd is None:
+        return None
+    return policy.run_limit_pusd + run.budget_add_pusd
+
+
+def evaluate(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict]:
+    """Every rule of `policy` that `ask` breaks, in the order they are checked (models, tools, runaway, budget)."""
+    out: list[Verdict] = []
+    out.extend(_models(policy, ask))
+    out.extend(_tools(policy, ask))
+    out.extend(_runaway(policy, run))
+    out.extend(_budget(policy, run, ask))
+    return out
+
+
+def _models(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:
+    shadow = policy.models_mode == "shadow"
+    allowed = policy.models_allowed.patterns if policy.models_allowed is not None else None
+    context = {"field": "model", "requested": ask.model, "allowed": allowed,
+               "blocked": policy.models_blocked.patterns}
+    if policy.models_blocked.matches(ask.provider, ask.model):
+        return [Verdict("models.blocked", "model_not_allowed", 403, f"Model {ask.model} is blocked by policy.",
+                        shadow, {**context, "next": "Use one of the allowed models."})]
+    if policy.models_allowed is not None and not policy.models_allowed.matches(ask.provider, ask.model):
+        return [Verdict("models.allowed", "model_not_allowed", 403, f"Model {ask.model} is not allowed by policy.",
+                        shadow, {**context, "next": "Use one of the allowed models."})]
+    return []
+
+
+def _tools(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:
+    for tool in ask.tools:
+        if policy.tools_blocked.blocked(tool):
+            return [Verdict("tools.blocked", "tool_blocked", 403, f"Tool {tool} is blocked by policy.",
+                            policy.tools_mode == "shadow",
+                            {"tool": tool, "where": "request", "next": "Remove the tool from the request."})]
+    return []
+
+
+def _runaway(policy: CompiledPolicy, run: RunState) -> list[Verdict]:
+    shadow = policy.runaway_mode == "shadow"
+    out: list[Verdict] = []
+    if policy.max_steps is not None and run.step_count >= policy.max_steps:
+        out.append(Verdict("runaway.max_steps", "runaway_prevention", 403,
+                           f"The run reached its limit of {policy.max_steps} steps.", shadow,
+                           {"limit": policy.max_steps, "steps": run.step_count,
+                            "next": "Complete this run and start a new one, or ask an operator."}))
+    if policy.max_repeats is not None and run.repeats >= policy.max_repeats:
+        out.append(Verdict("runaway.max_repeats", "runaway_prevention", 403,
+                           f"The same request was sent {run.repeats} times in this run (limit"
+                           f" {policy.max_repeats}).", shadow,
+                           {"limit": policy.max_repeats, "repeats": run.repeats,
+                            "next": "Change the request; repeating it will not help."}))
+    return out
+
+
+def _budget(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict]:
+    shadow = policy.budget_mode == "shadow"
+    out: list[Verdict] = []
+    limit = budget_limit_pusd(policy, run)
+    if limit is not None:
+        committed = run.spend_pusd + run.reserved_pusd
+        context = {"run_id": run.run_id, "cumulative_spend_usd": format_usd(run.spend_pusd),
+                   "reserved_usd": format_usd(run.reserved_pusd), "limit_usd": format_usd(limit),
+                   "requested_usd": format_usd(ask.reserved_pusd), "step_that_tripped": None,
+                   "next": "Ask an operator to resume the run with more budget, or start a new run."}
+        if not ask.priced:
+            out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402,
+                               f"Model {ask.model} has no price, so the run's USD budget cannot be kept.", shadow,
+                               {**context, "rule": "stop_on_budget"}))
+        elif committed + ask.reserved_pusd > limit:
+            message = ("Run budget ceiling reached." if committed >= limit else
+                       "This call's worst-case cost does not fit the run's remaining budget.")
+            out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402, message, shadow,
+                               {**context, "rule": "stop_on_budget"}))
+    if policy.run_limit_tokens is not None:
+        used = run.tokens_used + run.reserved_tokens
+        if used + ask.reserved_tokens > policy.run_limit_tokens:
+            out.append(Verdict("budget.hard_limit_tokens", "budget_exceeded", 402,
+                               "This call's worst-case tokens do not fit the run's token budget.", shadow,
+                               {"run_id": run.run_id, "cumulative_tokens": run.tokens_used,
+                                "reserved_tokens": run.reserved_tokens, "limit_tokens": policy.run_limit_tokens,
+                                "requested_tokens": ask.reserved_tokens,
+                                "next": "Ask an operator to resume the run with more budget, or start a new run."}))
+    return out
