@@ -128,7 +128,7 @@ async def _keys_list(store: EventStore) -> int:
 async def _runs_list(store: EventStore, agent_id: str | None, status: str | None, limit: int) -> int:
     rows, _ = await queries.list_runs(store, agent_id=agent_id, status=status, limit=limit)
     for row in rows:
-        view = run_view(row)
+        view = run_view(row, await queries.run_limit_pusd(store, row))
         print(f"{view['id']}  {view['status']:<9}  steps={view['step_count']:<4}  spend=${view['spend_usd']:<12}"
               f"  agent={view['agent_id']}  started={view['started_at']}")
     if not rows:
@@ -141,7 +141,8 @@ async def _runs_show(store: EventStore, run_id: str) -> int:
     if row is None:
         print(f"run {run_id} not found", file=sys.stderr)
         return 1
-    _print_json({**run_view(row), "steps": [step_view(s) for s in await queries.run_steps(store, run_id)]})
+    steps = [step_view(s) for s in await queries.run_steps(store, run_id)]
+    _print_json({**run_view(row, await queries.run_limit_pusd(store, row)), "steps": steps})
     return 0
 
 

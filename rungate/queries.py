@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from rungate.clock import isoformat, parse_iso
+from rungate.enforce.policy import cached_policy, compile_policy
 from rungate.errors import BadRequest
 from rungate.store import EventStore, Row
 
@@ -157,3 +158,18 @@ async def policy_version(store: EventStore, policy_id: str, version: int) -> Row
     return await store.fetchone("SELECT * FROM policy_versions WHERE policy_id = ? AND version = ?",
                                 (policy_id, version))
 
+
+
+async def run_limit_pusd(store: EventStore, run: Row) -> int | None:
+    """The run's USD cap: its bound policy version's `budget.hard_limit_usd` plus operator top-ups."""
+    if run.get("policy_id") is None:
+        return None
+    policy = cached_policy(run["policy_id"], int(run["policy_version"]))
+    if policy is None:
+        row = await policy_version(store, run["policy_id"], int(run["policy_version"]))
+        if row is None:
+            return None
+        policy = compile_policy(row["policy_id"], row["version"], row["document"])
+    if policy.run_limit_pusd is None:
+        return None
+    return policy.run_limit_pusd + int(run["budget_add_pusd"])

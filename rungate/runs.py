@@ -318,18 +318,24 @@ class SettleStep:
     With `completed`, that event is recorded. Without it the step is closed as `reason` says: by default
     abandoned (its process died or its caller vanished after forwarding) and charged its reservation,
     never booked as $0; with `charge_reservation=False` (nothing was forwarded) at no cost.
+    With `run_id`, the run is read too and `run_after` holds its spend, reservations and tokens as they are
+    once this settlement is folded in (what the budget headers report).
     """
 
     step_id: str
     completed: StepCompleted | None = None
     reason: str = "the call was never settled (process stopped or caller vanished)"
     charge_reservation: bool = True
+    run_id: str | None = None
+    run_after: RunState | None = None
 
     def __post_init__(self) -> None:
-        self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", id=self.step_id)
+        self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", "reserved_tokens",
+                               id=self.step_id)
+        self._run = Lookup.of("runs", *_RUN_COLUMNS, id=self.run_id) if self.run_id is not None else None
 
     def lookups(self) -> Sequence[Lookup]:
-        return (self._step,)
+        return (self._step,) if self._run is None else (self._step, self._run)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         step = found[self._step]
@@ -342,6 +348,16 @@ class SettleStep:
             status="abandoned" if self.charge_reservation else "cancelled", provider=step["provider"],
             model=step["model"], usage={}, cost_pusd=step["reserved_pusd"] if self.charge_reservation else 0,
             estimated=self.charge_reservation, latency_ms=0, error=self.reason)
+        run = found[self._run] if self._run is not None else None
+        if run is not None:
+            before = _state(run["id"], run, None)
+            usage = event.usage
+            tokens = sum(usage.get(k, 0) for k in ("input", "cached", "cache_write", "cache_write_1h", "output"))
+            self.run_after = RunState(
+                run["id"], step_count=before.step_count, spend_pusd=before.spend_pusd + (event.cost_pusd or 0),
+                reserved_pusd=before.reserved_pusd - step["reserved_pusd"], tokens_used=before.tokens_used + tokens,
+                reserved_tokens=before.reserved_tokens - step["reserved_tokens"],
+                budget_add_pusd=before.budget_add_pusd)
         return (NewEvent(run_stream(step["run_id"]), event),)
 
 

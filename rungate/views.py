@@ -10,7 +10,8 @@ from rungate.prices import format_usd
 from rungate.store import Row
 
 
-def run_view(row: Row) -> dict[str, Any]:
+def run_view(row: Row, limit_pusd: int | None = None) -> dict[str, Any]:
+    """A run; `limit_pusd` is its USD cap (its policy's plus top-ups), None when none applies."""
     return {
         "id": row["id"],
         "agent_id": row["agent_id"],
@@ -26,8 +27,9 @@ def run_view(row: Row) -> dict[str, Any]:
         "spend_usd": format_usd(row["spend_pusd"]),
         "reserved_usd": format_usd(row["reserved_pusd"]),
         "unpriced_steps": row["unpriced_steps"],
-        "budget_limit_usd": None,
-        "budget_remaining_usd": None,
+        "budget_limit_usd": None if limit_pusd is None else format_usd(limit_pusd),
+        "budget_remaining_usd": None if limit_pusd is None else format_usd(
+            max(0, limit_pusd - row["spend_pusd"] - row["reserved_pusd"])),
         "last_activity_at": row["last_activity_at"],
     }
 

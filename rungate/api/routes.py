@@ -279,7 +279,8 @@ async def runs_list(request: web.Request) -> web.Response:
     rows, next_cursor = await queries.list_runs(
         request.app[STORE], agent_id=q.get("agent_id"), status=q.get("status"), since=q.get("since"),
         until=q.get("until"), limit=_int_param(request, "limit", 50, 1, 500), cursor=q.get("cursor"))
-    return _data([run_view(r) for r in rows], next=next_cursor)
+    store = request.app[STORE]
+    return _data([run_view(r, await queries.run_limit_pusd(store, r)) for r in rows], next=next_cursor)
 
 
 async def _run_or_404(request: web.Request) -> dict[str, Any]:
@@ -292,7 +293,8 @@ async def _run_or_404(request: web.Request) -> dict[str, Any]:
 @routes.get("/api/runs/{run_id}")
 async def runs_get(request: web.Request) -> web.Response:
     _admin(request)
-    return _data(run_view(await _run_or_404(request)))
+    run = await _run_or_404(request)
+    return _data(run_view(run, await queries.run_limit_pusd(request.app[STORE], run)))
 
 
 @routes.get("/api/runs/{run_id}/steps")
@@ -307,7 +309,7 @@ async def runs_ledger(request: web.Request) -> web.Response:
     _admin(request)
     run = await _run_or_404(request)
     steps = [step_view(r) for r in await queries.run_steps(request.app[STORE], run["id"])]
-    view = run_view(run)
+    view = run_view(run, await queries.run_limit_pusd(request.app[STORE], run))
     return _data({"run_id": run["id"], "spend_usd": view["spend_usd"], "reserved_usd": view["reserved_usd"],
                   "entries": [{"step_id": s["id"], "kind": s["kind"], "model": s["model"], "tool": s["tool"],
                                "status": s["status"], "cost_usd": s["cost_usd"], "unpriced": s["unpriced"],

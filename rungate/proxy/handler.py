@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from rungate.auth import authenticate_agent
+from rungate.enforce.rules import RunState, budget_limit_pusd
+from rungate.enforce.tools import offered_tools
 from rungate.errors import BadRequest, ProviderError, StoreError
 from rungate.events.catalogue import StepCompleted
 from rungate.ids import is_valid_client_id
@@ -41,11 +44,41 @@ from rungate.usage import Usage
 log = get_logger("rungate.proxy")
 _TRUE = {"1", "true", "yes"}
 _MAX_MODEL_CHARS = 256
+_POLICY_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 SETTLE_ATTEMPTS = 3
 
 
 class ClientGone(Exception):
     """The agent closed its connection while Rungate was writing to it."""
+
+
+@dataclass
+class Budget:
+    """The run's caps (None: no cap) and what is left of them, for the `x-rungate-budget-remaining-*` headers."""
+
+    limit_pusd: int | None
+    limit_tokens: int | None
+    remaining_pusd: int | None
+    remaining_tokens: int | None
+
+    @classmethod
+    def after_admission(cls, admit: AdmitCall) -> Budget:
+        """What is left once this call's worst case is reserved (exact again after settlement)."""
+        state, facts = admit.state, admit.facts
+        assert state is not None
+        limit = budget_limit_pusd(admit.policy, state)
+        tokens = admit.policy.run_limit_tokens if admit.policy is not None else None
+        return cls(limit, tokens,
+                   None if limit is None else limit - state.spend_pusd - state.reserved_pusd - facts.reserved_pusd,
+                   None if tokens is None else
+                   tokens - state.tokens_used - state.reserved_tokens - facts.reserved_tokens)
+
+    def settled(self, run: RunState) -> None:
+        """Exact figures once the call is settled: the cap minus spend and what calls in flight still hold."""
+        if self.limit_pusd is not None:
+            self.remaining_pusd = self.limit_pusd - run.spend_pusd - run.reserved_pusd
+        if self.limit_tokens is not None:
+            self.remaining_tokens = self.limit_tokens - run.tokens_used - run.reserved_tokens
 
 
 @dataclass
@@ -66,6 +99,12 @@ class Call:
     usage: Usage = field(default_factory=Usage)
     cost_pusd: int | None = 0
     warnings: list[str] = field(default_factory=list)
+    budget: Budget | None = None
+
+    @property
+    def budget_known(self) -> bool:
+        """Whether the run has a cap whose remainder the answer reports."""
+        return self.budget is not None and (self.budget.limit_pusd is not None or self.budget.limit_tokens is not None)
 
     def seen_usage(self) -> tuple[Usage, bool]:
         """What a stream reported so far, or an estimate from what was relayed (and whether estimated)."""
@@ -84,8 +123,18 @@ def _max_output(body: dict[str, Any], fmt: WireFormat) -> int | None:
     return None
 
 
-def _run_options(request: web.Request, body: dict[str, Any]) -> tuple[str | None, bool]:
-    """The run id and new-run flag from headers or the body's `rungate` key (removed from the body)."""
+@dataclass(frozen=True)
+class RunOptions:
+    """How a call asks to be grouped: its run id, a fresh run, and the policy a run it starts binds to."""
+
+    run_id: str | None
+    new_run: bool
+    policy_name: str | None
+    policy_version: int | None
+
+
+def _run_options(request: web.Request, body: dict[str, Any]) -> RunOptions:
+    """The run options from headers or the body's `rungate` key (removed from the body); headers win."""
     options = body.pop("rungate", None)
     if options is not None and not isinstance(options, dict):
         raise BadRequest("The `rungate` key must be an object.", code="invalid_rungate_options")
@@ -94,7 +143,14 @@ def _run_options(request: web.Request, body: dict[str, Any]) -> tuple[str | None
     if run_id is not None and (not isinstance(run_id, str) or not is_valid_client_id(run_id)):
         raise BadRequest("Run id must be 1-128 characters of letters, digits and _ . : -", code="invalid_run_id")
     new_run = request.headers.get("x-rungate-new-run", "").strip().lower() in _TRUE or options.get("new_run") is True
-    return run_id, new_run
+    pin = request.headers.get("x-rungate-policy") or options.get("policy")
+    name, version = None, None
+    if pin is not None:
+        match = _POLICY_PIN.match(pin.strip()) if isinstance(pin, str) else None
+        if match is None:
+            raise BadRequest("The policy must be given as NAME or NAME@VERSION.", code="invalid_policy_name")
+        name, version = match["name"], int(match["version"]) if match["version"] else None
+    return RunOptions(run_id, new_run, name, version)
 
 
 def _validate(body: dict[str, Any], fmt: WireFormat) -> str:
@@ -122,7 +178,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     structlog.contextvars.bind_contextvars(agent_id=agent["id"])
     _, body = await read_json_object(request, settings.max_body_bytes)
     model = _validate(body, fmt)
-    run_id, new_run = _run_options(request, body)
+    options = _run_options(request, body)
     stream = body.get("stream") is True and fmt.meter is not None
     client_wants_usage = False
     if fmt is CHAT and stream:
@@ -132,13 +188,21 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
 
     target = await app[TARGETS].resolve(fmt.provider, model)
     input_estimate = estimate_input_tokens(body)
-    reserved = prices.max_cost_pico(model, input_estimate, _max_output(body, fmt)) or 0
+    max_output = _max_output(body, fmt)
+    worst = prices.max_cost_pico(model, input_estimate, max_output)
+    price = prices.lookup(model)
+    out_limit = max_output if max_output is not None else (price.max_output_tokens if price is not None else None)
     admit = AdmitCall(CallFacts(
-        agent_id=agent["id"], token_hash=agent["token_hash"], run_id=run_id, new_run=new_run, endpoint=fmt.name,
-        provider=target.provider, model=model, stream=stream, fingerprint=hashlib.sha256(forward).hexdigest(),
-        reserved_pusd=reserved, idle_timeout_s=settings.idle_timeout_s))
-    call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, reserved)
+        agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
+        endpoint=fmt.name, provider=target.provider, model=model, stream=stream,
+        fingerprint=hashlib.sha256(forward).hexdigest(), reserved_pusd=worst or 0,
+        idle_timeout_s=settings.idle_timeout_s, reserved_tokens=input_estimate + (out_limit or 0),
+        priced=worst is not None, tools=offered_tools(body), policy_name=options.policy_name,
+        policy_version=options.policy_version))
+    call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0)
     await _admit(store, admit, call)
+    call.warnings.extend(admit.warnings)
+    call.budget = Budget.after_admission(admit)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
     try:
         return await _forward(request, call, forward, client_wants_usage)
@@ -321,6 +385,11 @@ def rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
         "x-rungate-budget-remaining-usd": "unlimited",
         "x-rungate-budget-remaining-tokens": "unlimited",
     })
+    budget = call.budget
+    if budget is not None and budget.remaining_pusd is not None:
+        headers["x-rungate-budget-remaining-usd"] = format_usd(max(0, budget.remaining_pusd))
+    if budget is not None and budget.remaining_tokens is not None:
+        headers["x-rungate-budget-remaining-tokens"] = str(max(0, budget.remaining_tokens))
     if final and call.settled:
         headers["x-rungate-tokens-used"] = str(call.usage.total)
         headers["x-rungate-cost-usd"] = "unpriced" if call.cost_pusd is None else format_usd(call.cost_pusd)
@@ -350,7 +419,10 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls])
     for attempt in range(SETTLE_ATTEMPTS):
         try:
-            await store.execute(SettleStep(call.step_id, event), metadata={"agent_id": call.agent_id})
+            settle = SettleStep(call.step_id, event, run_id=call.run_id if call.budget_known else None)
+            await store.execute(settle, metadata={"agent_id": call.agent_id})
+            if settle.run_after is not None and call.budget is not None:
+                call.budget.settled(settle.run_after)
             break
         except StoreError:
             if attempt == SETTLE_ATTEMPTS - 1:

@@ -1,0 +1,323 @@
+"""Governance (SPEC §4): policy documents over the API, binding runs to versions, and the rules the
+admission enforces — models, offered tools, runaway limits, run budgets by reservation, shadow mode."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import orjson
+import pytest
+
+from rungate.prices import PriceTable, format_usd
+from rungate.providers.metering import estimate_input_tokens
+from tests.conftest import Gateway
+from tests.openapi_check import validate_response
+
+CHAT = "/v1/chat/completions"
+
+
+def oa(gateway: Gateway, token: str, **headers: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=token, base_url=gateway.url + "/v1", max_retries=0,
+                              default_headers=headers or None)
+
+
+async def put_policy(gateway: Gateway, name: str, document: dict[str, Any], status: int = 201) -> dict[str, Any]:
+    code, body = await gateway.admin("PUT", f"/api/policies/by-name/{name}", document)
+    assert code == status, body
+    validate_response("PUT", "/api/policies/by-name/{name}", code, body)
+    policy: dict[str, Any] = body["data"]
+    return policy
+
+
+async def agent_with_policy(gateway: Gateway, name: str, policy: str | None) -> str:
+    code, body = await gateway.admin("POST", "/api/agents", {"name": name, "policy": policy})
+    assert code == 201, body
+    validate_response("POST", "/api/agents", 201, body)
+    token: str = body["data"]["token"]
+    return token
+
+
+async def post(gateway: Gateway, token: str, body: dict[str, Any], **headers: str) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + CHAT, data=orjson.dumps(body),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", **headers}) as resp:
+        raw = await resp.read()
+        return resp.status, resp.headers, orjson.loads(raw) if raw[:1] == b"{" else raw
+
+
+def chat(text: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "mock-gpt", "messages": [{"role": "user", "content": text}], **extra}
+
+
+# --- the documents ---------------------------------------------------------------------------------
+
+
+async def test_policies_are_versioned_documents_and_bad_ones_change_nothing(gateway: Gateway) -> None:
+    # given a policy created over the API
+    first = await put_policy(gateway, "prod", {"budget": {"hard_limit_usd": 5}, "models": {"allowed": ["mock-*"]}})
+    assert first["version"] == 1 and first["budget"]["hard_limit_usd"] == "5" and first["name"] == "prod"
+    # when the same document is applied again, nothing changes; a changed one is version 2
+    same = await put_policy(gateway, "prod", {"budget": {"hard_limit_usd": "5.00"}, "models": {"allowed": ["mock-*"]}},
+                            status=200)
+    assert same["version"] == 1
+    second = await put_policy(gateway, "prod", {"budget": {"hard_limit_usd": "7.5"}}, status=200)
+    assert second["version"] == 2 and second["id"] == first["id"] and "models" not in second
+    # and an invalid document is refused with every problem, and nothing changes
+    code, body = await gateway.admin("PUT", "/api/policies/by-name/prod", {
+        "budget": {"hard_limit_usd": "lots", "on_exceed": "pray"}, "modles": {}, "runaway": {"max_steps": 0}})
+    assert code == 400 and body["error"]["code"] == "invalid_policy"
+    problems = {(p["path"], p["reason"]) for p in body["error"]["problems"]}
+    assert {p for p, _ in problems} == {"budget.hard_limit_usd", "budget.on_exceed", "modles", "runaway.max_steps"}
+    assert ("modles", "unknown key") in problems
+    code, body = await gateway.admin("GET", f"/api/policies/{first['id']}")
+    assert code == 200 and body["data"]["version"] == 2
+    validate_response("GET", "/api/policies/{policy_id}", 200, body)
+    # every version stays readable
+    code, body = await gateway.admin("GET", f"/api/policies/{first['id']}/versions")
+    assert code == 200 and [v["version"] for v in body["data"]] == [1, 2]
+    validate_response("GET", "/api/policies/{policy_id}/versions", 200, body)
+    code, body = await gateway.admin("GET", f"/api/policies/{first['id']}/versions/1")
+    assert code == 200 and body["data"]["budget"]["hard_limit_usd"] == "5"
+    validate_response("GET", "/api/policies/{policy_id}/versions/{version}", 200, body)
+    # POST refuses a taken name; the list shows live policies; a policy in use cannot be deleted
+    code, body = await gateway.admin("POST", "/api/policies", {"name": "prod"})
+    assert code == 409 and body["error"]["code"] == "name_taken"
+    await agent_with_policy(gateway, "user-of-prod", "prod")
+    code, body = await gateway.admin("DELETE", f"/api/policies/{first['id']}")
+    assert code == 409 and body["error"]["code"] == "policy_in_use"
+    code, body = await gateway.admin("POST", "/api/policies", {"name": "spare", "mode": "shadow"})
+    assert code == 201
+    validate_response("POST", "/api/policies", 201, body)
+    code, listed = await gateway.admin("GET", "/api/policies")
+    assert [p["name"] for p in listed["data"]] == ["prod", "spare"]
+    validate_response("GET", "/api/policies", 200, listed)
+    code, _ = await gateway.admin("DELETE", f"/api/policies/{body['data']['id']}")
+    assert code == 200
+    code, listed = await gateway.admin("GET", "/api/policies")
+    assert [p["name"] for p in listed["data"]] == ["prod"]
+
+
+async def test_a_run_keeps_the_policy_version_it_started_with(gateway: Gateway) -> None:
+    await put_policy(gateway, "steps", {"runaway": {"max_steps": 2}})
+    token = await agent_with_policy(gateway, "bound", "steps")
+    async with oa(gateway, token) as client:
+        await _bound_run(gateway, client)
+
+
+async def _bound_run(gateway: Gateway, client: openai.AsyncOpenAI) -> None:
+    # given a run started under version 1 (two steps allowed)
+    first = await client.chat.completions.with_raw_response.create(model="mock-gpt",
+                                                                  messages=[{"role": "user", "content": "a"}])
+    run_id = first.headers["x-rungate-run-id"]
+    # when the policy changes to allow more steps
+    await put_policy(gateway, "steps", {"runaway": {"max_steps": 10}}, status=200)
+    # then the running run still stops after two steps, under version 1
+    await client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "b"}])
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "c"}])
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "runaway_prevention"
+    assert error["context"]["rule"] == "runaway.max_steps" and error["context"]["policy_version"] == 1
+    assert error["run_id"] == run_id and error["details"] == error["context"]
+    # and a new run binds to version 2
+    fresh = await client.chat.completions.with_raw_response.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "d"}], extra_headers={"x-rungate-new-run": "true"})
+    code, run = await gateway.admin("GET", f"/api/runs/{fresh.headers['x-rungate-run-id']}")
+    assert run["data"]["policy"]["version"] == 2 and run["data"]["policy"]["name"] == "steps"
+    code, old = await gateway.admin("GET", f"/api/runs/{run_id}")
+    assert old["data"]["policy"]["version"] == 1
+
+
+async def test_a_pinned_policy_binds_a_new_run_and_is_reported_when_ignored(gateway: Gateway) -> None:
+    await put_policy(gateway, "strict", {"models": {"allowed": ["gpt-4o-mini"]}})
+    await put_policy(gateway, "strict", {"models": {"allowed": ["mock-*"]}}, status=200)
+    token = await agent_with_policy(gateway, "pinner", None)
+    # pinned to version 1: mock-gpt is not allowed there
+    status, _, body = await post(gateway, token, chat(), **{"x-rungate-policy": "strict@1",
+                                                           "x-rungate-run-id": "pinned-1"})
+    assert status == 403 and body["error"]["code"] == "model_not_allowed"
+    assert body["error"]["context"]["allowed"] == ["gpt-4o-mini"]
+    # pinned to the current version (by name), in the body's `rungate` key
+    status, headers, _ = await post(gateway, token, {**chat(), "rungate": {"run_id": "pinned-2", "policy": "strict"}})
+    assert status == 200
+    code, run = await gateway.admin("GET", "/api/runs/pinned-2")
+    assert run["data"]["policy"]["version"] == 2
+    # a later pin on the same run is ignored, and said so
+    status, headers, _ = await post(gateway, token, chat(), **{"x-rungate-policy": "strict@1",
+                                                              "x-rungate-run-id": "pinned-2"})
+    assert status == 200 and "x-rungate-policy ignored" in headers["x-rungate-warning"]
+    # an unknown or malformed pin is a 400
+    status, _, body = await post(gateway, token, chat(), **{"x-rungate-policy": "nope", "x-rungate-run-id": "p3"})
+    assert status == 400 and body["error"]["code"] == "unknown_policy"
+    status, _, body = await post(gateway, token, chat(), **{"x-rungate-policy": "bad name!"})
+    assert status == 400 and body["error"]["code"] == "invalid_policy_name"
+
+
+# --- the rules -------------------------------------------------------------------------------------
+
+
+async def test_models_are_refused_in_each_sdks_own_way_and_the_refusal_is_recorded(gateway: Gateway) -> None:
+    await put_policy(gateway, "models", {"models": {"allowed": ["openai/mock-*", "mock-claude"],
+                                                    "blocked": ["mock-gpt-blocked*"]}})
+    token = await agent_with_policy(gateway, "picky", "models")
+    async with oa(gateway, token) as client:
+        assert await client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    body = refused.value.body
+    assert isinstance(body, dict) and body["type"] == "governance_block" and body["code"] == "model_not_allowed"
+    assert body["context"]["requested"] == "gpt-4o" and body["context"]["rule"] == "models.allowed"
+    assert body["context"]["policy_name"] == "models"
+    async with anthropic.AsyncAnthropic(api_key=token, base_url=gateway.url, max_retries=0) as ant:
+        with pytest.raises(anthropic.PermissionDeniedError) as blocked:
+            await ant.messages.create(model="claude-haiku-4-5", max_tokens=10,
+                                      messages=[{"role": "user", "content": "x"}])
+    assert isinstance(blocked.value.body, dict) and blocked.value.body["error"]["code"] == "model_not_allowed"
+    # the refusals are events naming the rule and the policy version
+    code, agents = await gateway.admin("GET", "/api/agents")
+    agent_id = next(a["id"] for a in agents["data"] if a["name"] == "picky")
+    events = [e for e in await _agent_events(gateway, agent_id) if e["type"] == "CallRefused"]
+    assert [(e["data"]["code"], e["data"]["rule"], e["data"]["policy"]["version"]) for e in events] == [
+        ("model_not_allowed", "models.allowed", 1), ("model_not_allowed", "models.allowed", 1)]
+
+
+async def _agent_events(gateway: Gateway, agent_id: str) -> list[dict[str, Any]]:
+    from rungate.proxy.keys import STORE
+
+    store = gateway.app[STORE]
+    return [r._asdict() for r in await store.read_stream(f"agent-{agent_id}")]
+
+
+async def test_blocked_tools_are_refused_under_any_spelling(gateway: Gateway) -> None:
+    await put_policy(gateway, "no-shell", {"tools": {"blocked": ["shell_exec", "delete_*"]}})
+    token = await agent_with_policy(gateway, "tooler", "no-shell")
+    fine = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    status, _, _ = await post(gateway, token, chat(tools=[fine]))
+    assert status == 200
+    for spelling in ("Shell-Exec", " shell.exec", "mcp__box__shell_exec", "DELETE_FILES"):
+        tool = {"type": "function", "function": {"name": spelling, "parameters": {"type": "object"}}}
+        status, _, body = await post(gateway, token, chat(tools=[fine, tool]))
+        assert status == 403 and body["error"]["code"] == "tool_blocked", spelling
+        assert body["error"]["context"]["tool"] == spelling
+    async with anthropic.AsyncAnthropic(api_key=token, base_url=gateway.url, max_retries=0) as ant:
+        with pytest.raises(anthropic.PermissionDeniedError):
+            await ant.messages.create(model="mock-claude", max_tokens=10, messages=[{"role": "user", "content": "x"}],
+                                      tools=[{"name": "shell_exec", "input_schema": {"type": "object"}}])
+
+
+async def test_repeating_the_same_request_is_runaway(gateway: Gateway) -> None:
+    await put_policy(gateway, "repeats", {"runaway": {"max_repeats": 2}})
+    token = await agent_with_policy(gateway, "looper", "repeats")
+    for _ in range(2):
+        status, _, _ = await post(gateway, token, chat("same"), **{"x-rungate-run-id": "loop"})
+        assert status == 200
+    status, _, body = await post(gateway, token, chat("same"), **{"x-rungate-run-id": "loop"})
+    assert status == 403 and body["error"]["code"] == "runaway_prevention"
+    assert body["error"]["context"]["rule"] == "runaway.max_repeats"
+    status, _, _ = await post(gateway, token, chat("different"), **{"x-rungate-run-id": "loop"})
+    assert status == 200
+
+
+async def test_shadow_mode_records_and_warns_but_lets_the_call_through(gateway: Gateway) -> None:
+    await put_policy(gateway, "watch", {"mode": "shadow", "models": {"allowed": ["gpt-4o-mini"]},
+                                        "runaway": {"max_steps": 1}})
+    token = await agent_with_policy(gateway, "watched", "watch")
+    for _ in range(2):
+        status, headers, _ = await post(gateway, token, chat(), **{"x-rungate-run-id": "shadowed"})
+        assert status == 200 and "shadow: model_not_allowed" in headers["x-rungate-warning"]
+    assert "runaway_prevention" in headers["x-rungate-warning"]
+    code, steps = await gateway.admin("GET", "/api/runs/shadowed/steps")
+    assert len(steps["data"]) == 2
+
+
+async def test_a_run_budget_refuses_the_call_that_would_not_fit_and_headers_are_exact(gateway: Gateway) -> None:
+    prices = PriceTable.load()
+    body = chat("budgeted call", max_tokens=50)
+    worst = prices.max_cost_pico("mock-gpt", estimate_input_tokens(body), 50)
+    assert worst is not None
+    # given a budget of exactly two worst-case calls
+    await put_policy(gateway, "two-calls", {"budget": {"hard_limit_usd": format_usd(2 * worst)}})
+    token = await agent_with_policy(gateway, "thrifty", "two-calls")
+    status, headers, first = await post(gateway, token, body, **{"x-rungate-run-id": "budget-run"})
+    assert status == 200
+    spent = Decimal(headers["x-rungate-cost-usd"])
+    assert Decimal(headers["x-rungate-budget-remaining-usd"]) == Decimal(format_usd(2 * worst)) - spent
+    # when calls go on (each spends less than it reserves), until one's worst case no longer fits
+    for _ in range(60):
+        status, headers, answer = await post(gateway, token, body, **{"x-rungate-run-id": "budget-run"})
+        if status == 402:
+            break
+        assert status == 200
+        remaining = Decimal(headers["x-rungate-budget-remaining-usd"])
+        spent += Decimal(headers["x-rungate-cost-usd"])
+        assert remaining == Decimal(format_usd(2 * worst)) - spent  # exact after settlement
+    # then the refusal says why, in decimal strings
+    assert status == 402
+    error = answer["error"]
+    assert error["code"] == "budget_exceeded" and error["context"]["rule"] == "stop_on_budget"
+    assert error["context"]["limit_usd"] == format_usd(2 * worst) and error["context"]["step_that_tripped"]
+    assert Decimal(error["context"]["cumulative_spend_usd"]) == spent
+    assert spent + Decimal(error["context"]["requested_usd"]) > Decimal(format_usd(2 * worst))
+    code, run = await gateway.admin("GET", "/api/runs/budget-run")
+    validate_response("GET", "/api/runs/{run_id}", 200, run)
+    assert Decimal(run["data"]["spend_usd"]) == spent <= Decimal(format_usd(2 * worst))
+    assert run["data"]["reserved_usd"] == "0" and run["data"]["budget_limit_usd"] == format_usd(2 * worst)
+    assert Decimal(run["data"]["budget_remaining_usd"]) == Decimal(format_usd(2 * worst)) - spent
+
+
+async def test_two_hundred_simultaneous_calls_fit_exactly_ten_worst_cases(gateway: Gateway) -> None:
+    """Issue 3's proof: a run budget that fits exactly 10 worst-case calls admits exactly 10 of 200 at once;
+    spend stays under the cap and nothing stays reserved, with streams cut at random among them (20 rounds)."""
+    prices = PriceTable.load()
+    # Every request has the same worst case (same-length text; `[cut:99]` outlasts the mock's stream), and an
+    # answer that is not cut costs exactly that: the reply is longer than `max_tokens`, so it is cut to 40
+    # tokens, and the mock counts input as Rungate estimates it. Cut streams settle for less, but only after
+    # the mock's one-second pause, when all 200 have been decided.
+    words = " w" * 45
+    body = chat(f"concurrent [sleep:1000] [cut:99]{words}", max_tokens=40)
+    worst = prices.max_cost_pico("mock-gpt", estimate_input_tokens(body), 40)
+    assert worst is not None
+    await put_policy(gateway, "ten", {"budget": {"hard_limit_usd": format_usd(10 * worst)}})
+    token = await agent_with_policy(gateway, "crowd", "ten")
+    rng = random.Random(4)
+    cap = Decimal(format_usd(10 * worst))
+
+    async def one(run_id: str, http: aiohttp.ClientSession) -> int:
+        streamed = rng.random() < 0.3
+        request = chat(f"concurrent [sleep:1000] [cut:{rng.randint(10, 30) if rng.random() < 0.5 else 99}]{words}",
+                       max_tokens=40, stream=streamed)
+        assert estimate_input_tokens(request) == estimate_input_tokens(body)
+        async with http.post(gateway.url + CHAT, data=orjson.dumps(request),
+                             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                                      "x-rungate-run-id": run_id}) as resp:
+            await resp.read()
+            return resp.status
+
+    for round_ in range(20):
+        run_id = f"crowd-{round_}"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            statuses = await asyncio.gather(*(one(run_id, http) for _ in range(200)))
+        assert statuses.count(200) == 10 and statuses.count(402) == 190, (round_, sorted(set(statuses)))
+        code, run = await gateway.admin("GET", f"/api/runs/{run_id}")
+        assert Decimal(run["data"]["spend_usd"]) <= cap and run["data"]["reserved_usd"] == "0"
+        assert run["data"]["step_count"] == 10
+
+
+def test_the_documented_policy_schema_is_the_one_validation_uses() -> None:
+    import json
+    from pathlib import Path
+
+    from rungate.enforce.policy import json_schema, openapi_components
+    from rungate.openapi import load_spec
+
+    schemas = load_spec()["components"]["schemas"]
+    for name, schema in openapi_components().items():
+        assert schemas[name] == schema, f"openapi/rungate.yaml: {name} drifted from rungate.enforce.policy"
+    stored = json.loads((Path(__file__).parent.parent / "openapi" / "policy.schema.json").read_text())
+    assert stored == json_schema(), "openapi/policy.schema.json drifted; regenerate it from json_schema()"
