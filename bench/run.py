@@ -39,6 +39,7 @@ from aiohttp import web
 from rungate.admin import create_agent
 from rungate.config import Settings, load_settings
 from rungate.log import configure as configure_logging
+from rungate.policy_admin import apply_policy
 from rungate.providers.mock import MOCK_REQUESTS, create_mock_app
 from rungate.proxy.app import create_app
 from rungate.proxy.keys import STORE
@@ -53,6 +54,17 @@ QUICK_REQUESTS = 100
 DEFAULT_ROUNDS = 5
 MAX_ERRORS_SHOWN = 5
 REQUEST_TIMEOUT_S = 60.0
+DISTINCT_BODIES = 1000
+
+# `--governed`: every rule kind admission enforces, with limits no benchmark call reaches, so each call pays
+# for every check (models, offered tools, steps, repeats, USD and token budgets) and none is refused.
+GOVERNED_POLICY: dict[str, Any] = {
+    "name": "bench-governed",
+    "budget": {"hard_limit_usd": "1000000", "hard_limit_tokens": 10**12},
+    "models": {"allowed": ["mock-*", "openai/gpt-4o-mini"], "blocked": ["gpt-4o"]},
+    "tools": {"blocked": ["shell_exec", "delete_*"]},
+    "runaway": {"max_steps": 10**9, "max_repeats": 1000},  # each of the 1000 bodies recurs ~40 times per run
+}
 
 UPSTREAM = web.AppKey("UPSTREAM", str)
 UPSTREAM_HTTP = web.AppKey("UPSTREAM_HTTP", aiohttp.ClientSession)
@@ -142,11 +154,16 @@ class Target:
     headers: dict[str, str]
 
 
-def payload(stream: bool) -> bytes:
-    body: dict[str, Any] = {"model": "mock-gpt", "messages": [{"role": "user", "content": "benchmark"}]}
-    if stream:
-        body["stream"] = True
-    return orjson.dumps(body)
+def payloads(stream: bool) -> list[bytes]:
+    """`DISTINCT_BODIES` request bodies of equal size that differ in their text (`benchmark 0042`): an agent
+    rarely sends the same body twice, and a policy's `max_repeats` counts identical bodies per run."""
+    out = []
+    for i in range(DISTINCT_BODIES):
+        body: dict[str, Any] = {"model": "mock-gpt", "messages": [{"role": "user", "content": f"benchmark {i:04d}"}]}
+        if stream:
+            body["stream"] = True
+        out.append(orjson.dumps(body))
+    return out
 
 
 async def one_request(client: aiohttp.ClientSession, target: Target, body: bytes, stream: bool) -> str | None:
@@ -170,7 +187,7 @@ async def run_load(client: aiohttp.ClientSession, target: Target, mode: str, con
                    requests: int) -> Result:
     """`requests` calls from `concurrency` workers pulling from one shared counter."""
     stream = mode == "stream"
-    body = payload(stream)
+    bodies = payloads(stream)
     latencies: list[float] = []
     errors: list[str] = []
     remaining = requests
@@ -179,6 +196,7 @@ async def run_load(client: aiohttp.ClientSession, target: Target, mode: str, con
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
+            body = bodies[remaining % DISTINCT_BODIES]
             start = time.perf_counter()
             try:
                 problem = await one_request(client, target, body, stream)
@@ -214,6 +232,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_REQUESTS} requests per cell, one round")
     parser.add_argument("--durability", choices=("full", "normal"), default="full",
                         help="Rungate's RUNGATE_DURABILITY (default full: every commit fsynced)")
+    parser.add_argument("--governed", action="store_true",
+                        help="bind the bench agent to a policy with every enforced rule kind active (limits set"
+                             " high enough that no call is refused)")
     args = parser.parse_args(argv)
     if args.requests is None:
         args.requests = QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS
@@ -338,7 +359,9 @@ async def _bench(args: argparse.Namespace, tmpdir: Path, runners: list[web.AppRu
     rg_runner, rg_root = await serve(rungate_app)  # setup() runs cleanup_ctx: the store is started here
     runners.append(rg_runner)
     store = rungate_app[STORE]
-    _, token = await create_agent(store, "bench")
+    if args.governed:
+        await apply_policy(store, GOVERNED_POLICY)
+    _, token = await create_agent(store, "bench", policy=GOVERNED_POLICY["name"] if args.governed else None)
 
     json_type = {"Content-Type": "application/json"}
     targets = [
@@ -351,7 +374,8 @@ async def _bench(args: argparse.Namespace, tmpdir: Path, runners: list[web.AppRu
     print(f"{args.requests} requests per cell and round, {args.rounds} round(s), concurrency "
           f"{','.join(map(str, args.levels))}, modes {'/'.join(MODES)}; warm-up {WARMUP_REQUESTS} per target")
     print(f"Rungate: {settings.database_url} (RUNGATE_DURABILITY={settings.durability}, "
-          f"writer connection PRAGMA synchronous={await writer_synchronous(store)})")
+          f"writer connection PRAGMA synchronous={await writer_synchronous(store)})"
+          + (f"; governed by policy {GOVERNED_POLICY['name']}: {GOVERNED_POLICY}" if args.governed else ""))
 
     cells: Cells = {}
     served = 0

@@ -28,7 +28,9 @@ from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
     CallRefused,
     RunCompleted,
+    RunResumed,
     RunStarted,
+    RunStopped,
     StepCompleted,
     StepStarted,
     ToolStepLogged,
@@ -136,7 +138,7 @@ class AdmitCall:
             wanted.append(_version_lookup(*ref))
         policy = cached_policy(*ref) if ref is not None else None
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
-            wanted.append(self._repeats(run["id"]))
+            wanted.append(self._repeats(run["id"], policy.max_repeats))
         return wanted
 
     def _starts_run(self, run: Row | None, now: str) -> bool:
@@ -173,8 +175,8 @@ class AdmitCall:
         policy_id = row["policy_id"] if "policy_id" in row else row["id"]
         return str(policy_id), int(row["version"])
 
-    def _repeats(self, run_id: str) -> Lookup:
-        return Lookup.counting("steps", run_id=run_id, fingerprint=self.facts.fingerprint)
+    def _repeats(self, run_id: str, limit: int) -> Lookup:
+        return Lookup.counting("steps", limit, run_id=run_id, fingerprint=self.facts.fingerprint)
 
     def _idle_window(self, run: Row) -> int:
         if run["policy_id"] is not None:
@@ -200,14 +202,14 @@ class AdmitCall:
             if run is not None and run["agent_id"] != f.agent_id:
                 self._refuse(_run_unavailable())
             if run is not None and run["status"] == "stopped":
-                self._refuse(_force_stopped(f.run_id))
+                self._refuse(force_stopped(f.run_id))
             if run is not None and run["status"] in CLOSED:
                 self._refuse(_run_closed(f.run_id, run["status"]))
             self.run_id = f.run_id
         else:
             stopped = found.get(self._stopped_auto)
             if run is None and stopped is not None and not f.new_run:
-                self._refuse(_force_stopped(stopped["id"]))
+                self._refuse(force_stopped(stopped["id"]))
             if run is not None and (f.new_run or _idle(run, now, self._idle_window(run))):
                 idle = not f.new_run
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
@@ -230,8 +232,9 @@ class AdmitCall:
             events.append(NewEvent(run_stream(self.run_id), RunStarted(
                 run_id=self.run_id, agent_id=f.agent_id, auto=f.run_id is None,
                 policy=None if self.policy is None else self.policy.ref)))
-        state = _state(self.run_id, None if starting else run,
-                       found.get(self._repeats(self.run_id)) if not starting else None)
+        repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
+                   if not starting and self.policy is not None and self.policy.max_repeats is not None else None)
+        state = _state(self.run_id, None if starting else run, repeats)
         self.state = state
         decisions: list[dict[str, Any]] = []
         if self.policy is not None:
@@ -287,7 +290,8 @@ def _state(run_id: str, run: Row | None, repeats: Row | None) -> RunState:
                     repeats=int(repeats["n"]) if repeats is not None else 0)
 
 
-def _force_stopped(run_id: str) -> GovernanceRefusal:
+def force_stopped(run_id: str) -> GovernanceRefusal:
+    """The canonical refusal for a run an operator stopped (SPEC §4, kill switch)."""
     return GovernanceRefusal("An operator stopped this run.", code="run_force_stopped", status=403, run_id=run_id,
                              context={"rule": "run.stopped", "policy_id": None, "policy_name": None,
                                       "policy_version": None,
@@ -359,6 +363,57 @@ class SettleStep:
                 reserved_tokens=before.reserved_tokens - step["reserved_tokens"],
                 budget_add_pusd=before.budget_add_pusd)
         return (NewEvent(run_stream(step["run_id"]), event),)
+
+
+@dataclass
+class StopRun:
+    """The kill switch: refuse every later call of the run (403 `run_force_stopped`) until it is resumed.
+
+    Stopping a stopped run changes nothing; a completed run cannot be stopped (409). Cutting the calls
+    already in flight is the proxy's part (`rungate.proxy.inflight`), after this is recorded.
+    """
+
+    run_id: str
+    reason: str | None = None
+    stopped: bool = False
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("runs", "id", "status", id=self.run_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        run = found[self.lookups()[0]]
+        if run is None:
+            raise NotFound(f"Run {self.run_id} not found.")
+        if run["status"] == "stopped":
+            return ()
+        if run["status"] == "completed":
+            raise _run_closed(self.run_id, run["status"])
+        self.stopped = True
+        return (NewEvent(run_stream(self.run_id), RunStopped(run_id=self.run_id, reason=self.reason)),)
+
+
+@dataclass
+class ResumeRun:
+    """Let a stopped (or blocked) run take calls again, optionally adding `add_pusd` to its USD budget.
+
+    On an active run only the top-up applies; a completed run cannot be resumed (409).
+    """
+
+    run_id: str
+    add_pusd: int = 0
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (Lookup.of("runs", "id", "status", id=self.run_id),)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        run = found[self.lookups()[0]]
+        if run is None:
+            raise NotFound(f"Run {self.run_id} not found.")
+        if run["status"] == "completed":
+            raise _run_closed(self.run_id, run["status"])
+        if run["status"] == "active" and self.add_pusd == 0:
+            return ()
+        return (NewEvent(run_stream(self.run_id), RunResumed(run_id=self.run_id, add_pusd=self.add_pusd)),)
 
 
 @dataclass

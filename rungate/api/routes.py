@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -21,9 +22,10 @@ from rungate.auth import check_admin
 from rungate.errors import BadRequest, NotFound, StoreError
 from rungate.openapi import load_spec
 from rungate.policy_admin import DeletePolicy, SetAgentPolicy, apply_policy, policy_view
+from rungate.prices import to_pico
 from rungate.proxy.bodies import read_json_object
-from rungate.proxy.keys import KEYRING, SETTINGS, STORE
-from rungate.runs import run_stream
+from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
+from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.views import agent_view, provider_key_view, run_view, step_view
 
 routes = web.RouteTableDef()
@@ -293,6 +295,39 @@ async def _run_or_404(request: web.Request) -> dict[str, Any]:
 @routes.get("/api/runs/{run_id}")
 async def runs_get(request: web.Request) -> web.Response:
     _admin(request)
+    run = await _run_or_404(request)
+    return _data(run_view(run, await queries.run_limit_pusd(request.app[STORE], run)))
+
+
+@routes.post("/api/runs/{run_id}/stop")
+async def runs_stop(request: web.Request) -> web.Response:
+    """The kill switch: every later call of the run is refused (403 `run_force_stopped`) and the calls in
+    flight are cut — streams end with their format's error event, charged the tokens already relayed."""
+    body = await _body(request)
+    reason = body.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+        raise BadRequest("reason must be a string of at most 500 characters.", code="invalid_reason")
+    run_id = request.match_info["run_id"]
+    await request.app[STORE].execute(StopRun(run_id, reason))
+    cut = request.app[INFLIGHT].stop(run_id)
+    run = await _run_or_404(request)
+    return web.json_response({"data": run_view(run, await queries.run_limit_pusd(request.app[STORE], run))},
+                             headers={"x-rungate-calls-cut": str(cut)},
+                             dumps=lambda v: orjson.dumps(v).decode())
+
+
+@routes.post("/api/runs/{run_id}/resume")
+async def runs_resume(request: web.Request) -> web.Response:
+    """Let a stopped run take calls again; `{"add_usd": "…"}` raises its USD budget by that much."""
+    body = await _body(request)
+    add = body.get("add_usd", "0")
+    try:
+        add_pusd = to_pico(Decimal(str(add))) if not isinstance(add, bool) else -1
+    except (InvalidOperation, ValueError):
+        add_pusd = -1
+    if add_pusd < 0 or not isinstance(add, str | int):
+        raise BadRequest("add_usd must be a non-negative decimal string such as \"2.50\".", code="invalid_amount")
+    await request.app[STORE].execute(ResumeRun(request.match_info["run_id"], add_pusd))
     run = await _run_or_404(request)
     return _data(run_view(run, await queries.run_limit_pusd(request.app[STORE], run)))
 

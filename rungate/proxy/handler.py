@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
@@ -35,9 +35,9 @@ from rungate.providers.metering import ToolCall, estimate_input_tokens, prepare_
 from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
-from rungate.proxy.keys import AGENTS, HTTP, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
+from rungate.proxy.keys import AGENTS, HTTP, INFLIGHT, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
 from rungate.proxy.upstream import Target, relayed_headers, upstream_headers
-from rungate.runs import AdmitCall, CallFacts, SettleStep
+from rungate.runs import AdmitCall, CallFacts, SettleStep, force_stopped
 from rungate.store import EventStore
 from rungate.usage import Usage
 
@@ -100,6 +100,25 @@ class Call:
     cost_pusd: int | None = 0
     warnings: list[str] = field(default_factory=list)
     budget: Budget | None = None
+    # The kill switch (`stop`): the handler's task while it waits for the provider's answer to begin, and
+    # the provider's response once it has.
+    task: asyncio.Task[Any] | None = None
+    awaiting_upstream: bool = False
+    upstream: aiohttp.ClientResponse | None = None
+    stopped: bool = False
+
+    def __hash__(self) -> int:  # registered in a set while in flight
+        return id(self)
+
+    def stop(self) -> None:
+        """Cut this call: close the provider's connection (or stop waiting for it) so the relay ends now."""
+        if self.stopped or self.settled:
+            return
+        self.stopped = True
+        if self.upstream is not None:
+            self.upstream.close()
+        elif self.awaiting_upstream and self.task is not None:
+            self.task.cancel()
 
     @property
     def budget_known(self) -> bool:
@@ -204,9 +223,12 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     call.warnings.extend(admit.warnings)
     call.budget = Budget.after_admission(admit)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
+    inflight = app[INFLIGHT]
+    inflight.add(call)
     try:
         return await _forward(request, call, forward, client_wants_usage)
     finally:
+        inflight.discard(call)
         if not call.settled:  # cancelled or crashed before settling: close the books with what was seen
             usage, estimated = call.seen_usage()
             await _shielded(_settle(store, prices, call, status="aborted", http_status=None, usage=usage,
@@ -241,14 +263,29 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
     app = request.app
     store, prices = app[STORE], app[PRICES]
     url = call.target.base_url + call.fmt.upstream_path
+    call.task, call.awaiting_upstream = asyncio.current_task(), True
     try:
         upstream = await app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, call.target),
                                         allow_redirects=False)
+    except asyncio.CancelledError:
+        if not call.stopped:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the kill switch cancelled the wait, not the handler
+        await _stopped(store, prices, call, None)
     except (aiohttp.ClientError, TimeoutError) as exc:
+        if call.stopped:
+            await _stopped(store, prices, call, None)
         reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
                       estimated=False, error=reason)
         raise _provider_error(call, "The provider could not be reached.", None, reason) from None
+    finally:
+        call.awaiting_upstream = False
+    call.upstream = upstream
+    if call.stopped:
+        upstream.close()
     async with upstream:
         if upstream.status in (401, 403):
             # The provider refused Rungate's key: the agent's own token is fine, so this is not a 401 for it,
@@ -262,6 +299,8 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
         try:
             payload = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if call.stopped:
+                await _stopped(store, prices, call, upstream.status)
             await _settle(store, prices, call, status="upstream_error", http_status=upstream.status,
                           usage=Usage(input=call.input_estimate), estimated=True, error=type(exc).__name__)
             raise _provider_error(call, "The provider's answer broke off.", upstream.status,
@@ -282,6 +321,17 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
                           tool_calls=call.fmt.tool_calls(parsed))
         headers.update(rungate_headers(call))
         return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+async def _stopped(store: EventStore, prices: PriceTable, call: Call, http_status: int | None) -> NoReturn:
+    """Settle a plain call the kill switch cut (charged its reservation: the provider may bill what it did)
+    and refuse it with 403 `run_force_stopped`."""
+    await _settle(store, prices, call, status="stopped", http_status=http_status,
+                  usage=Usage(input=call.input_estimate), estimated=True, error="the run was stopped by an operator",
+                  charge=call.reserved_pusd)
+    error = force_stopped(call.run_id)
+    error.headers.update(rungate_headers(call))
+    raise error
 
 
 def _provider_error(call: Call, message: str, status: int | None, reason: str) -> ProviderError:
@@ -333,8 +383,12 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             await relay(parser.flush())
         except (aiohttp.ClientError, TimeoutError) as exc:
             status, error = "cut", f"upstream stream broke: {type(exc).__name__}"
+            if call.stopped:
+                status, error = "stopped", "the run was stopped by an operator"
         except ValueError as exc:  # an SSE event beyond the parser's size bound
             status, error = "cut", f"upstream stream unreadable: {exc}"
+        if status == "ok" and call.stopped:
+            status, error = "stopped", "the run was stopped by an operator"
         if status == "ok" and not meter.done:
             status, error = "cut", "upstream stream ended without its final event"
         if meter.error is not None and status == "ok":
@@ -349,10 +403,12 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         tail: list[bytes] = []
         if status == "cut":
             tail.append(stream_error_event(call.fmt, "The stream broke off before the end."))
+        elif status == "stopped":
+            tail.append(stream_error_event(call.fmt, "An operator stopped this run; the stream ends here."))
         # Chat streams: the trailer follows [DONE]. Stock OpenAI SDKs stop reading at [DONE], so they never see
         # it (placed before, openai 3.x yields it as a chunk whose `choices` is None and naive loops crash);
         # the `rungate` SDK reads on to the end of the body and picks it up. Other formats end with it.
-        if held_done is not None and status != "cut":
+        if held_done is not None and status not in ("cut", "stopped"):
             tail.append(held_done)
         if call.settled:
             tail.append(_trailer(call))
@@ -399,10 +455,12 @@ def rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
 
 
 async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: str, http_status: int | None,
-                  usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = ()) -> None:
+                  usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = (),
+                  charge: int | None = None) -> None:
     """Record the step's `StepCompleted` once (retrying a store hiccup); a no-op when already settled.
 
-    The cost is the real one, or for an estimate the larger of estimate and reservation (never a silent $0).
+    The cost is the real one, or for an estimate the larger of estimate and reservation (never a silent $0),
+    and at least `charge` when given (a plain call the kill switch cut is charged its reservation).
     Raises `StoreError` when the store stays unavailable; the sweeper then closes the step later.
     """
     if call.settled:
@@ -412,6 +470,8 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
     if estimated and status == "ok" and call.reserved_pusd:
         # Usage missing from a successful answer: charge the reservation.
         cost = max(cost or 0, call.reserved_pusd)
+    if charge is not None:
+        cost = max(cost or 0, charge)
     event = StepCompleted(
         step_id=call.step_id, run_id=call.run_id, status=status, http_status=http_status,
         provider=call.target.provider, model=call.target.model, usage=usage.as_dict(), cost_pusd=cost,

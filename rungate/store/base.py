@@ -36,7 +36,7 @@ class Lookup:
     table: str
     where: tuple[tuple[str, Any], ...]
     columns: tuple[str, ...] = ()
-    count: bool = False  # `SELECT count(*) AS n` over the matching rows instead of the newest row
+    count: int = 0  # > 0: a row `{"n": …}` counting the matches, up to this many, instead of the newest row
     sql: str = field(init=False, compare=False, repr=False)
     params: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
@@ -54,18 +54,21 @@ class Lookup:
         return cls(table, tuple(sorted(where.items())), columns)
 
     @classmethod
-    def counting(cls, table: str, **where: Any) -> Lookup:
-        """`Lookup.counting("steps", run_id=r, fingerprint=f)`: a row `{"n": …}` with the number of matches."""
-        return cls(table, tuple(sorted(where.items())), (), True)
+    def counting(cls, table: str, up_to: int, **where: Any) -> Lookup:
+        """`Lookup.counting("steps", 5, run_id=r, fingerprint=f)`: a row `{"n": …}`, the number of matches
+        but at most `up_to` (a limit check never needs more, and the count stays cheap on big tables)."""
+        if up_to < 1:
+            raise ValueError("up_to must be at least 1")
+        return cls(table, tuple(sorted(where.items())), (), up_to)
 
 
 @functools.lru_cache(maxsize=256)
-def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: bool) -> str:
+def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: int) -> str:
     if not all(_IDENTIFIER.match(name) for name in (table, *where, *columns)):
         raise ValueError(f"not a lookup over plain identifiers: {(table, *where, *columns)}")
     clause = " AND ".join(f"{column} = ?" for column in where)
     if count:
-        return f"SELECT count(*) AS n FROM {table} WHERE {clause}"
+        return f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE {clause} LIMIT {int(count)})"
     selected = ", ".join(columns) if columns else "*"
     return f"SELECT {selected} FROM {table} WHERE {clause} ORDER BY position DESC LIMIT 1"
 
