@@ -253,20 +253,25 @@ class AdmitCall:
 
     def _governance(self, verdict: Verdict) -> GovernanceRefusal:
         assert self.policy is not None
-        context = {"rule": verdict.rule, **verdict.context, "policy_id": self.policy.id,
-                   "policy_name": self.policy.name, "policy_version": self.policy.version}
-        if "step_that_tripped" in context:
-            context["step_that_tripped"] = self.step_id
-        headers = {"x-should-retry": "false"}
-        if verdict.retry_after is not None:
-            headers = {"Retry-After": str(verdict.retry_after)}
-        return GovernanceRefusal(verdict.message, code=verdict.code, status=verdict.status, run_id=self.run_id,
-                                 context=context, headers=headers)
+        return governance_error(self.policy, self.run_id, verdict, self.step_id)
 
     def _refuse(self, error: RungateError, rule: str | None = None) -> None:
         f = self.facts
         raise refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
                       policy=None if self.policy is None else self.policy.ref)
+
+
+def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step_id: str) -> GovernanceRefusal:
+    """The SPEC §4 refusal for `verdict`: its context names the rule and the policy version."""
+    context = {"rule": verdict.rule, **verdict.context, "policy_id": policy.id, "policy_name": policy.name,
+               "policy_version": policy.version}
+    if "step_that_tripped" in context:
+        context["step_that_tripped"] = step_id
+    headers = {"x-should-retry": "false"}
+    if verdict.retry_after is not None:
+        headers = {"Retry-After": str(verdict.retry_after)}
+    return GovernanceRefusal(verdict.message, code=verdict.code, status=verdict.status, run_id=run_id,
+                             context=context, headers=headers)
 
 
 def _version_lookup(policy_id: str, version: int) -> Lookup:
@@ -440,27 +445,74 @@ class CompleteRun:
 
 @dataclass
 class LogToolStep:
-    """Record a tool step the agent reports; starts the run when the id is new (the SDK may log first)."""
+    """Record a tool step the agent reports; starts the run when the id is new (the SDK may log first).
+
+    The run's policy applies as it does to model calls: a blocked tool and a run past `max_steps` are
+    refused (and the refusal recorded); a stopped run refuses the step. A step's own cost is always
+    recorded — it was spent — and a run over its budget refuses the next model call instead.
+    """
 
     agent_id: str
     run_id: str
     step: ToolStepLogged
+    policy: CompiledPolicy | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._run = Lookup.of("runs", *_RUN_COLUMNS, id=self.run_id)
+        self._agent = Lookup.of("agents", "disabled", "policy_id", id=self.agent_id)
 
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("runs", id=self.run_id),)
+        return (self._run, self._agent)
+
+    def _ref_lookup(self, found: Mapping[Lookup, Row | None]) -> Lookup | None:
+        agent, run = found[self._agent], found[self._run]
+        if run is None and agent is not None and agent["policy_id"] is not None:
+            return Lookup.of("policies", "id", "version", id=agent["policy_id"], deleted=0)
+        return None
+
+    def _ref(self, found: Mapping[Lookup, Row | None]) -> tuple[str, int] | None:
+        run = found[self._run]
+        if run is not None:
+            return (run["policy_id"], int(run["policy_version"])) if run["policy_id"] is not None else None
+        ref_lookup = self._ref_lookup(found)
+        row = found.get(ref_lookup) if ref_lookup is not None else None
+        return (row["id"], int(row["version"])) if row is not None else None
+
+    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
+        wanted = [lookup for lookup in (self._ref_lookup(found),) if lookup is not None]
+        ref = self._ref(found)
+        if ref is not None and cached_policy(*ref) is None:
+            wanted.append(_version_lookup(*ref))
+        return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        run = found[self.lookups()[0]]
+        run = found[self._run]
         events: list[NewEvent] = []
-        if run is None:
-            events.append(NewEvent(run_stream(self.run_id),
-                                   RunStarted(run_id=self.run_id, agent_id=self.agent_id, auto=False)))
-        elif run["agent_id"] != self.agent_id:
+        if run is not None and run["agent_id"] != self.agent_id:
             raise refusal(self.agent_id, self.run_id, "steps", None, _run_unavailable())
-        elif run["status"] in CLOSED:
+        if run is not None and run["status"] == "stopped":
+            raise refusal(self.agent_id, self.run_id, "steps", None, force_stopped(self.run_id))
+        if run is not None and run["status"] in CLOSED:
             raise refusal(self.agent_id, self.run_id, "steps", None, _run_closed(self.run_id, run["status"]))
         if self.step.run_id != self.run_id:
             raise ValueError("the step belongs to another run")
+        ref = self._ref(found)
+        if ref is not None:
+            self.policy = cached_policy(*ref) or _compile(found, *ref)
+        if self.policy is not None:
+            state = _state(self.run_id, run, None)
+            ask = CallAsk("", "", 0, 0, True, (self.step.tool,), kind="tool")
+            for verdict in evaluate(self.policy, state, ask):
+                if not verdict.shadow:
+                    raise refusal(self.agent_id, self.run_id, "steps", None,
+                                  governance_error(self.policy, self.run_id, verdict, self.step.step_id),
+                                  rule=verdict.rule, policy=self.policy.ref)
+                self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")
+        if run is None:
+            events.append(NewEvent(run_stream(self.run_id), RunStarted(
+                run_id=self.run_id, agent_id=self.agent_id, auto=False,
+                policy=None if self.policy is None else self.policy.ref)))
         events.append(NewEvent(run_stream(self.run_id), self.step))
         return events
 

@@ -321,3 +321,63 @@ def test_the_documented_policy_schema_is_the_one_validation_uses() -> None:
         assert schemas[name] == schema, f"openapi/rungate.yaml: {name} drifted from rungate.enforce.policy"
     stored = json.loads((Path(__file__).parent.parent / "openapi" / "policy.schema.json").read_text())
     assert stored == json_schema(), "openapi/policy.schema.json drifted; regenerate it from json_schema()"
+
+
+# --- one engine for every route --------------------------------------------------------------------
+
+ROUTES: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
+    "chat": ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": "hi"}]}, {}),
+    "responses": ("/v1/responses", {"model": "MODEL", "input": "hi"}, {}),
+    "messages": ("/v1/messages", {"model": "MODEL", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+                 {"anthropic-version": "2023-06-01"}),
+    "embeddings": ("/v1/embeddings", {"model": "MODEL", "input": "hi"}, {}),
+    "steps": ("/v1/runs/RUN/steps", {"tool": "search", "status": "ok"}, {}),
+}
+MODELS = {"chat": "mock-gpt", "responses": "mock-gpt", "messages": "mock-claude", "embeddings": "mock-embed",
+          "steps": ""}
+
+
+async def _route_call(gateway: Gateway, token: str, route: str, run_id: str, model: str | None = None,
+                      **extra: Any) -> tuple[int, Any]:
+    path, body, headers = ROUTES[route]
+    body = orjson.loads(orjson.dumps(body).replace(b"MODEL", (model or MODELS[route]).encode()))
+    body.update(extra)
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + path.replace("RUN", run_id), json=body,
+            headers={"Authorization": f"Bearer {token}", "x-rungate-run-id": run_id, **headers}) as resp:
+        return resp.status, await resp.json()
+
+
+def _code(body: Any) -> str:
+    error = body["error"]
+    return str(error["code"])
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+async def test_no_route_skips_a_check(gateway: Gateway, route: str) -> None:
+    """Every proxied route and logged steps go through the same admission: each check refuses on each."""
+    await put_policy(gateway, "engine", {"models": {"allowed": ["mock-*"]}, "tools": {"blocked": ["shell_exec"]},
+                                         "runaway": {"max_steps": 1}})
+    token = await agent_with_policy(gateway, f"engine-{route}", "engine")
+    # models (not for logged steps, which name no model)
+    if route != "steps":
+        status, body = await _route_call(gateway, token, route, f"{route}-m", model="gpt-4o")
+        assert (status, _code(body)) == (403, "model_not_allowed"), body
+    # blocked tools: offered to the model, or logged as run
+    if route in ("chat", "messages", "responses", "steps"):
+        tool = {"chat": [{"type": "function", "function": {"name": "Shell-Exec"}}],
+                "responses": [{"type": "function", "name": "shell_exec", "parameters": {}}],
+                "messages": [{"name": "shell_exec", "input_schema": {"type": "object"}}]}.get(route)
+        extra = {"tools": tool} if tool is not None else {"tool": "mcp__box__shell_exec"}
+        status, body = await _route_call(gateway, token, route, f"{route}-t", **extra)
+        assert (status, _code(body)) == (403, "tool_blocked"), body
+    # runaway: one step allowed, the second refused
+    status, body = await _route_call(gateway, token, route, f"{route}-r")
+    assert status in (200, 201), body
+    status, body = await _route_call(gateway, token, route, f"{route}-r")
+    assert (status, _code(body)) == (403, "runaway_prevention"), body
+    # the kill switch
+    code, _ = await gateway.admin("POST", f"/api/runs/{route}-r/stop")
+    assert code == 200
+    status, body = await _route_call(gateway, token, route, f"{route}-r")
+    assert (status, _code(body)) == (403, "run_force_stopped"), body

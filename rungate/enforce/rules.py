@@ -37,7 +37,8 @@ class CallAsk:
     reserved_pusd: int  # worst-case cost; 0 when the model has no price
     reserved_tokens: int  # input estimate plus the most output it may produce
     priced: bool
-    tools: tuple[str, ...] = ()  # tools the request offers the model
+    tools: tuple[str, ...] = ()  # tools the request offers the model (or the one a logged step ran)
+    kind: str = "llm"  # "tool": a logged tool step (no model; its cost is already spent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +64,12 @@ def budget_limit_pusd(policy: CompiledPolicy | None, run: RunState) -> int | Non
 def evaluate(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict]:
     """Every rule of `policy` that `ask` breaks, in the order they are checked (models, tools, runaway, budget)."""
     out: list[Verdict] = []
-    out.extend(_models(policy, ask))
+    if ask.kind == "llm":
+        out.extend(_models(policy, ask))
     out.extend(_tools(policy, ask))
-    out.extend(_runaway(policy, run))
-    out.extend(_budget(policy, run, ask))
+    out.extend(_runaway(policy, run, ask))
+    if ask.kind == "llm":
+        out.extend(_budget(policy, run, ask))
     return out
 
 
@@ -85,15 +88,16 @@ def _models(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:
 
 
 def _tools(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:
+    where, advice = (("request", "Remove the tool from the request.") if ask.kind == "llm" else
+                     ("logged step", "Do not run this tool."))
     for tool in ask.tools:
         if policy.tools_blocked.blocked(tool):
             return [Verdict("tools.blocked", "tool_blocked", 403, f"Tool {tool} is blocked by policy.",
-                            policy.tools_mode == "shadow",
-                            {"tool": tool, "where": "request", "next": "Remove the tool from the request."})]
+                            policy.tools_mode == "shadow", {"tool": tool, "where": where, "next": advice})]
     return []
 
 
-def _runaway(policy: CompiledPolicy, run: RunState) -> list[Verdict]:
+def _runaway(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict]:
     shadow = policy.runaway_mode == "shadow"
     out: list[Verdict] = []
     if policy.max_steps is not None and run.step_count >= policy.max_steps:
@@ -101,7 +105,7 @@ def _runaway(policy: CompiledPolicy, run: RunState) -> list[Verdict]:
                            f"The run reached its limit of {policy.max_steps} steps.", shadow,
                            {"limit": policy.max_steps, "steps": run.step_count,
                             "next": "Complete this run and start a new one, or ask an operator."}))
-    if policy.max_repeats is not None and run.repeats >= policy.max_repeats:
+    if policy.max_repeats is not None and ask.kind == "llm" and run.repeats >= policy.max_repeats:
         out.append(Verdict("runaway.max_repeats", "runaway_prevention", 403,
                            f"The same request was sent {run.repeats} times in this run (limit"
                            f" {policy.max_repeats}).", shadow,

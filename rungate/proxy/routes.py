@@ -141,7 +141,9 @@ async def log_step(request: web.Request) -> web.Response:
                           args=args, result=result, usage=_tokens(body.get("tokens")),
                           cost_pusd=_money(body.get("cost_usd"), "cost_usd"), latency_ms=int(latency),
                           error=error if isinstance(error, str) else None)
-    await store.execute(LogToolStep(agent["id"], run_id, step))
+    command = LogToolStep(agent["id"], run_id, step)
+    await store.execute(command)
     row = await queries.get_step(store, step.step_id)
     assert row is not None
-    return web.json_response({"data": step_view(row)}, status=201)
+    headers = {"x-rungate-warning": "; ".join(command.warnings)} if command.warnings else None
+    return web.json_response({"data": step_view(row)}, status=201, headers=headers)
