@@ -20,6 +20,7 @@ class RunsProjection(Projection):
             tokens_input BIGINT NOT NULL DEFAULT 0, tokens_output BIGINT NOT NULL DEFAULT 0,
             spend_pusd BIGINT NOT NULL DEFAULT 0, reserved_pusd BIGINT NOT NULL DEFAULT 0,
             reserved_tokens BIGINT NOT NULL DEFAULT 0, budget_add_pusd BIGINT NOT NULL DEFAULT 0,
+            budget_alert_level REAL NOT NULL DEFAULT 0, budget_exceeded INTEGER NOT NULL DEFAULT 0,
             unpriced_steps INTEGER NOT NULL DEFAULT 0, open_steps INTEGER NOT NULL DEFAULT 0,
             last_activity_at TEXT NOT NULL,
             position BIGINT NOT NULL)""",
@@ -49,6 +50,8 @@ class RunsProjection(Projection):
             "RunCompleted": self._run_completed,
             "RunStopped": self._run_stopped,
             "RunResumed": self._run_resumed,
+            "BudgetAlerted": self._budget_alerted,
+            "BudgetExceeded": self._budget_exceeded,
             "StepStarted": self._step_started,
             "StepCompleted": self._step_completed,
             "ToolStepLogged": self._tool_step,
@@ -67,6 +70,15 @@ class RunsProjection(Projection):
                  " WHERE id = ?",
                  (rec.data.get("reason") or "stopped by an operator", rec.recorded_at, rec.position,
                   rec.data["run_id"]))]
+
+    def _budget_alerted(self, rec: Recorded) -> list[Statement]:
+        # Thresholds only rise: a run is alerted once per threshold, even after a top-up lowers its fraction.
+        return [("UPDATE runs SET budget_alert_level = ?, position = ? WHERE id = ? AND budget_alert_level < ?",
+                 (rec.data["threshold"], rec.position, rec.data["run_id"], rec.data["threshold"]))]
+
+    def _budget_exceeded(self, rec: Recorded) -> list[Statement]:
+        return [("UPDATE runs SET budget_exceeded = 1, position = ? WHERE id = ?",
+                 (rec.position, rec.data["run_id"]))]
 
     def _run_resumed(self, rec: Recorded) -> list[Statement]:
         return [("UPDATE runs SET status = 'active', ended_at = NULL, ended_reason = NULL,"

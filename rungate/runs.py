@@ -14,7 +14,7 @@ from typing import Any
 
 from rungate.clock import iso_minus
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
-from rungate.enforce.rules import CallAsk, RunState, Verdict, evaluate
+from rungate.enforce.rules import CallAsk, RunState, Verdict, budget_limit_pusd, evaluate
 from rungate.errors import (
     BadRequest,
     Conflict,
@@ -26,6 +26,8 @@ from rungate.errors import (
 )
 from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
+    BudgetAlerted,
+    BudgetExceeded,
     CallRefused,
     RunCompleted,
     RunResumed,
@@ -42,7 +44,7 @@ CLOSED = ("completed", "stopped", "blocked")  # statuses a call cannot continue 
 # What admission reads of a run (the write transaction fetches only these).
 _RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at", "policy_id", "policy_version",
                 "step_count", "spend_pusd", "reserved_pusd", "tokens_input", "tokens_output", "reserved_tokens",
-                "budget_add_pusd")
+                "budget_add_pusd", "budget_alert_level", "budget_exceeded")
 
 
 def run_stream(run_id: str) -> str:
@@ -241,7 +243,13 @@ class AdmitCall:
             for verdict in evaluate(self.policy, state, CallAsk(f.provider, f.model, f.reserved_pusd,
                                                                 f.reserved_tokens, f.priced, f.tools)):
                 if not verdict.shadow:
-                    self._refuse(self._governance(verdict), rule=verdict.rule)
+                    extra = []
+                    if verdict.code == "budget_exceeded" and not starting and run is not None \
+                            and not run["budget_exceeded"]:
+                        limit = budget_limit_pusd(self.policy, state) or 0
+                        extra.append(NewEvent(run_stream(self.run_id), BudgetExceeded(
+                            run_id=self.run_id, spend_pusd=state.spend_pusd, limit_pusd=limit, step_id=None)))
+                    self._refuse(self._governance(verdict), rule=verdict.rule, extra=extra)
                 decisions.append({"rule": verdict.rule, "code": verdict.code, "mode": "shadow",
                                   "message": verdict.message})
                 self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")
@@ -255,10 +263,27 @@ class AdmitCall:
         assert self.policy is not None
         return governance_error(self.policy, self.run_id, verdict, self.step_id)
 
-    def _refuse(self, error: RungateError, rule: str | None = None) -> None:
+    def _refuse(self, error: RungateError, rule: str | None = None, extra: Sequence[NewEvent] = ()) -> None:
         f = self.facts
-        raise refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
-                      policy=None if self.policy is None else self.policy.ref)
+        refused = refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
+                          policy=None if self.policy is None else self.policy.ref)
+        raise Refused(refused.error, [*refused.events, *extra])
+
+
+def _budget_signals(run: Row, after: RunState, limit: int, alerts: tuple[float, ...],
+                    step_id: str) -> list[NewEvent]:
+    """`BudgetAlerted` for each alert fraction the spend has newly reached, `BudgetExceeded` once at the cap."""
+    out: list[NewEvent] = []
+    stream = run_stream(after.run_id)
+    level = float(run["budget_alert_level"])
+    for threshold in alerts:
+        if threshold > level and after.spend_pusd * 10**6 >= round(threshold * 10**6) * limit:
+            out.append(NewEvent(stream, BudgetAlerted(run_id=after.run_id, threshold=threshold,
+                                                      spend_pusd=after.spend_pusd, limit_pusd=limit)))
+    if not run["budget_exceeded"] and after.spend_pusd >= limit:
+        out.append(NewEvent(stream, BudgetExceeded(run_id=after.run_id, spend_pusd=after.spend_pusd,
+                                                   limit_pusd=limit, step_id=step_id)))
+    return out
 
 
 def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step_id: str) -> GovernanceRefusal:
@@ -337,6 +362,9 @@ class SettleStep:
     charge_reservation: bool = True
     run_id: str | None = None
     run_after: RunState | None = None
+    # The policy's USD cap (before top-ups) and alert fractions, to emit `BudgetAlerted` / `BudgetExceeded`.
+    limit_pusd: int | None = None
+    alerts: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", "reserved_tokens",
@@ -367,7 +395,11 @@ class SettleStep:
                 reserved_pusd=before.reserved_pusd - step["reserved_pusd"], tokens_used=before.tokens_used + tokens,
                 reserved_tokens=before.reserved_tokens - step["reserved_tokens"],
                 budget_add_pusd=before.budget_add_pusd)
-        return (NewEvent(run_stream(step["run_id"]), event),)
+        events = [NewEvent(run_stream(step["run_id"]), event)]
+        if run is not None and self.run_after is not None and self.limit_pusd is not None:
+            events.extend(_budget_signals(run, self.run_after, self.limit_pusd + before.budget_add_pusd,
+                                          self.alerts, self.step_id))
+        return events
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pytest
 
 from rungate.prices import PriceTable, format_usd
 from rungate.providers.metering import estimate_input_tokens
-from tests.conftest import Gateway
+from tests.conftest import ADMIN_TOKEN, Gateway
 from tests.openapi_check import validate_response
 
 CHAT = "/v1/chat/completions"
@@ -381,3 +381,36 @@ async def test_no_route_skips_a_check(gateway: Gateway, route: str) -> None:
     assert code == 200
     status, body = await _route_call(gateway, token, route, f"{route}-r")
     assert (status, _code(body)) == (403, "run_force_stopped"), body
+
+
+async def test_budget_alerts_fire_once_per_threshold_and_exceeded_once_per_run(gateway: Gateway) -> None:
+    prices = PriceTable.load()
+    body = chat("alerting", max_tokens=30)
+    worst = prices.max_cost_pico("mock-gpt", estimate_input_tokens(body), 30)
+    assert worst is not None
+    await put_policy(gateway, "alerts", {"budget": {"hard_limit_usd": format_usd(3 * worst), "alerts": [0.5, 0.1]}})
+    token = await agent_with_policy(gateway, "alerted", "alerts")
+
+    async def until_refused() -> None:
+        for _ in range(200):
+            status, _, _ = await post(gateway, token, body, **{"x-rungate-run-id": "alert-run"})
+            if status == 402:
+                return
+            assert status == 200
+        raise AssertionError("never refused")
+
+    await until_refused()
+    # an operator tops the run up; it runs into its (higher) cap again
+    code, _ = await gateway.admin("POST", "/api/runs/alert-run/resume", {"add_usd": format_usd(worst)})
+    assert code == 200
+    await until_refused()
+    events = [e["type"] for e in await _run_events(gateway, "alert-run")]
+    alerts = [e for e in await _run_events(gateway, "alert-run") if e["type"] == "BudgetAlerted"]
+    assert [a["data"]["threshold"] for a in alerts] == [0.1, 0.5]
+    assert events.count("BudgetExceeded") == 1 and events.count("RunResumed") == 1
+
+
+async def _run_events(gateway: Gateway, run_id: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(
+            gateway.url + f"/api/runs/{run_id}/events", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        return [orjson.loads(line) for line in (await r.read()).splitlines() if line]

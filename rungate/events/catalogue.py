@@ -155,6 +155,24 @@ class CallRefused(Event):
     policy: dict[str, Any] | None = None
 
 
+class BudgetAlerted(Event):
+    """The run's spend reached `threshold` (a fraction) of its USD cap; once per threshold per run."""
+
+    run_id: str
+    threshold: float
+    spend_pusd: int
+    limit_pusd: int
+
+
+class BudgetExceeded(Event):
+    """The run's USD cap was reached or a call was refused for it; once per run."""
+
+    run_id: str
+    spend_pusd: int
+    limit_pusd: int
+    step_id: str | None = None
+
+
 class RunStopped(Event):
     """An operator stopped the run (kill switch): every later call is refused, calls in flight are cut."""
 
@@ -200,6 +218,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     StepStarted,
     StepCompleted,
     CallRefused,
+    BudgetAlerted,
+    BudgetExceeded,
     RunStopped,
     RunResumed,
     ToolStepLogged,

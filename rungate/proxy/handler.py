@@ -60,6 +60,8 @@ class Budget:
     limit_tokens: int | None
     remaining_pusd: int | None
     remaining_tokens: int | None
+    policy_limit_pusd: int | None = None  # the policy's own cap, before operator top-ups
+    alerts: tuple[float, ...] = ()
 
     @classmethod
     def after_admission(cls, admit: AdmitCall) -> Budget:
@@ -71,7 +73,9 @@ class Budget:
         return cls(limit, tokens,
                    None if limit is None else limit - state.spend_pusd - state.reserved_pusd - facts.reserved_pusd,
                    None if tokens is None else
-                   tokens - state.tokens_used - state.reserved_tokens - facts.reserved_tokens)
+                   tokens - state.tokens_used - state.reserved_tokens - facts.reserved_tokens,
+                   admit.policy.run_limit_pusd if admit.policy is not None else None,
+                   admit.policy.alerts if admit.policy is not None else ())
 
     def settled(self, run: RunState) -> None:
         """Exact figures once the call is settled: the cap minus spend and what calls in flight still hold."""
@@ -479,7 +483,10 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls])
     for attempt in range(SETTLE_ATTEMPTS):
         try:
-            settle = SettleStep(call.step_id, event, run_id=call.run_id if call.budget_known else None)
+            budget = call.budget
+            settle = SettleStep(call.step_id, event, run_id=call.run_id if call.budget_known else None,
+                                limit_pusd=budget.policy_limit_pusd if budget is not None else None,
+                                alerts=budget.alerts if budget is not None else ())
             await store.execute(settle, metadata={"agent_id": call.agent_id})
             if settle.run_after is not None and call.budget is not None:
                 call.budget.settled(settle.run_after)
