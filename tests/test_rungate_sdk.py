@@ -105,3 +105,29 @@ async def test_sdk_sees_a_closed_run_as_an_error(gateway: Gateway, sdk_dir: Path
     """, RUNGATE_API_KEY=token, RUNGATE_BASE_URL=gateway.url)
     assert result["status"] == 409
     assert result["body"]["error"]["code"] == "run_closed"
+
+
+async def test_sdk_raises_its_governance_exceptions_with_the_refusal_fields(gateway: Gateway, sdk_dir: Path) -> None:
+    status, body = await gateway.admin("PUT", "/api/policies/by-name/sdk-tight", {
+        "budget": {"hard_limit_usd": "0.000001"}, "models": {"allowed": ["mock-*"]}})
+    assert status == 201, body
+    status, body = await gateway.admin("POST", "/api/agents", {"name": "sdk-governed", "policy": "sdk-tight"})
+    token = body["data"]["token"]
+    result = await run_sdk(sdk_dir, """
+        import json, rungate
+        client = rungate.Rungate()
+        out = {}
+        for model, key in (("gpt-4o", "model"), ("mock-gpt", "budget")):
+            try:
+                client.chat.completions.create(model=model, max_tokens=1000,
+                                               messages=[{"role": "user", "content": "x"}])
+            except rungate.GovernanceError as exc:
+                out[key] = {"class": type(exc).__name__, "code": exc.governance_code, "status": exc.status_code,
+                            "run_id": exc.run_id, "details": exc.details}
+        print(json.dumps(out))
+    """, RUNGATE_API_KEY=token, RUNGATE_BASE_URL=gateway.url)
+    model, budget = result["model"], result["budget"]
+    assert model["class"] == "ModelNotAllowedError" and model["status"] == 403
+    assert model["details"]["requested"] == "gpt-4o" and model["details"]["policy_name"] == "sdk-tight"
+    assert budget["class"] == "BudgetExceededError" and budget["status"] == 402 and budget["run_id"]
+    assert budget["details"]["limit_usd"] == "0.000001" and budget["details"]["rule"] == "stop_on_budget"
