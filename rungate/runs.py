@@ -29,6 +29,7 @@ from rungate.events.catalogue import (
     BudgetAlerted,
     BudgetExceeded,
     CallRefused,
+    PolicyDrifted,
     RunCompleted,
     RunResumed,
     RunStarted,
@@ -242,14 +243,16 @@ class AdmitCall:
         if self.policy is not None:
             for verdict in evaluate(self.policy, state, CallAsk(f.provider, f.model, f.reserved_pusd,
                                                                 f.reserved_tokens, f.priced, f.tools)):
+                drift = self._drift(verdict) if verdict.code == "model_not_allowed" else []
                 if not verdict.shadow:
-                    extra = []
+                    extra = drift
                     if verdict.code == "budget_exceeded" and not starting and run is not None \
                             and not run["budget_exceeded"]:
                         limit = budget_limit_pusd(self.policy, state) or 0
                         extra.append(NewEvent(run_stream(self.run_id), BudgetExceeded(
                             run_id=self.run_id, spend_pusd=state.spend_pusd, limit_pusd=limit, step_id=None)))
                     self._refuse(self._governance(verdict), rule=verdict.rule, extra=extra)
+                events.extend(drift)
                 decisions.append({"rule": verdict.rule, "code": verdict.code, "mode": "shadow",
                                   "message": verdict.message})
                 self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")
@@ -258,6 +261,13 @@ class AdmitCall:
             model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=f.reserved_pusd,
             reserved_tokens=f.reserved_tokens, warnings=decisions)))
         return events
+
+    def _drift(self, verdict: Verdict) -> list[NewEvent]:
+        assert self.policy is not None
+        f = self.facts
+        return [NewEvent(stream_name("agent", f.agent_id), PolicyDrifted(
+            agent_id=f.agent_id, run_id=self.run_id, model=f.model, provider=f.provider, rule=verdict.rule,
+            policy=self.policy.ref, enforced=not verdict.shadow))]
 
     def _governance(self, verdict: Verdict) -> GovernanceRefusal:
         assert self.policy is not None

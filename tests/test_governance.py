@@ -185,6 +185,9 @@ async def test_models_are_refused_in_each_sdks_own_way_and_the_refusal_is_record
     events = [e for e in await _agent_events(gateway, agent_id) if e["type"] == "CallRefused"]
     assert [(e["data"]["code"], e["data"]["rule"], e["data"]["policy"]["version"]) for e in events] == [
         ("model_not_allowed", "models.allowed", 1), ("model_not_allowed", "models.allowed", 1)]
+    # and each attempt outside the list is a policy drift
+    drifts = [e["data"] for e in await _agent_events(gateway, agent_id) if e["type"] == "PolicyDrifted"]
+    assert [(d["model"], d["enforced"]) for d in drifts] == [("gpt-4o", True), ("claude-haiku-4-5", True)]
 
 
 async def _agent_events(gateway: Gateway, agent_id: str) -> list[dict[str, Any]]:
@@ -234,6 +237,11 @@ async def test_shadow_mode_records_and_warns_but_lets_the_call_through(gateway: 
     assert "runaway_prevention" in headers["x-rungate-warning"]
     code, steps = await gateway.admin("GET", "/api/runs/shadowed/steps")
     assert len(steps["data"]) == 2
+    code, run = await gateway.admin("GET", "/api/runs/shadowed")
+    drifts = [e["data"] for e in await _agent_events(gateway, run["data"]["agent_id"]) if e["type"] == "PolicyDrifted"]
+    assert [d["enforced"] for d in drifts] == [False, False]
+    started = [e for e in await _run_events(gateway, "shadowed") if e["type"] == "StepStarted"]
+    assert {w["code"] for w in started[1]["data"]["warnings"]} == {"model_not_allowed", "runaway_prevention"}
 
 
 async def test_a_run_budget_refuses_the_call_that_would_not_fit_and_headers_are_exact(gateway: Gateway) -> None:

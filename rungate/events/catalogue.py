@@ -173,6 +173,19 @@ class BudgetExceeded(Event):
     step_id: str | None = None
 
 
+class PolicyDrifted(Event):
+    """An agent asked for a model its policy does not allow (the `policy.drift` signal), refused or, in
+    shadow mode, let through."""
+
+    agent_id: str
+    run_id: str | None
+    model: str
+    provider: str
+    rule: str
+    policy: dict[str, Any]
+    enforced: bool
+
+
 class RunStopped(Event):
     """An operator stopped the run (kill switch): every later call is refused, calls in flight are cut."""
 
@@ -220,6 +233,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     CallRefused,
     BudgetAlerted,
     BudgetExceeded,
+    PolicyDrifted,
     RunStopped,
     RunResumed,
     ToolStepLogged,
