@@ -14,7 +14,7 @@ from typing import Any
 
 from rungate.clock import iso_minus
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
-from rungate.enforce.rules import CallAsk, RunState, Verdict, budget_limit_pusd, evaluate
+from rungate.enforce.rules import CallAsk, RunState, Verdict, budget_limit_pusd, evaluate, shrink
 from rungate.errors import (
     BadRequest,
     Conflict,
@@ -91,6 +91,10 @@ class CallFacts:
     tools: tuple[str, ...] = ()  # tools the request offers the model
     policy_name: str | None = None  # `x-rungate-policy: NAME[@VERSION]`: binds a run this call starts
     policy_version: int | None = None
+    input_tokens: int = 0  # the input estimate, and its share of `reserved_pusd` (for `on_exceed: shrink`)
+    input_pusd: int = 0
+    output_pusd_per_million: int = 0
+    embedding: bool = False
 
 
 @dataclass
@@ -110,6 +114,9 @@ class AdmitCall:
     policy: CompiledPolicy | None = None
     state: RunState | None = None
     warnings: list[str] = field(default_factory=list)
+    max_output: int | None = None  # set when `on_exceed: shrink` lowered the call's output limit to fit
+    reserved_pusd: int = 0  # what was reserved (the facts' worst case, or less once shrunk)
+    reserved_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Built once: the store asks for them and `decide` indexes its rows by them.
@@ -240,9 +247,19 @@ class AdmitCall:
         state = _state(self.run_id, None if starting else run, repeats)
         self.state = state
         decisions: list[dict[str, Any]] = []
+        ask = CallAsk(f.provider, f.model, f.reserved_pusd, f.reserved_tokens, f.priced, f.tools,
+                      input_tokens=f.input_tokens, input_pusd=f.input_pusd,
+                      output_pusd_per_million=f.output_pusd_per_million, embedding=f.embedding)
         if self.policy is not None:
-            for verdict in evaluate(self.policy, state, CallAsk(f.provider, f.model, f.reserved_pusd,
-                                                                f.reserved_tokens, f.priced, f.tools)):
+            verdicts = evaluate(self.policy, state, ask)
+            if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts):
+                shrunk = shrink(self.policy, state, ask)
+                if shrunk is not None:
+                    self.max_output = shrunk.reserved_tokens - shrunk.input_tokens
+                    self.warnings.append(f"budget: the output limit was lowered to {self.max_output} tokens so"
+                                         " the call fits the run's remaining budget")
+                    ask, verdicts = shrunk, evaluate(self.policy, state, shrunk)
+            for verdict in verdicts:
                 drift = self._drift(verdict) if verdict.code == "model_not_allowed" else []
                 if not verdict.shadow:
                     extra = drift
@@ -256,10 +273,14 @@ class AdmitCall:
                 decisions.append({"rule": verdict.rule, "code": verdict.code, "mode": "shadow",
                                   "message": verdict.message})
                 self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")
+        if self.max_output is not None:
+            decisions.append({"rule": "budget.on_exceed", "code": "shrunk", "mode": "enforce",
+                              "message": f"output limited to {self.max_output} tokens"})
+        self.reserved_pusd, self.reserved_tokens = ask.reserved_pusd, ask.reserved_tokens
         events.append(NewEvent(run_stream(self.run_id), StepStarted(
             step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=f.provider,
-            model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=f.reserved_pusd,
-            reserved_tokens=f.reserved_tokens, warnings=decisions)))
+            model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=ask.reserved_pusd,
+            reserved_tokens=ask.reserved_tokens, warnings=decisions)))
         return events
 
     def _drift(self, verdict: Verdict) -> list[NewEvent]:

@@ -422,3 +422,29 @@ async def _run_events(gateway: Gateway, run_id: str) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(
             gateway.url + f"/api/runs/{run_id}/events", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
         return [orjson.loads(line) for line in (await r.read()).splitlines() if line]
+
+
+async def test_on_exceed_shrink_lowers_max_tokens_to_fit_while_a_useful_minimum_remains(gateway: Gateway) -> None:
+    prices = PriceTable.load()
+    body = chat("shrink me", max_tokens=1000)
+    estimate = estimate_input_tokens(body)
+    fits_200 = prices.max_cost_pico("mock-gpt", estimate, 200)
+    assert fits_200 is not None
+    # given a cap that fits the input and 200 output tokens, not 1000
+    await put_policy(gateway, "shrinker", {"budget": {"hard_limit_usd": format_usd(fits_200), "on_exceed": "shrink"}})
+    token = await agent_with_policy(gateway, "squeezed", "shrinker")
+    status, headers, _ = await post(gateway, token, body, **{"x-rungate-run-id": "squeeze"})
+    # then the call goes through with the output limit lowered to what fits, and says so
+    assert status == 200 and "lowered to 200 tokens" in headers["x-rungate-warning"]
+    assert gateway.upstream_requests[-1]["body"]["max_tokens"] == 200
+    # and once less than a useful minimum fits, the call is refused as usual
+    code, run = await gateway.admin("GET", "/api/runs/squeeze")
+    assert Decimal(run["data"]["spend_usd"]) <= Decimal(format_usd(fits_200))
+    for _ in range(40):
+        status, headers, answer = await post(gateway, token, body, **{"x-rungate-run-id": "squeeze"})
+        if status == 402:
+            break
+        assert status == 200 and "lowered to" in headers["x-rungate-warning"]
+    assert status == 402 and answer["error"]["code"] == "budget_exceeded"
+    code, run = await gateway.admin("GET", "/api/runs/squeeze")
+    assert Decimal(run["data"]["spend_usd"]) <= Decimal(format_usd(fits_200)) and run["data"]["reserved_usd"] == "0"

@@ -7,7 +7,7 @@ verdict names its rule by its path in the policy; a rule in shadow mode is repor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rungate.enforce.policy import CompiledPolicy
@@ -39,6 +39,11 @@ class CallAsk:
     priced: bool
     tools: tuple[str, ...] = ()  # tools the request offers the model (or the one a logged step ran)
     kind: str = "llm"  # "tool": a logged tool step (no model; its cost is already spent)
+    # For `on_exceed: shrink`: the input's share of the worst case, and the price of output tokens.
+    input_tokens: int = 0
+    input_pusd: int = 0
+    output_pusd_per_million: int = 0
+    embedding: bool = False  # no output to shrink
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,3 +148,25 @@ def _budget(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict
                                 "requested_tokens": ask.reserved_tokens,
                                 "next": "Ask an operator to resume the run with more budget, or start a new run."}))
     return out
+
+
+SHRINK_MIN_OUTPUT_TOKENS = 32  # below this, a shrunk answer is too short to be useful: refuse instead
+
+
+def shrink(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> CallAsk | None:
+    """`on_exceed: shrink`: the same call with the most output that fits what is left of the run's USD and
+    token budgets, or None when less than `SHRINK_MIN_OUTPUT_TOKENS` would fit (or nothing can shrink)."""
+    if not policy.shrink or ask.embedding or not ask.priced or ask.kind != "llm":
+        return None
+    most = ask.reserved_tokens - ask.input_tokens  # the output the call asked for at most
+    limit = budget_limit_pusd(policy, run)
+    if limit is not None:
+        left = limit - run.spend_pusd - run.reserved_pusd - ask.input_pusd
+        if ask.output_pusd_per_million > 0:
+            most = min(most, max(0, left) * 1_000_000 // ask.output_pusd_per_million)
+    if policy.run_limit_tokens is not None:
+        most = min(most, policy.run_limit_tokens - run.tokens_used - run.reserved_tokens - ask.input_tokens)
+    if most < SHRINK_MIN_OUTPUT_TOKENS:
+        return None
+    cost = -(-most * ask.output_pusd_per_million // 1_000_000)  # rounded up, like every reservation
+    return replace(ask, reserved_pusd=ask.input_pusd + cost, reserved_tokens=ask.input_tokens + most)

@@ -66,14 +66,14 @@ class Budget:
     @classmethod
     def after_admission(cls, admit: AdmitCall) -> Budget:
         """What is left once this call's worst case is reserved (exact again after settlement)."""
-        state, facts = admit.state, admit.facts
+        state = admit.state
         assert state is not None
         limit = budget_limit_pusd(admit.policy, state)
         tokens = admit.policy.run_limit_tokens if admit.policy is not None else None
         return cls(limit, tokens,
-                   None if limit is None else limit - state.spend_pusd - state.reserved_pusd - facts.reserved_pusd,
+                   None if limit is None else limit - state.spend_pusd - state.reserved_pusd - admit.reserved_pusd,
                    None if tokens is None else
-                   tokens - state.tokens_used - state.reserved_tokens - facts.reserved_tokens,
+                   tokens - state.tokens_used - state.reserved_tokens - admit.reserved_tokens,
                    admit.policy.run_limit_pusd if admit.policy is not None else None,
                    admit.policy.alerts if admit.policy is not None else ())
 
@@ -221,10 +221,17 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
         fingerprint=hashlib.sha256(forward).hexdigest(), reserved_pusd=worst or 0,
         idle_timeout_s=settings.idle_timeout_s, reserved_tokens=input_estimate + (out_limit or 0),
         priced=worst is not None, tools=offered_tools(body), policy_name=options.policy_name,
-        policy_version=options.policy_version))
+        policy_version=options.policy_version, input_tokens=input_estimate,
+        input_pusd=prices.max_cost_pico(model, input_estimate, 0) or 0,
+        output_pusd_per_million=prices.max_cost_pico(model, 0, 1_000_000) or 0, embedding=fmt.meter is None))
     call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0)
     await _admit(store, admit, call)
+    call.reserved_pusd = admit.reserved_pusd
     call.warnings.extend(admit.warnings)
+    if admit.max_output is not None:  # `on_exceed: shrink`: forward the lowered output limit
+        key = next((k for k in fmt.max_tokens_keys if k in body), fmt.max_tokens_keys[0])
+        body[key] = admit.max_output
+        forward = orjson.dumps(body)
     call.budget = Budget.after_admission(admit)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
     inflight = app[INFLIGHT]
