@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from projections.base import Projection
+from rungate.clock import parse_iso
 from rungate.events import Recorded
 from rungate.events import canonical_json as _json
 from rungate.store.base import Statement
@@ -10,7 +11,7 @@ from rungate.store.base import Statement
 
 class RunsProjection(Projection):
     name = "runs"
-    tables = ("steps", "runs")
+    tables = ("rate_buckets", "steps", "runs")
     ddl = (
         """CREATE TABLE IF NOT EXISTS runs (
             id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT NOT NULL, auto INTEGER NOT NULL,
@@ -41,6 +42,10 @@ class RunsProjection(Projection):
         "CREATE INDEX IF NOT EXISTS steps_run ON steps (run_id, seq)",
         # Runaway protection counts a run's identical requests.
         "CREATE INDEX IF NOT EXISTS steps_fingerprint ON steps (run_id, fingerprint)",
+        # Rate limits: requests and (reserved) tokens per second, per scope (`agent:ID`, `run:ID`).
+        """CREATE TABLE IF NOT EXISTS rate_buckets (
+            scope TEXT NOT NULL, second BIGINT NOT NULL, requests BIGINT NOT NULL, tokens BIGINT NOT NULL,
+            PRIMARY KEY (scope, second))""",
     )
 
     def __init__(self) -> None:
@@ -105,7 +110,22 @@ class RunsProjection(Projection):
              " reserved_tokens = reserved_tokens + ?, open_steps = open_steps + 1, last_activity_at = ?,"
              " position = ? WHERE id = ?",
              (d["reserved_pusd"], d.get("reserved_tokens", 0), rec.recorded_at, rec.position, d["run_id"])),
+            *self._rate_marks(rec),
         ]
+
+    def _rate_marks(self, rec: Recorded) -> list[Statement]:
+        """Count the call in its rate windows; a scope's buckets older than ten minutes go once a minute."""
+        d = rec.data
+        second = int(parse_iso(rec.recorded_at).timestamp())
+        out: list[Statement] = []
+        for scope in d.get("rate_scopes") or []:
+            out.append(("INSERT INTO rate_buckets (scope, second, requests, tokens) VALUES (?, ?, 1, ?)"
+                        " ON CONFLICT (scope, second) DO UPDATE SET requests = rate_buckets.requests + 1,"
+                        " tokens = rate_buckets.tokens + excluded.tokens",
+                        (scope, second, d.get("reserved_tokens", 0))))
+            if second % 60 == 0:
+                out.append(("DELETE FROM rate_buckets WHERE scope = ? AND second < ?", (scope, second - 600)))
+        return out
 
     def _step_completed(self, rec: Recorded) -> list[Statement]:
         d = rec.data

@@ -12,9 +12,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rungate.clock import iso_minus
+from rungate.clock import iso_minus, parse_iso
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
-from rungate.enforce.rules import CallAsk, RunState, Verdict, budget_limit_pusd, evaluate, shrink
+from rungate.enforce.rules import (
+    RATE_WINDOW_S,
+    CallAsk,
+    RateWindow,
+    RunState,
+    Verdict,
+    budget_limit_pusd,
+    evaluate,
+    shrink,
+)
 from rungate.errors import (
     BadRequest,
     Conflict,
@@ -144,12 +153,29 @@ class AdmitCall:
         if ref_lookup is not None:
             wanted.append(ref_lookup)
         ref = self._binding(found, run, starting, ref_lookup)
-        if ref is not None and cached_policy(*ref) is None:
-            wanted.append(_version_lookup(*ref))
-        policy = cached_policy(*ref) if ref is not None else None
+        policy = None
+        if ref is not None:
+            policy = cached_policy(*ref)
+            if policy is None and _version_lookup(*ref) in found:
+                policy = _compile(found, *ref)
+            elif policy is None:
+                wanted.append(_version_lookup(*ref))
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
             wanted.append(self._repeats(run["id"], policy.max_repeats))
+        if policy is not None:
+            run_id = self.facts.run_id or (run["id"] if run is not None and not starting else None)
+            wanted.extend(lookup for _, lookup in self._windows(policy, run_id, now))
         return wanted
+
+    def _windows(self, policy: CompiledPolicy, run_id: str | None, now: str) -> list[tuple[str, Lookup]]:
+        """The rate windows `policy` limits: the agent's, and the run's when it already exists."""
+        since = _epoch(now) - RATE_WINDOW_S
+        out = []
+        if policy.agent_rate is not None:
+            out.append(("agent", _window(f"agent:{self.facts.agent_id}", since)))
+        if policy.run_rate is not None and run_id is not None:
+            out.append(("run", _window(f"run:{run_id}", since)))
+        return out
 
     def _starts_run(self, run: Row | None, now: str) -> bool:
         if self.facts.run_id is not None:
@@ -250,15 +276,26 @@ class AdmitCall:
         ask = CallAsk(f.provider, f.model, f.reserved_pusd, f.reserved_tokens, f.priced, f.tools,
                       input_tokens=f.input_tokens, input_pusd=f.input_pusd,
                       output_pusd_per_million=f.output_pusd_per_million, embedding=f.embedding)
+        rate_scopes: list[str] = []
         if self.policy is not None:
-            verdicts = evaluate(self.policy, state, ask)
+            windows: dict[str, RateWindow] = {}
+            for scope, lookup in self._windows(self.policy, None if starting else self.run_id, now):
+                row = found.get(lookup)
+                windows[scope] = RateWindow(int(row["requests"]), int(row["tokens"]), row["oldest"]) if row \
+                    else RateWindow()
+            if self.policy.agent_rate is not None:
+                rate_scopes.append(f"agent:{f.agent_id}")
+            if self.policy.run_rate is not None:
+                rate_scopes.append(f"run:{self.run_id}")
+            now_s = _epoch(now)
+            verdicts = evaluate(self.policy, state, ask, windows, now_s)
             if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts):
                 shrunk = shrink(self.policy, state, ask)
                 if shrunk is not None:
                     self.max_output = shrunk.reserved_tokens - shrunk.input_tokens
                     self.warnings.append(f"budget: the output limit was lowered to {self.max_output} tokens so"
                                          " the call fits the run's remaining budget")
-                    ask, verdicts = shrunk, evaluate(self.policy, state, shrunk)
+                    ask, verdicts = shrunk, evaluate(self.policy, state, shrunk, windows, now_s)
             for verdict in verdicts:
                 drift = self._drift(verdict) if verdict.code == "model_not_allowed" else []
                 if not verdict.shadow:
@@ -280,7 +317,7 @@ class AdmitCall:
         events.append(NewEvent(run_stream(self.run_id), StepStarted(
             step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=f.provider,
             model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=ask.reserved_pusd,
-            reserved_tokens=ask.reserved_tokens, warnings=decisions)))
+            reserved_tokens=ask.reserved_tokens, warnings=decisions, rate_scopes=rate_scopes)))
         return events
 
     def _drift(self, verdict: Verdict) -> list[NewEvent]:
@@ -328,6 +365,14 @@ def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step
         headers = {"Retry-After": str(verdict.retry_after)}
     return GovernanceRefusal(verdict.message, code=verdict.code, status=verdict.status, run_id=run_id,
                              context=context, headers=headers)
+
+
+def _epoch(iso: str) -> int:
+    return int(parse_iso(iso).timestamp())
+
+
+def _window(scope: str, since: int) -> Lookup:
+    return Lookup.window("rate_buckets", ("requests", "tokens"), ("second", since), scope=scope)
 
 
 def _version_lookup(policy_id: str, version: int) -> Lookup:

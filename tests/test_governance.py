@@ -448,3 +448,32 @@ async def test_on_exceed_shrink_lowers_max_tokens_to_fit_while_a_useful_minimum_
     assert status == 402 and answer["error"]["code"] == "budget_exceeded"
     code, run = await gateway.admin("GET", "/api/runs/squeeze")
     assert Decimal(run["data"]["spend_usd"]) <= Decimal(format_usd(fits_200)) and run["data"]["reserved_usd"] == "0"
+
+
+async def test_rate_limits_refuse_with_an_accurate_retry_after(gateway: Gateway) -> None:
+    body = chat("rated", max_tokens=10)
+    per_call = estimate_input_tokens(body) + 10
+    await put_policy(gateway, "rated", {"rate_limits": {"run": {"requests_per_minute": 3},
+                                                        "agent": {"tokens_per_minute": 5 * per_call}}})
+    token = await agent_with_policy(gateway, "rated", "rated")
+    for _ in range(3):
+        status, _, _ = await post(gateway, token, body, **{"x-rungate-run-id": "rated-1"})
+        assert status == 200
+    # the run's fourth request within the minute
+    status, headers, answer = await post(gateway, token, body, **{"x-rungate-run-id": "rated-1"})
+    assert status == 429 and answer["error"]["code"] == "rate_limited"
+    assert answer["error"]["context"]["rule"] == "rate_limits.run.requests_per_minute"
+    retry = int(headers["Retry-After"])
+    assert 55 <= retry <= 60 and answer["error"]["context"]["retry_after_s"] == retry
+    # another run of the agent is not limited by that run's window, but by the agent's tokens
+    for _ in range(2):
+        status, _, _ = await post(gateway, token, body, **{"x-rungate-run-id": "rated-2"})
+        assert status == 200
+    status, headers, answer = await post(gateway, token, body, **{"x-rungate-run-id": "rated-2"})
+    assert status == 429 and answer["error"]["context"]["rule"] == "rate_limits.agent.tokens_per_minute"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    # the openai SDK sees a RateLimitError (it would retry after Retry-After; here retries are off)
+    async with oa(gateway, token) as client:
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="mock-gpt", max_tokens=10,
+                                                 messages=[{"role": "user", "content": "rated"}])

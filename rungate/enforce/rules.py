@@ -66,16 +66,52 @@ def budget_limit_pusd(policy: CompiledPolicy | None, run: RunState) -> int | Non
     return policy.run_limit_pusd + run.budget_add_pusd
 
 
-def evaluate(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict]:
-    """Every rule of `policy` that `ask` breaks, in the order they are checked (models, tools, runaway, budget)."""
+@dataclass(frozen=True, slots=True)
+class RateWindow:
+    """What a scope (`agent`, `run`) used in the last 60 seconds: requests, reserved tokens, oldest second."""
+
+    requests: int = 0
+    tokens: int = 0
+    oldest: int | None = None
+
+
+RATE_WINDOW_S = 60
+
+
+def evaluate(policy: CompiledPolicy, run: RunState, ask: CallAsk, windows: dict[str, RateWindow] | None = None,
+             now_s: int = 0) -> list[Verdict]:
+    """Every rule of `policy` that `ask` breaks, in the order they are checked (models, tools, runaway, rate
+    limits, budget). `windows` holds the agent's and the run's last minute, `now_s` the time in seconds."""
     out: list[Verdict] = []
     if ask.kind == "llm":
         out.extend(_models(policy, ask))
     out.extend(_tools(policy, ask))
     out.extend(_runaway(policy, run, ask))
     if ask.kind == "llm":
+        out.extend(_rates(policy, ask, windows or {}, now_s))
         out.extend(_budget(policy, run, ask))
     return out
+
+
+def _rates(policy: CompiledPolicy, ask: CallAsk, windows: dict[str, RateWindow], now_s: int) -> list[Verdict]:
+    shadow = policy.rates_mode == "shadow"
+    for scope, rate in (("agent", policy.agent_rate), ("run", policy.run_rate)):
+        if rate is None:
+            continue
+        window = windows.get(scope, RateWindow())
+        # The oldest second in the window leaves it at oldest + 60; a call too big for any window waits a minute.
+        wait = max(1, (window.oldest + RATE_WINDOW_S - now_s) if window.oldest is not None else RATE_WINDOW_S)
+        for key, used, asked, limit in (("requests_per_minute", window.requests, 1, rate.requests_per_minute),
+                                        ("tokens_per_minute", window.tokens, ask.reserved_tokens,
+                                         rate.tokens_per_minute)):
+            if limit is not None and used + asked > limit:
+                unit = "requests" if key == "requests_per_minute" else "tokens"
+                return [Verdict(f"rate_limits.{scope}.{key}", "rate_limited", 429,
+                                f"The {scope}'s limit of {limit} {unit} per minute is reached.", shadow,
+                                {"scope": scope, "limit": limit, "used": used, "requested": asked,
+                                 "window_s": RATE_WINDOW_S, "retry_after_s": wait,
+                                 "next": f"Retry after {wait} seconds."}, retry_after=wait)]
+    return []
 
 
 def _models(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:

@@ -117,6 +117,7 @@ class StepStarted(Event):
     reserved_pusd: int = 0
     reserved_tokens: int = 0
     warnings: list[dict[str, Any]] = []
+    rate_scopes: list[str] = []  # rate windows this call counts in (`agent:ID`, `run:ID`), per its policy
 
 
 class StepCompleted(Event):

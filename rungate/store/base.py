@@ -37,6 +37,8 @@ class Lookup:
     where: tuple[tuple[str, Any], ...]
     columns: tuple[str, ...] = ()
     count: int = 0  # > 0: a row `{"n": …}` counting the matches, up to this many, instead of the newest row
+    sums: tuple[str, ...] = ()  # with `after`: a row of these columns' sums and `oldest`, over a range
+    after: str = ""  # the column the last `where` value is a lower bound for (exclusive)
     sql: str = field(init=False, compare=False, repr=False)
     params: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
@@ -45,7 +47,7 @@ class Lookup:
             raise ValueError("a lookup needs at least one condition")
         # validated (once per shape, cached) and built here: the writer runs many look-ups per batch
         object.__setattr__(self, "sql", _lookup_sql(self.table, tuple(column for column, _ in self.where),
-                                                    self.columns, self.count))
+                                                    self.columns, self.count, self.sums, self.after))
         object.__setattr__(self, "params", tuple(value for _, value in self.where))
 
     @classmethod
@@ -62,10 +64,22 @@ class Lookup:
         return cls(table, tuple(sorted(where.items())), (), up_to)
 
 
+    @classmethod
+    def window(cls, table: str, sums: tuple[str, ...], after: tuple[str, Any], **where: Any) -> Lookup:
+        """`Lookup.window("rate_buckets", ("requests",), ("second", t), scope=s)`: a row with the sum of each
+        of `sums` and the smallest `oldest` value of the `after` column over the rows where it exceeds `t`."""
+        return cls(table, (*sorted(where.items()), after), (), 0, sums, after[0])
+
+
 @functools.lru_cache(maxsize=256)
-def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: int) -> str:
-    if not all(_IDENTIFIER.match(name) for name in (table, *where, *columns)):
-        raise ValueError(f"not a lookup over plain identifiers: {(table, *where, *columns)}")
+def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: int,
+                sums: tuple[str, ...] = (), after: str = "") -> str:
+    if not all(_IDENTIFIER.match(name) for name in (table, *where, *columns, *sums)):
+        raise ValueError(f"not a lookup over plain identifiers: {(table, *where, *columns, *sums)}")
+    if sums:
+        equal = " AND ".join(f"{column} = ?" for column in where[:-1])
+        totals = ", ".join(f"coalesce(sum({column}), 0) AS {column}" for column in sums)
+        return f"SELECT {totals}, min({after}) AS oldest FROM {table} WHERE {equal} AND {after} > ?"
     clause = " AND ".join(f"{column} = ?" for column in where)
     if count:
         return f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE {clause} LIMIT {int(count)})"
