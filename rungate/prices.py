@@ -53,6 +53,12 @@ _SNAPSHOT = re.compile(
     r"|(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))$"
 )
 _PER_TOKENS = Decimal(1_000_000)
+
+
+def snapshot_base(model: str) -> str | None:
+    """`gpt-4o-2024-08-06` → `gpt-4o`: the model a dated snapshot name stands for (None if not dated)."""
+    match = _SNAPSHOT.match(model)
+    return match.group("base") if match is not None else None
 _PICO_DIGITS = 12
 _PICO_PER_USD = 10**_PICO_DIGITS
 _MAX_ADJUSTED = 30  # `to_pico` refuses amounts of 1e30 USD or more instead of building a huge integer

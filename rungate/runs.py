@@ -104,6 +104,8 @@ class CallFacts:
     input_pusd: int = 0
     output_pusd_per_million: int = 0
     embedding: bool = False
+    choices: int = 1
+    output_bounded: bool = True
 
 
 @dataclass
@@ -133,7 +135,8 @@ class AdmitCall:
         self._agent = Lookup.of("agents", "disabled", "token_hash", "policy_id", id=f.agent_id)
         self._run = (Lookup.of("runs", *_RUN_COLUMNS, id=f.run_id) if f.run_id is not None
                      else Lookup.of("runs", *_RUN_COLUMNS, agent_id=f.agent_id, auto=1, status="active"))
-        self._stopped_auto = Lookup.of("runs", "id", agent_id=f.agent_id, auto=1, status="stopped")
+        # With no active auto-run: the agent's newest auto-run, whatever its status (stopped → refused).
+        self._latest_auto = Lookup.of("runs", "id", "status", agent_id=f.agent_id, auto=1)
 
     def lookups(self) -> Sequence[Lookup]:
         return (self._agent, self._run)
@@ -147,7 +150,7 @@ class AdmitCall:
             return ()
         wanted: list[Lookup] = []
         if self.facts.run_id is None and run is None and not self.facts.new_run:
-            wanted.append(self._stopped_auto)
+            wanted.append(self._latest_auto)
         starting = self._starts_run(run, now)
         ref_lookup = self._binding_lookup(agent, starting)
         if ref_lookup is not None:
@@ -187,10 +190,7 @@ class AdmitCall:
         f = self.facts
         if not starting:
             return None
-        if f.policy_name is not None:
-            if f.policy_version is not None:
-                return Lookup.of("policy_versions", "policy_id", "version", name=f.policy_name,
-                                 version=f.policy_version)
+        if f.policy_name is not None:  # the live policy of that name (its current or the pinned version)
             return Lookup.of("policies", "id", "version", name=f.policy_name, deleted=0)
         if agent["policy_id"] is not None:
             return Lookup.of("policies", "id", "version", id=agent["policy_id"], deleted=0)
@@ -208,8 +208,10 @@ class AdmitCall:
         row = found[ref_lookup]
         if row is None:
             return None
-        policy_id = row["policy_id"] if "policy_id" in row else row["id"]
-        return str(policy_id), int(row["version"])
+        pinned = self.facts.policy_version if self.facts.policy_name is not None else None
+        if pinned is not None and pinned > int(row["version"]):
+            return None  # no such version (yet): refused as an unknown policy
+        return str(row["id"]), pinned if pinned is not None else int(row["version"])
 
     def _repeats(self, run_id: str, limit: int) -> Lookup:
         return Lookup.counting("steps", limit, run_id=run_id, fingerprint=self.facts.fingerprint)
@@ -243,9 +245,9 @@ class AdmitCall:
                 self._refuse(_run_closed(f.run_id, run["status"]))
             self.run_id = f.run_id
         else:
-            stopped = found.get(self._stopped_auto)
-            if run is None and stopped is not None and not f.new_run:
-                self._refuse(force_stopped(stopped["id"]))
+            latest = found.get(self._latest_auto)
+            if run is None and latest is not None and latest["status"] == "stopped" and not f.new_run:
+                self._refuse(force_stopped(latest["id"]))
             if run is not None and (f.new_run or _idle(run, now, self._idle_window(run))):
                 idle = not f.new_run
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
@@ -254,7 +256,7 @@ class AdmitCall:
             self.run_id = run["id"] if run is not None else new_id("run")
         starting = run is None
         ref_lookup = self._binding_lookup(agent, starting)
-        if starting and f.policy_name is not None and (ref_lookup is None or found.get(ref_lookup) is None):
+        if starting and f.policy_name is not None and self._binding(found, run, starting, ref_lookup) is None:
             raise BadRequest(f"Policy {f.policy_name}{'' if f.policy_version is None else f'@{f.policy_version}'}"
                              " not found.", code="unknown_policy")
         ref = self._binding(found, run, starting, ref_lookup)
@@ -275,7 +277,8 @@ class AdmitCall:
         decisions: list[dict[str, Any]] = []
         ask = CallAsk(f.provider, f.model, f.reserved_pusd, f.reserved_tokens, f.priced, f.tools,
                       input_tokens=f.input_tokens, input_pusd=f.input_pusd,
-                      output_pusd_per_million=f.output_pusd_per_million, embedding=f.embedding)
+                      output_pusd_per_million=f.output_pusd_per_million, embedding=f.embedding,
+                      choices=f.choices, output_bounded=f.output_bounded)
         rate_scopes: list[str] = []
         if self.policy is not None:
             windows: dict[str, RateWindow] = {}
@@ -292,21 +295,23 @@ class AdmitCall:
             if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts):
                 shrunk = shrink(self.policy, state, ask)
                 if shrunk is not None:
-                    self.max_output = shrunk.reserved_tokens - shrunk.input_tokens
+                    self.max_output = (shrunk.reserved_tokens - shrunk.input_tokens) // max(1, f.choices)
                     self.warnings.append(f"budget: the output limit was lowered to {self.max_output} tokens so"
                                          " the call fits the run's remaining budget")
                     ask, verdicts = shrunk, evaluate(self.policy, state, shrunk, windows, now_s)
+            # Every request for a model outside the lists is a drift, whatever else refuses the call.
+            drift = [event for v in verdicts if v.code == "model_not_allowed" for event in self._drift(v)]
             for verdict in verdicts:
-                drift = self._drift(verdict) if verdict.code == "model_not_allowed" else []
                 if not verdict.shadow:
-                    extra = drift
-                    if verdict.code == "budget_exceeded" and not starting and run is not None \
-                            and not run["budget_exceeded"]:
-                        limit = budget_limit_pusd(self.policy, state) or 0
+                    extra = list(drift)
+                    limit = budget_limit_pusd(self.policy, state)
+                    if verdict.rule == "budget.hard_limit_usd" and limit is not None and not starting \
+                            and run is not None and not run["budget_exceeded"]:
                         extra.append(NewEvent(run_stream(self.run_id), BudgetExceeded(
                             run_id=self.run_id, spend_pusd=state.spend_pusd, limit_pusd=limit, step_id=None)))
                     self._refuse(self._governance(verdict), rule=verdict.rule, extra=extra)
-                events.extend(drift)
+            events.extend(drift)
+            for verdict in verdicts:
                 decisions.append({"rule": verdict.rule, "code": verdict.code, "mode": "shadow",
                                   "message": verdict.message})
                 self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")

@@ -477,3 +477,89 @@ async def test_rate_limits_refuse_with_an_accurate_retry_after(gateway: Gateway)
         with pytest.raises(openai.RateLimitError):
             await client.chat.completions.create(model="mock-gpt", max_tokens=10,
                                                  messages=[{"role": "user", "content": "rated"}])
+
+
+# --- regressions from review -----------------------------------------------------------------------
+
+
+async def test_hostile_values_are_refused_cleanly(gateway: Gateway) -> None:
+    code, body = await gateway.admin("PUT", "/api/policies/by-name/huge", {"runaway": {"max_repeats": 2**64 - 1}})
+    assert code == 400 and body["error"]["problems"][0]["path"] == "runaway.max_repeats"
+    policy = await put_policy(gateway, "watch-tools", {"mode": "shadow", "tools": {"blocked": ["evil*"]}})
+    token = await agent_with_policy(gateway, "hostile", "watch-tools")
+    tool = {"type": "function", "function": {"name": "evil\r\nX-Injected 1", "parameters": {"type": "object"}}}
+    status, headers, _ = await post(gateway, token, chat(tools=[tool]))
+    assert status == 200 and "X-Injected" not in headers and "\n" not in headers["x-rungate-warning"]
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + "/v1/runs/hostile-run/steps", json={"tool": "evil\r\nX: 1"},
+            headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 400
+    code, _ = await gateway.admin("GET", f"/api/policies/{policy['id']}/versions/²")
+    assert code == 404
+    status, _, _ = await post(gateway, token, chat(), **{"x-rungate-run-id": "topped"})
+    code, body = await gateway.admin("POST", "/api/runs/topped/resume", {"add_usd": "10000000"})
+    assert code == 400 and body["error"]["code"] == "invalid_amount"
+
+
+async def test_a_stopped_auto_run_does_not_block_auto_runs_after_a_newer_one(gateway: Gateway) -> None:
+    token = await gateway.new_agent("auto-stopper")
+    status, headers, _ = await post(gateway, token, chat())
+    first = headers["x-rungate-run-id"]
+    assert (await gateway.admin("POST", f"/api/runs/{first}/stop"))[0] == 200
+    status, _, body = await post(gateway, token, chat())
+    assert status == 403 and body["error"]["code"] == "run_force_stopped"
+    status, headers, _ = await post(gateway, token, chat(), **{"x-rungate-new-run": "true"})
+    assert status == 200
+    second = headers["x-rungate-run-id"]
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + f"/v1/runs/{second}/complete", json={}, headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+    status, headers, _ = await post(gateway, token, chat())
+    assert status == 200 and headers["x-rungate-run-id"] not in (first, second)
+
+
+async def test_a_pinned_version_belongs_to_the_live_policy_of_that_name(gateway: Gateway) -> None:
+    old = await put_policy(gateway, "pinned", {"models": {"allowed": ["nothing-*"]}})
+    await put_policy(gateway, "pinned", {"models": {"allowed": ["still-nothing-*"]}}, status=200)
+    # the old policy is renamed away; a new policy takes the name
+    code, _ = await gateway.admin("PUT", f"/api/policies/{old['id']}", {"name": "renamed"})
+    assert code == 200
+    await put_policy(gateway, "pinned", {"models": {"allowed": ["mock-*"]}})
+    token = await agent_with_policy(gateway, "pin-user", None)
+    status, _, _ = await post(gateway, token, chat(), **{"x-rungate-policy": "pinned@1", "x-rungate-run-id": "pv1"})
+    assert status == 200  # the new `pinned`, version 1 — not the renamed policy's version 1
+    status, _, body = await post(gateway, token, chat(), **{"x-rungate-policy": "pinned@2", "x-rungate-run-id": "pv2"})
+    assert status == 400 and body["error"]["code"] == "unknown_policy"
+
+
+async def test_drift_is_recorded_when_another_rule_refuses_and_snapshots_are_matched(gateway: Gateway) -> None:
+    await put_policy(gateway, "mixed", {"models": {"blocked": ["mock-gpt"], "mode": "shadow"},
+                                        "tools": {"blocked": ["shell_exec"]}})
+    token = await agent_with_policy(gateway, "mixed-user", "mixed")
+    tool = {"type": "function", "function": {"name": "shell_exec", "parameters": {"type": "object"}}}
+    status, _, body = await post(gateway, token, {**chat(tools=[tool]), "model": "mock-gpt-2024-08-06"})
+    assert status == 403 and body["error"]["code"] == "tool_blocked"
+    code, agents = await gateway.admin("GET", "/api/agents")
+    agent_id = next(a["id"] for a in agents["data"] if a["name"] == "mixed-user")
+    drifts = [e["data"] for e in await _agent_events(gateway, agent_id) if e["type"] == "PolicyDrifted"]
+    assert [(d["model"], d["enforced"]) for d in drifts] == [("mock-gpt-2024-08-06", False)]
+
+
+async def test_several_choices_reserve_several_answers_and_a_cold_cache_still_counts_repeats(
+        gateway: Gateway) -> None:
+    prices = PriceTable.load()
+    body = chat("choices", max_tokens=100)
+    one = prices.max_cost_pico("mock-gpt", estimate_input_tokens(body), 100)
+    assert one is not None
+    await put_policy(gateway, "one-answer", {"budget": {"hard_limit_usd": format_usd(2 * one)},
+                                             "runaway": {"max_repeats": 1}})
+    token = await agent_with_policy(gateway, "chooser", "one-answer")
+    status, _, answer = await post(gateway, token, {**body, "n": 8}, **{"x-rungate-run-id": "choices"})
+    assert status == 402 and Decimal(answer["error"]["context"]["requested_usd"]) > 2 * Decimal(format_usd(one))
+    status, _, _ = await post(gateway, token, body, **{"x-rungate-run-id": "choices"})
+    assert status == 200
+    from rungate.enforce import policy as policy_module
+
+    policy_module._COMPILED.clear()  # as after a restart: the first use compiles within the admission
+    status, _, answer = await post(gateway, token, body, **{"x-rungate-run-id": "choices"})
+    assert status == 403 and answer["error"]["code"] == "runaway_prevention"

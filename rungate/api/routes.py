@@ -29,6 +29,7 @@ from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.views import agent_view, provider_key_view, run_view, step_view
 
 routes = web.RouteTableDef()
+MAX_TOP_UP_PUSD = 10**18  # one top-up of at most 1,000,000 USD (pico-USD totals stay far inside 64 bits)
 
 
 def _data(value: Any, status: int = 200, **extra: Any) -> web.Response:
@@ -266,7 +267,7 @@ async def policies_version(request: web.Request) -> web.Response:
     _admin(request)
     raw = request.match_info["version"]
     row = (await queries.policy_version(request.app[STORE], request.match_info["policy_id"], int(raw))
-           if raw.isdigit() and len(raw) < 10 else None)
+           if raw.isascii() and raw.isdigit() and len(raw) < 10 else None)
     if row is None:
         raise NotFound(f"Version {raw} of policy {request.match_info['policy_id']} not found.")
     return _data(policy_view(row))
@@ -325,8 +326,9 @@ async def runs_resume(request: web.Request) -> web.Response:
         add_pusd = to_pico(Decimal(str(add))) if not isinstance(add, bool) else -1
     except (InvalidOperation, ValueError):
         add_pusd = -1
-    if add_pusd < 0 or not isinstance(add, str | int):
-        raise BadRequest("add_usd must be a non-negative decimal string such as \"2.50\".", code="invalid_amount")
+    if add_pusd < 0 or add_pusd > MAX_TOP_UP_PUSD or not isinstance(add, str | int):
+        raise BadRequest("add_usd must be a decimal string from 0 to 1000000, such as \"2.50\".",
+                         code="invalid_amount")
     await request.app[STORE].execute(ResumeRun(request.match_info["run_id"], add_pusd))
     run = await _run_or_404(request)
     return _data(run_view(run, await queries.run_limit_pusd(request.app[STORE], run)))

@@ -17,11 +17,12 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rungate.errors import BadRequest
-from rungate.prices import format_usd, to_pico
+from rungate.prices import format_usd, snapshot_base, to_pico
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 Mode = Literal["enforce", "shadow"]
 _MAX_USD = Decimal("1000000000")
+_MAX_COUNT = 10**12  # counts and token limits: far beyond any real limit, well inside SQLite's integers
 
 
 class InvalidPolicy(BadRequest):
@@ -57,7 +58,7 @@ _MONEY_DOC = "USD as a decimal string (\"5.00\") or a number; stored and returne
 
 class Budget(_Section):
     hard_limit_usd: Annotated[str | int | float | None, Field(description=_MONEY_DOC)] = None
-    hard_limit_tokens: Annotated[int, Field(ge=0, strict=True)] | None = None
+    hard_limit_tokens: Annotated[int, Field(ge=0, le=_MAX_COUNT, strict=True)] | None = None
     agent_hourly_usd: Annotated[str | int | float | None, Field(description=_MONEY_DOC)] = None
     alerts: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.8])
     on_exceed: Literal["refuse", "shrink"] = "refuse"
@@ -86,8 +87,8 @@ class Tools(_Section):
 
 
 class Rate(_Section):
-    requests_per_minute: Annotated[int, Field(ge=1, strict=True)] | None = None
-    tokens_per_minute: Annotated[int, Field(ge=1, strict=True)] | None = None
+    requests_per_minute: Annotated[int, Field(ge=1, le=_MAX_COUNT, strict=True)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1, le=_MAX_COUNT, strict=True)] | None = None
 
 
 class RateLimits(_Section):
@@ -97,8 +98,8 @@ class RateLimits(_Section):
 
 
 class Runaway(_Section):
-    max_steps: Annotated[int, Field(ge=1, strict=True)] | None = None
-    max_repeats: Annotated[int, Field(ge=1, strict=True)] | None = None
+    max_steps: Annotated[int, Field(ge=1, le=_MAX_COUNT, strict=True)] | None = None
+    max_repeats: Annotated[int, Field(ge=1, le=_MAX_COUNT, strict=True)] | None = None
     mode: Mode | None = None
 
 
@@ -220,10 +221,15 @@ class _Matcher:
             if patterns else None
 
     def matches(self, provider: str, model: str) -> bool:
+        """Whether `model` (or `provider/model`) matches; a dated snapshot (`gpt-4o-2024-08-06`) also matches
+        as its base model, as the price table prices it, so a blocked model cannot come back dated."""
         if self._regex is None:
             return False
-        model = model.strip().lower()
-        return bool(self._regex.match(model) or self._regex.match(f"{provider.lower()}/{model}"))
+        names = [model.strip().lower()]
+        base = snapshot_base(names[0])
+        if base is not None:
+            names.append(base)
+        return any(self._regex.match(name) or self._regex.match(f"{provider.lower()}/{name}") for name in names)
 
 
 class _ToolMatcher:

@@ -44,6 +44,8 @@ class CallAsk:
     input_pusd: int = 0
     output_pusd_per_million: int = 0
     embedding: bool = False  # no output to shrink
+    choices: int = 1  # answers asked for (OpenAI chat `n`): each may use the whole output limit
+    output_bounded: bool = True  # False: no output limit is known, so the worst case is unbounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,10 @@ def _budget(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict
             out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402,
                                f"Model {ask.model} has no price, so the run's USD budget cannot be kept.", shadow,
                                {**context, "rule": "stop_on_budget"}))
+        elif not ask.output_bounded:
+            out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402,
+                               "The call sets no output limit and the model's is unknown, so its cost has no"
+                               " bound; set max_tokens.", shadow, {**context, "rule": "stop_on_budget"}))
         elif committed + ask.reserved_pusd > limit:
             message = ("Run budget ceiling reached." if committed >= limit else
                        "This call's worst-case cost does not fit the run's remaining budget.")
@@ -176,7 +182,7 @@ def _budget(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict
                                {**context, "rule": "stop_on_budget"}))
     if policy.run_limit_tokens is not None:
         used = run.tokens_used + run.reserved_tokens
-        if used + ask.reserved_tokens > policy.run_limit_tokens:
+        if used + ask.reserved_tokens > policy.run_limit_tokens or not ask.output_bounded:
             out.append(Verdict("budget.hard_limit_tokens", "budget_exceeded", 402,
                                "This call's worst-case tokens do not fit the run's token budget.", shadow,
                                {"run_id": run.run_id, "cumulative_tokens": run.tokens_used,
@@ -192,9 +198,9 @@ SHRINK_MIN_OUTPUT_TOKENS = 32  # below this, a shrunk answer is too short to be 
 def shrink(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> CallAsk | None:
     """`on_exceed: shrink`: the same call with the most output that fits what is left of the run's USD and
     token budgets, or None when less than `SHRINK_MIN_OUTPUT_TOKENS` would fit (or nothing can shrink)."""
-    if not policy.shrink or ask.embedding or not ask.priced or ask.kind != "llm":
+    if not policy.shrink or ask.embedding or not ask.priced or ask.kind != "llm" or not ask.output_bounded:
         return None
-    most = ask.reserved_tokens - ask.input_tokens  # the output the call asked for at most
+    most = ask.reserved_tokens - ask.input_tokens  # the output the call asked for at most (all choices)
     limit = budget_limit_pusd(policy, run)
     if limit is not None:
         left = limit - run.spend_pusd - run.reserved_pusd - ask.input_pusd
@@ -202,7 +208,9 @@ def shrink(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> CallAsk | Non
             most = min(most, max(0, left) * 1_000_000 // ask.output_pusd_per_million)
     if policy.run_limit_tokens is not None:
         most = min(most, policy.run_limit_tokens - run.tokens_used - run.reserved_tokens - ask.input_tokens)
-    if most < SHRINK_MIN_OUTPUT_TOKENS:
+    per_choice = most // max(1, ask.choices)
+    if per_choice < SHRINK_MIN_OUTPUT_TOKENS:
         return None
+    most = per_choice * max(1, ask.choices)
     cost = -(-most * ask.output_pusd_per_million // 1_000_000)  # rounded up, like every reservation
     return replace(ask, reserved_pusd=ask.input_pusd + cost, reserved_tokens=ask.input_tokens + most)

@@ -156,6 +156,12 @@ class RunOptions:
     policy_version: int | None
 
 
+def _choices(body: dict[str, Any], fmt: WireFormat) -> int:
+    """How many answers the call asks for (OpenAI chat `n`; 1 elsewhere)."""
+    n = body.get("n") if fmt is CHAT else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 < n <= 128 else 1
+
+
 def _run_options(request: web.Request, body: dict[str, Any]) -> RunOptions:
     """The run options from headers or the body's `rungate` key (removed from the body); headers win."""
     options = body.pop("rungate", None)
@@ -212,18 +218,21 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     target = await app[TARGETS].resolve(fmt.provider, model)
     input_estimate = estimate_input_tokens(body)
     max_output = _max_output(body, fmt)
-    worst = prices.max_cost_pico(model, input_estimate, max_output)
     price = prices.lookup(model)
     out_limit = max_output if max_output is not None else (price.max_output_tokens if price is not None else None)
+    choices = _choices(body, fmt)
+    # Every choice may use the whole output limit; with no limit known the worst case has no bound.
+    worst = prices.max_cost_pico(model, input_estimate, (out_limit or 0) * choices)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
         endpoint=fmt.name, provider=target.provider, model=model, stream=stream,
         fingerprint=hashlib.sha256(forward).hexdigest(), reserved_pusd=worst or 0,
-        idle_timeout_s=settings.idle_timeout_s, reserved_tokens=input_estimate + (out_limit or 0),
+        idle_timeout_s=settings.idle_timeout_s, reserved_tokens=input_estimate + (out_limit or 0) * choices,
         priced=worst is not None, tools=offered_tools(body), policy_name=options.policy_name,
         policy_version=options.policy_version, input_tokens=input_estimate,
         input_pusd=prices.max_cost_pico(model, input_estimate, 0) or 0,
-        output_pusd_per_million=prices.max_cost_pico(model, 0, 1_000_000) or 0, embedding=fmt.meter is None))
+        output_pusd_per_million=prices.max_cost_pico(model, 0, 1_000_000) or 0, embedding=fmt.meter is None,
+        choices=choices, output_bounded=out_limit is not None or fmt.meter is None))
     call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0)
     await _admit(store, admit, call)
     call.reserved_pusd = admit.reserved_pusd
@@ -461,8 +470,16 @@ def rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
         headers["x-rungate-tokens-used"] = str(call.usage.total)
         headers["x-rungate-cost-usd"] = "unpriced" if call.cost_pusd is None else format_usd(call.cost_pusd)
     if call.warnings:
-        headers["x-rungate-warning"] = "; ".join(call.warnings)
+        headers["x-rungate-warning"] = warning_header(call.warnings)
     return headers
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def warning_header(warnings: Sequence[str]) -> str:
+    """Warnings joined for `x-rungate-warning`; control characters (a tool name may carry CR/LF) become spaces."""
+    return _CONTROL.sub(" ", "; ".join(warnings))
 
 
 async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: str, http_status: int | None,

@@ -15,7 +15,7 @@ from rungate.ids import is_valid_client_id, new_id
 from rungate.prices import to_pico
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
-from rungate.proxy.handler import proxy_call
+from rungate.proxy.handler import proxy_call, warning_header
 from rungate.proxy.keys import PRICES, SETTINGS, STORE
 from rungate.runs import CompleteRun, LogToolStep
 from rungate.views import run_view, step_view
@@ -124,8 +124,9 @@ async def log_step(request: web.Request) -> web.Response:
     run_id = _run_id(request)
     _, body = await read_json_object(request, request.app[SETTINGS].max_body_bytes)
     tool = body.get("tool", body.get("name"))
-    if not isinstance(tool, str) or not tool.strip() or len(tool) > 200:
-        raise BadRequest("`tool` (or `name`) is required: the tool's name.", code="missing_tool")
+    if not isinstance(tool, str) or not tool.strip() or len(tool) > 200 or not tool.isprintable():
+        raise BadRequest("`tool` (or `name`) is required: the tool's name, printable, at most 200 characters.",
+                         code="missing_tool")
     args = body.get("args", body.get("arguments", body.get("request", {})))
     result = body.get("result", body.get("response", {}))
     if not isinstance(args, dict) or not isinstance(result, dict):
@@ -145,5 +146,5 @@ async def log_step(request: web.Request) -> web.Response:
     await store.execute(command)
     row = await queries.get_step(store, step.step_id)
     assert row is not None
-    headers = {"x-rungate-warning": "; ".join(command.warnings)} if command.warnings else None
+    headers = {"x-rungate-warning": warning_header(command.warnings)} if command.warnings else None
     return web.json_response({"data": step_view(row)}, status=201, headers=headers)
