@@ -116,9 +116,12 @@ class RunsProjection(Projection):
     def _rate_marks(self, rec: Recorded) -> list[Statement]:
         """Count the call in its rate windows; a scope's buckets older than ten minutes go once a minute."""
         d = rec.data
+        scopes = d.get("rate_scopes")
+        if not scopes:  # no rate limit applies to this call (the common case): nothing to count
+            return []
         second = int(parse_iso(rec.recorded_at).timestamp())
         out: list[Statement] = []
-        for scope in d.get("rate_scopes") or []:
+        for scope in scopes:
             out.append(("INSERT INTO rate_buckets (scope, second, requests, tokens) VALUES (?, ?, 1, ?)"
                         " ON CONFLICT (scope, second) DO UPDATE SET requests = rate_buckets.requests + 1,"
                         " tokens = rate_buckets.tokens + excluded.tokens",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rungate.clock import iso_minus, parse_iso
@@ -48,6 +48,7 @@ from rungate.events.catalogue import (
     ToolStepLogged,
 )
 from rungate.ids import new_id
+from rungate.prices import ModelPrice
 from rungate.store.base import Lookup, Refused, Row
 
 CLOSED = ("completed", "stopped", "blocked")  # statuses a call cannot continue (stopped: 403, others 409)
@@ -100,9 +101,8 @@ class CallFacts:
     tools: tuple[str, ...] = ()  # tools the request offers the model
     policy_name: str | None = None  # `x-rungate-policy: NAME[@VERSION]`: binds a run this call starts
     policy_version: int | None = None
-    input_tokens: int = 0  # the input estimate, and its share of `reserved_pusd` (for `on_exceed: shrink`)
-    input_pusd: int = 0
-    output_pusd_per_million: int = 0
+    input_tokens: int = 0  # the input estimate (for `on_exceed: shrink`, with the model's price)
+    price: ModelPrice | None = None
     embedding: bool = False
     choices: int = 1
     output_bounded: bool = True
@@ -135,11 +135,15 @@ class AdmitCall:
         self._agent = Lookup.of("agents", "disabled", "token_hash", "policy_id", id=f.agent_id)
         self._run = (Lookup.of("runs", *_RUN_COLUMNS, id=f.run_id) if f.run_id is not None
                      else Lookup.of("runs", *_RUN_COLUMNS, agent_id=f.agent_id, auto=1, status="active"))
-        # With no active auto-run: the agent's newest auto-run, whatever its status (stopped → refused).
-        self._latest_auto = Lookup.of("runs", "id", "status", agent_id=f.agent_id, auto=1)
+
 
     def lookups(self) -> Sequence[Lookup]:
         return (self._agent, self._run)
+
+    @property
+    def _latest_auto(self) -> Lookup:
+        """With no active auto-run: the agent's newest auto-run, whatever its status (stopped → refused)."""
+        return Lookup.of("runs", "id", "status", agent_id=self.facts.agent_id, auto=1)
 
     # --- which rows the decision needs -------------------------------------------------------------
 
@@ -245,7 +249,7 @@ class AdmitCall:
                 self._refuse(_run_closed(f.run_id, run["status"]))
             self.run_id = f.run_id
         else:
-            latest = found.get(self._latest_auto)
+            latest = found.get(self._latest_auto) if run is None else None
             if run is None and latest is not None and latest["status"] == "stopped" and not f.new_run:
                 self._refuse(force_stopped(latest["id"]))
             if run is not None and (f.new_run or _idle(run, now, self._idle_window(run))):
@@ -276,9 +280,8 @@ class AdmitCall:
         self.state = state
         decisions: list[dict[str, Any]] = []
         ask = CallAsk(f.provider, f.model, f.reserved_pusd, f.reserved_tokens, f.priced, f.tools,
-                      input_tokens=f.input_tokens, input_pusd=f.input_pusd,
-                      output_pusd_per_million=f.output_pusd_per_million, embedding=f.embedding,
-                      choices=f.choices, output_bounded=f.output_bounded)
+                      input_tokens=f.input_tokens, embedding=f.embedding, choices=f.choices,
+                      output_bounded=f.output_bounded)
         rate_scopes: list[str] = []
         if self.policy is not None:
             windows: dict[str, RateWindow] = {}
@@ -292,7 +295,10 @@ class AdmitCall:
                 rate_scopes.append(f"run:{self.run_id}")
             now_s = _epoch(now)
             verdicts = evaluate(self.policy, state, ask, windows, now_s)
-            if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts):
+            if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts) and f.price is not None:
+                # What shrinking needs of the price, worked out only when it may happen.
+                ask = replace(ask, input_pusd=f.price.max_cost_pico(f.input_tokens, 0),
+                              output_pusd_per_million=f.price.max_cost_pico(0, 1_000_000))
                 shrunk = shrink(self.policy, state, ask)
                 if shrunk is not None:
                     self.max_output = (shrunk.reserved_tokens - shrunk.input_tokens) // max(1, f.choices)

@@ -229,10 +229,8 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
         fingerprint=hashlib.sha256(forward).hexdigest(), reserved_pusd=worst or 0,
         idle_timeout_s=settings.idle_timeout_s, reserved_tokens=input_estimate + (out_limit or 0) * choices,
         priced=worst is not None, tools=offered_tools(body), policy_name=options.policy_name,
-        policy_version=options.policy_version, input_tokens=input_estimate,
-        input_pusd=prices.max_cost_pico(model, input_estimate, 0) or 0,
-        output_pusd_per_million=prices.max_cost_pico(model, 0, 1_000_000) or 0, embedding=fmt.meter is None,
-        choices=choices, output_bounded=out_limit is not None or fmt.meter is None))
+        policy_version=options.policy_version, input_tokens=input_estimate, price=price,
+        embedding=fmt.meter is None, choices=choices, output_bounded=out_limit is not None or fmt.meter is None))
     call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0)
     await _admit(store, admit, call)
     call.reserved_pusd = admit.reserved_pusd
@@ -241,7 +239,8 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
         key = next((k for k in fmt.max_tokens_keys if k in body), fmt.max_tokens_keys[0])
         body[key] = admit.max_output
         forward = orjson.dumps(body)
-    call.budget = Budget.after_admission(admit)
+    if admit.policy is not None:
+        call.budget = Budget.after_admission(admit)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
     inflight = app[INFLIGHT]
     inflight.add(call)
