@@ -57,11 +57,11 @@ REQUEST_TIMEOUT_S = 60.0
 DISTINCT_BODIES = 1000
 
 # `--governed`: every rule kind admission enforces, with limits no benchmark call reaches, so each call pays
-# for every check (models, offered tools, steps, repeats, rate windows, USD and token budgets) and none is
-# refused.
+# for every check (models, offered tools, steps, repeats, rate windows, run USD and token budgets, the
+# agent's hourly cap) and none is refused.
 GOVERNED_POLICY: dict[str, Any] = {
     "name": "bench-governed",
-    "budget": {"hard_limit_usd": "1000000", "hard_limit_tokens": 10**12},
+    "budget": {"hard_limit_usd": "1000000", "hard_limit_tokens": 10**12, "agent_hourly_usd": "1000000"},
     "models": {"allowed": ["mock-*", "openai/gpt-4o-mini"], "blocked": ["gpt-4o"]},
     "tools": {"blocked": ["shell_exec", "delete_*"]},
     "runaway": {"max_steps": 10**9, "max_repeats": 1000},  # each of the 1000 bodies recurs ~40 times per run

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from projections.base import Projection
-from rungate.clock import parse_iso
+from rungate.clock import iso_minus, parse_iso
 from rungate.events import Recorded
 from rungate.events import canonical_json as _json
 from rungate.store.base import Statement
@@ -11,7 +11,7 @@ from rungate.store.base import Statement
 
 class RunsProjection(Projection):
     name = "runs"
-    tables = ("rate_buckets", "steps", "runs")
+    tables = ("agent_spend", "rate_buckets", "steps", "runs")
     ddl = (
         """CREATE TABLE IF NOT EXISTS runs (
             id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT NOT NULL, auto INTEGER NOT NULL,
@@ -42,6 +42,10 @@ class RunsProjection(Projection):
         "CREATE INDEX IF NOT EXISTS steps_run ON steps (run_id, seq)",
         # Runaway protection counts a run's identical requests.
         "CREATE INDEX IF NOT EXISTS steps_fingerprint ON steps (run_id, fingerprint)",
+        # The agent's rolling hourly cap: settled spend per minute (`2026-11-27T07:41`), per agent.
+        """CREATE TABLE IF NOT EXISTS agent_spend (
+            agent_id TEXT NOT NULL, minute TEXT NOT NULL, spend_pusd BIGINT NOT NULL,
+            PRIMARY KEY (agent_id, minute))""",
         # Rate limits: requests and (reserved) tokens per second, per scope (`agent:ID`, `run:ID`).
         """CREATE TABLE IF NOT EXISTS rate_buckets (
             scope TEXT NOT NULL, second BIGINT NOT NULL, requests BIGINT NOT NULL, tokens BIGINT NOT NULL,
@@ -130,6 +134,22 @@ class RunsProjection(Projection):
                 out.append(("DELETE FROM rate_buckets WHERE scope = ? AND second < ?", (scope, second - 600)))
         return out
 
+    @staticmethod
+    def _agent_spend(rec: Recorded, run_id: str, cost: int) -> list[Statement]:
+        """Add `cost` to the run's agent's minute; at the top of each hour, drop its minutes of 2 hours ago."""
+        if cost <= 0:
+            return []
+        minute = rec.recorded_at[:16]
+        out: list[Statement] = [
+            ("INSERT INTO agent_spend (agent_id, minute, spend_pusd) SELECT agent_id, ?, ? FROM runs WHERE id = ?"
+             " ON CONFLICT (agent_id, minute) DO UPDATE SET spend_pusd = agent_spend.spend_pusd + excluded.spend_pusd",
+             (minute, cost, run_id))]
+        if minute.endswith(":00"):
+            out.append(("DELETE FROM agent_spend WHERE minute < ?"
+                        " AND agent_id = (SELECT agent_id FROM runs WHERE id = ?)",
+                        (iso_minus(rec.recorded_at, 7200)[:16], run_id)))
+        return out
+
     def _step_completed(self, rec: Recorded) -> list[Statement]:
         d = rec.data
         u = d["usage"]
@@ -153,6 +173,7 @@ class RunsProjection(Projection):
               u.get("cached", 0), u.get("cache_write", 0) + u.get("cache_write_1h", 0), u.get("reasoning", 0),
               cost, int(d["unpriced"]), int(d["estimated"]), d["latency_ms"], d.get("error"),
               _json(d.get("tool_calls") or []), rec.recorded_at, rec.position, d["step_id"])),
+            *self._agent_spend(rec, d["run_id"], cost or 0),
         ]
 
     def _tool_step(self, rec: Recorded) -> list[Statement]:
@@ -173,4 +194,5 @@ class RunsProjection(Projection):
              " last_activity_at = ?, position = ? WHERE id = ?",
              (u.get("input", 0), u.get("output", 0), cost or 0, unpriced, rec.recorded_at, rec.position,
               d["run_id"])),
+            *self._agent_spend(rec, d["run_id"], cost or 0),
         ]

@@ -16,6 +16,7 @@ from rungate.clock import iso_minus, parse_iso
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
 from rungate.enforce.rules import (
     RATE_WINDOW_S,
+    AgentHour,
     CallAsk,
     RateWindow,
     RunState,
@@ -172,7 +173,17 @@ class AdmitCall:
         if policy is not None:
             run_id = self.facts.run_id or (run["id"] if run is not None and not starting else None)
             wanted.extend(lookup for _, lookup in self._windows(policy, run_id, now))
+            if policy.agent_hourly_pusd is not None:
+                wanted.extend(self._hour(now))
         return wanted
+
+    def _hour(self, now: str) -> tuple[Lookup, Lookup]:
+        """The agent's settled spend of the last hour (by minute), and what its active runs hold reserved."""
+        agent_id = self.facts.agent_id
+        return (Lookup.window("agent_spend", ("spend_pusd",), ("minute", iso_minus(now, 3600)[:16]),
+                              agent_id=agent_id),
+                Lookup.window("runs", ("reserved_pusd",), ("reserved_pusd", 0), agent_id=agent_id,
+                              status="active"))
 
     def _windows(self, policy: CompiledPolicy, run_id: str | None, now: str) -> list[tuple[str, Lookup]]:
         """The rate windows `policy` limits: the agent's, and the run's when it already exists."""
@@ -294,7 +305,12 @@ class AdmitCall:
             if self.policy.run_rate is not None:
                 rate_scopes.append(f"run:{self.run_id}")
             now_s = _epoch(now)
-            verdicts = evaluate(self.policy, state, ask, windows, now_s)
+            hour = None
+            if self.policy.agent_hourly_pusd is not None:
+                spent, held = (found.get(lookup) for lookup in self._hour(now))
+                hour = AgentHour(int(spent["spend_pusd"]) if spent else 0, int(held["reserved_pusd"]) if held else 0,
+                                 spent["oldest"] if spent else None)
+            verdicts = evaluate(self.policy, state, ask, windows, now_s, hour)
             if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts) and f.price is not None:
                 # What shrinking needs of the price, worked out only when it may happen.
                 ask = replace(ask, input_pusd=f.price.max_cost_pico(f.input_tokens, 0),
@@ -304,7 +320,7 @@ class AdmitCall:
                     self.max_output = (shrunk.reserved_tokens - shrunk.input_tokens) // max(1, f.choices)
                     self.warnings.append(f"budget: the output limit was lowered to {self.max_output} tokens so"
                                          " the call fits the run's remaining budget")
-                    ask, verdicts = shrunk, evaluate(self.policy, state, shrunk, windows, now_s)
+                    ask, verdicts = shrunk, evaluate(self.policy, state, shrunk, windows, now_s, hour)
             # Every request for a model outside the lists is a drift, whatever else refuses the call.
             drift = [event for v in verdicts if v.code == "model_not_allowed" for event in self._drift(v)]
             for verdict in verdicts:

@@ -563,3 +563,26 @@ async def test_several_choices_reserve_several_answers_and_a_cold_cache_still_co
     policy_module._COMPILED.clear()  # as after a restart: the first use compiles within the admission
     status, _, answer = await post(gateway, token, body, **{"x-rungate-run-id": "choices"})
     assert status == 403 and answer["error"]["code"] == "runaway_prevention"
+
+
+async def test_the_agents_hourly_cap_spans_its_runs(gateway: Gateway) -> None:
+    prices = PriceTable.load()
+    body = chat("hourly", max_tokens=30)
+    worst = prices.max_cost_pico("mock-gpt", estimate_input_tokens(body), 30)
+    assert worst is not None
+    await put_policy(gateway, "hourly", {"budget": {"agent_hourly_usd": format_usd(3 * worst)}})
+    token = await agent_with_policy(gateway, "hourly-agent", "hourly")
+    statuses = []
+    for i in range(40):  # a new run each call: the cap is the agent's, across its runs
+        status, _, answer = await post(gateway, token, body, **{"x-rungate-run-id": f"hour-{i}"})
+        statuses.append(status)
+        if status == 402:
+            break
+    assert statuses[-1] == 402 and set(statuses[:-1]) == {200}
+    error = answer["error"]
+    assert error["code"] == "hourly_cost_exceeded" and error["context"]["rule"] == "budget.agent_hourly_usd"
+    spent = Decimal(error["context"]["hourly_spend_usd"])
+    assert spent <= Decimal(format_usd(3 * worst)) < spent + Decimal(error["context"]["requested_usd"])
+    code, runs = await gateway.admin("GET", "/api/runs?limit=500")
+    total = sum(Decimal(r["spend_usd"]) for r in runs["data"] if r["id"].startswith("hour-"))
+    assert total == spent

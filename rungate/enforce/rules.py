@@ -69,6 +69,15 @@ def budget_limit_pusd(policy: CompiledPolicy | None, run: RunState) -> int | Non
 
 
 @dataclass(frozen=True, slots=True)
+class AgentHour:
+    """The agent's last hour: settled spend, what its calls in flight hold, and the oldest minute counted."""
+
+    spend_pusd: int = 0
+    reserved_pusd: int = 0
+    oldest_minute: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RateWindow:
     """What a scope (`agent`, `run`) used in the last 60 seconds: requests, reserved tokens, oldest second."""
 
@@ -81,7 +90,7 @@ RATE_WINDOW_S = 60
 
 
 def evaluate(policy: CompiledPolicy, run: RunState, ask: CallAsk, windows: dict[str, RateWindow] | None = None,
-             now_s: int = 0) -> list[Verdict]:
+             now_s: int = 0, hour: AgentHour | None = None) -> list[Verdict]:
     """Every rule of `policy` that `ask` breaks, in the order they are checked (models, tools, runaway, rate
     limits, budget). `windows` holds the agent's and the run's last minute, `now_s` the time in seconds."""
     out: list[Verdict] = []
@@ -92,7 +101,23 @@ def evaluate(policy: CompiledPolicy, run: RunState, ask: CallAsk, windows: dict[
     if ask.kind == "llm":
         out.extend(_rates(policy, ask, windows or {}, now_s))
         out.extend(_budget(policy, run, ask))
+        out.extend(_hourly(policy, ask, hour or AgentHour()))
     return out
+
+
+def _hourly(policy: CompiledPolicy, ask: CallAsk, hour: AgentHour) -> list[Verdict]:
+    limit = policy.agent_hourly_pusd
+    if limit is None or hour.spend_pusd + hour.reserved_pusd + ask.reserved_pusd <= limit and ask.priced \
+            and ask.output_bounded:
+        return []
+    return [Verdict("budget.agent_hourly_usd", "hourly_cost_exceeded", 402,
+                    "The agent's hourly cost limit is reached." if hour.spend_pusd + hour.reserved_pusd >= limit
+                    else "This call's worst-case cost does not fit the agent's remaining hourly budget.",
+                    policy.budget_mode == "shadow",
+                    {"hourly_spend_usd": format_usd(hour.spend_pusd), "reserved_usd": format_usd(hour.reserved_pusd),
+                     "limit_usd": format_usd(limit), "requested_usd": format_usd(ask.reserved_pusd),
+                     "window_s": 3600, "oldest_minute": hour.oldest_minute,
+                     "next": "Wait until older spend leaves the rolling hour, or ask an operator."})]
 
 
 def _rates(policy: CompiledPolicy, ask: CallAsk, windows: dict[str, RateWindow], now_s: int) -> list[Verdict]:
