@@ -586,3 +586,16 @@ async def test_the_agents_hourly_cap_spans_its_runs(gateway: Gateway) -> None:
     code, runs = await gateway.admin("GET", "/api/runs?limit=500")
     total = sum(Decimal(r["spend_usd"]) for r in runs["data"] if r["id"].startswith("hour-"))
     assert total == spent
+
+
+async def test_an_unknown_policy_on_an_agent_update_changes_nothing(gateway: Gateway) -> None:
+    code, created = await gateway.admin("POST", "/api/agents", {"name": "steady"})
+    agent_id = created["data"]["id"]
+    code, body = await gateway.admin("PATCH", f"/api/agents/{agent_id}", {"name": "renamed", "policy": "nope"})
+    assert code == 404 and body["error"]["code"] == "unknown_policy"
+    code, agent = await gateway.admin("GET", f"/api/agents/{agent_id}")
+    assert agent["data"]["name"] == "steady" and agent["data"]["policy"] is None
+    await put_policy(gateway, "real", {"mode": "shadow"})
+    code, agent = await gateway.admin("PATCH", f"/api/agents/{agent_id}", {"policy": "real"})
+    assert code == 200 and agent["data"]["policy"]["name"] == "real"
+    validate_response("PATCH", "/api/agents/{agent_id}", 200, agent)

@@ -127,9 +127,18 @@ async def agents_update(request: web.Request) -> web.Response:
     body = await _body(request)
     agent_id = request.match_info["agent_id"]
     name, disabled, metadata = _agent_changes(body)
+    await _check_policy(request, body)  # an unknown policy changes nothing (not the name or status either)
     await request.app[STORE].execute(UpdateAgent(agent_id, name, disabled, metadata))
     await _set_policy(request, agent_id, body)
     return _data(agent_view(await _agent_or_404(request, agent_id)))
+
+
+async def _check_policy(request: web.Request, body: dict[str, Any]) -> None:
+    policy = body.get("policy")
+    if policy is not None and not isinstance(policy, str):
+        raise BadRequest("policy must be the name of a policy (or null).", code="invalid_policy_name")
+    if policy is not None and await queries.policy_by_name(request.app[STORE], policy) is None:
+        raise NotFound(f"Policy {policy!r} not found.", code="unknown_policy")
 
 
 async def _set_policy(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:
@@ -157,6 +166,7 @@ async def agents_upsert(request: web.Request) -> web.Response:
         row, token = await create_agent(store, request.match_info["name"], body.get("metadata"), body.get("policy"))
         return _data(agent_view(row, token), status=201)
     _, disabled, metadata = _agent_changes(body)
+    await _check_policy(request, body)
     await store.execute(UpdateAgent(existing["id"], None, disabled, metadata))
     await _set_policy(request, existing["id"], body)
     return _data(agent_view(await _agent_or_404(request, existing["id"])))
