@@ -505,6 +505,20 @@ class SettleStep:
         return events
 
 
+def _operated(run_id: str) -> Lookup:
+    return Lookup.of("runs", "id", "status", id=run_id)
+
+
+def _operated_run(found: Mapping[Lookup, Row | None], run_id: str) -> Row:
+    """The run an operator stops or resumes: 404 when unknown, 409 once completed."""
+    run = found[_operated(run_id)]
+    if run is None:
+        raise NotFound(f"Run {run_id} not found.")
+    if run["status"] == "completed":
+        raise _run_closed(run_id, run["status"])
+    return run
+
+
 @dataclass
 class StopRun:
     """The kill switch: refuse every later call of the run (403 `run_force_stopped`) until it is resumed.
@@ -518,16 +532,12 @@ class StopRun:
     stopped: bool = False
 
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("runs", "id", "status", id=self.run_id),)
+        return (_operated(self.run_id),)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        run = found[self.lookups()[0]]
-        if run is None:
-            raise NotFound(f"Run {self.run_id} not found.")
+        run = _operated_run(found, self.run_id)
         if run["status"] == "stopped":
             return ()
-        if run["status"] == "completed":
-            raise _run_closed(self.run_id, run["status"])
         self.stopped = True
         return (NewEvent(run_stream(self.run_id), RunStopped(run_id=self.run_id, reason=self.reason)),)
 
@@ -543,14 +553,10 @@ class ResumeRun:
     add_pusd: int = 0
 
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("runs", "id", "status", id=self.run_id),)
+        return (_operated(self.run_id),)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        run = found[self.lookups()[0]]
-        if run is None:
-            raise NotFound(f"Run {self.run_id} not found.")
-        if run["status"] == "completed":
-            raise _run_closed(self.run_id, run["status"])
+        run = _operated_run(found, self.run_id)
         if run["status"] == "active" and self.add_pusd == 0:
             return ()
         return (NewEvent(run_stream(self.run_id), RunResumed(run_id=self.run_id, add_pusd=self.add_pusd)),)

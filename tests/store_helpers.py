@@ -28,6 +28,8 @@ PROJECTION_TABLES: tuple[tuple[str, str], ...] = (
     ("policy_versions", "policy_id, version"),
     ("runs", "id"),
     ("steps", "id"),
+    ("agent_spend", "agent_id, minute"),
+    ("rate_buckets", "scope, second"),
 )
 
 
@@ -79,7 +81,8 @@ async def snapshot(store: SQLiteEventStore) -> dict[str, list[tuple[Any, ...]]]:
         out[table] = [tuple(row.values()) for row in await store.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
     out["schema"] = [tuple(row.values()) for row in await store.fetch(
         "SELECT type, name, tbl_name, sql FROM sqlite_master"
-        " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps')"
+        " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps',"
+        " 'agent_spend', 'rate_buckets')"
         " ORDER BY name")]
     return out
 
@@ -93,7 +96,8 @@ def snapshot_file(path: Path) -> dict[str, list[tuple[Any, ...]]]:
             out[table] = conn.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
         out["schema"] = conn.execute(
             "SELECT type, name, tbl_name, sql FROM sqlite_master"
-            " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps')"
+            " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps',"
+        " 'agent_spend', 'rate_buckets')"
             " ORDER BY name").fetchall()
         return out
     finally:

@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rungate.admin import AddProviderKey, CreateAgent, RemoveProviderKey, RotateAgentToken, UpdateAgent
+from rungate.enforce.policy import parse_document
 from rungate.errors import Conflict, GovernanceRefusal, NotFound, Unauthorized
 from rungate.events.catalogue import ToolStepLogged
 from rungate.ids import new_id, token_hash
+from rungate.policy_admin import ApplyPolicy, SetAgentPolicy
 from rungate.runs import AdmitCall, CloseIdleRun, CompleteRun, LogToolStep
 from rungate.store import SQLiteEventStore
 from tests.store_helpers import all_events, facts, opened, run_cli, settle, snapshot, snapshot_file
@@ -75,6 +77,12 @@ async def drive_realistic_log(store: SQLiteEventStore, seed: int = 7, rounds: in
     await store.execute(RemoveProviderKey(keys[1].key_id))
     await store.execute(RotateAgentToken(agents[0]))
     await store.execute(UpdateAgent(agents[1], "agent-1-renamed", None, {"team": "moved"}))
+    # a policy with every counter folded inline (rate windows, alerts), limits too high to refuse anything
+    await store.execute(ApplyPolicy(parse_document({
+        "name": "counted", "budget": {"hard_limit_usd": "1000000", "alerts": [0.5]},
+        "rate_limits": {"agent": {"requests_per_minute": 10**9}, "run": {"tokens_per_minute": 10**12}}})))
+    for agent in agents[3:6]:
+        await store.execute(SetAgentPolicy(agent, "counted"))
 
     open_runs: dict[str, list[str]] = {a: [] for a in agents}  # explicit runs each agent may still use
     pending: list[tuple[str, str]] = []  # (run_id, step_id) admitted, not settled yet
@@ -145,6 +153,7 @@ async def test_rebuild_of_a_realistic_log_gives_identical_projections(tmp_path: 
     assert {("active", 1), ("completed", 1), ("active", 0), ("completed", 0)} <= statuses
     kinds = {(row[3], row[9]) for row in before["steps"]}  # (kind, status)
     assert {("llm", "started"), ("llm", "ok"), ("llm", "error"), ("tool", "ok")} <= kinds
+    assert len(before["rate_buckets"]) > 0 and len(before["agent_spend"]) > 0 and len(before["policies"]) == 1
     step_columns = [row[1] for row in sqlite3.connect(tmp_path / "log.db").execute("PRAGMA table_info(steps)")]
     cost, unpriced = step_columns.index("cost_pusd"), step_columns.index("unpriced")
     assert any(row[cost] is None and row[unpriced] == 1 for row in before["steps"])  # an unpriced step
