@@ -599,3 +599,39 @@ async def test_an_unknown_policy_on_an_agent_update_changes_nothing(gateway: Gat
     code, agent = await gateway.admin("PATCH", f"/api/agents/{agent_id}", {"policy": "real"})
     assert code == 200 and agent["data"]["policy"]["name"] == "real"
     validate_response("PATCH", "/api/agents/{agent_id}", 200, agent)
+
+
+async def test_a_blocked_tool_in_the_models_answer_is_not_delivered(gateway: Gateway) -> None:
+    await put_policy(gateway, "no-shell-answers", {"tools": {"blocked": ["shell_exec"]}})
+    token = await agent_with_policy(gateway, "answered", "no-shell-answers")
+    ask = "run it [tool:shell_exec {\"cmd\": \"rm -rf /\"}]"
+    # non-stream, in each format
+    for route, model in (("chat", "mock-gpt"), ("responses", "mock-gpt"), ("messages", "mock-claude")):
+        path, body, headers = ROUTES[route]
+        request = orjson.loads(orjson.dumps(body).replace(b"MODEL", model.encode()).replace(b'"hi"',
+                                                                                              orjson.dumps(ask)))
+        async with aiohttp.ClientSession() as http, http.post(
+                gateway.url + path, json=request, headers={"Authorization": f"Bearer {token}", **headers,
+                                                          "x-rungate-run-id": f"answer-{route}"}) as resp:
+            raw = await resp.read()
+            assert resp.status == 403, (route, raw)
+            assert b"rm -rf" not in raw and orjson.loads(raw)["error"]["code"] == "tool_blocked"
+        code, steps = await gateway.admin("GET", f"/api/runs/answer-{route}/steps")
+        [step] = steps["data"]
+        assert step["status"] == "blocked" and Decimal(step["cost_usd"]) > 0  # paid for, not delivered
+    # streamed: the event naming the tool never reaches the agent; the stream ends with an error event
+    for route, model in (("chat", "mock-gpt"), ("messages", "mock-claude"), ("responses", "mock-gpt")):
+        path, body, headers = ROUTES[route]
+        request = orjson.loads(orjson.dumps(body).replace(b"MODEL", model.encode()).replace(b'"hi"',
+                                                                                              orjson.dumps(ask)))
+        async with aiohttp.ClientSession() as http, http.post(
+                gateway.url + path, json={**request, "stream": True},
+                headers={"Authorization": f"Bearer {token}", **headers,
+                         "x-rungate-run-id": f"answer-s-{route}"}) as resp:
+            raw = await resp.read()
+        assert resp.status == 200 and b"shell_exec" not in raw and b"tool_blocked" in raw, (route, raw[-300:])
+        code, steps = await gateway.admin("GET", f"/api/runs/answer-s-{route}/steps")
+        assert [s["status"] for s in steps["data"]] == ["blocked"]
+    # an allowed tool still goes through
+    status, _, answer = await post(gateway, token, chat("[tool:get_weather {}]"))
+    assert status == 200 and answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"

@@ -24,9 +24,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from rungate.auth import authenticate_agent
+from rungate.enforce.policy import CompiledPolicy
 from rungate.enforce.rules import RunState, budget_limit_pusd
 from rungate.enforce.tools import offered_tools
-from rungate.errors import BadRequest, ProviderError, StoreError
+from rungate.errors import BadRequest, GovernanceRefusal, ProviderError, StoreError
 from rungate.events.catalogue import StepCompleted
 from rungate.ids import is_valid_client_id
 from rungate.log import get_logger
@@ -104,6 +105,7 @@ class Call:
     cost_pusd: int | None = 0
     warnings: list[str] = field(default_factory=list)
     budget: Budget | None = None
+    policy: CompiledPolicy | None = None  # the run's policy version (None: no policy)
     # The kill switch (`stop`): the handler's task while it waits for the provider's answer to begin, and
     # the provider's response once it has.
     task: asyncio.Task[Any] | None = None
@@ -234,6 +236,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0)
     await _admit(store, admit, call)
     call.reserved_pusd = admit.reserved_pusd
+    call.policy = admit.policy
     call.warnings.extend(admit.warnings)
     if admit.max_output is not None:  # `on_exceed: shrink`: forward the lowered output limit
         key = next((k for k in fmt.max_tokens_keys if k in body), fmt.max_tokens_keys[0])
@@ -334,12 +337,42 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             except orjson.JSONDecodeError:
                 parsed = None
             usage = call.fmt.usage(parsed)
-            await _settle(store, prices, call, status="ok", http_status=upstream.status,
+            tool_calls = call.fmt.tool_calls(parsed)
+            blocked = _blocked_tool(call, tool_calls)
+            await _settle(store, prices, call, status="ok" if blocked is None else "blocked",
+                          http_status=upstream.status,
                           usage=usage if usage is not None else Usage(input=call.input_estimate),
                           estimated=usage is None, error=None if usage else "usage missing from the answer",
-                          tool_calls=call.fmt.tool_calls(parsed))
+                          tool_calls=tool_calls)
+            if blocked is not None:  # the answer calls a blocked tool: it is paid for, but not delivered
+                raise _tool_refusal(call, blocked)
         headers.update(rungate_headers(call))
         return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+class _ToolBlocked(Exception):
+    """A streamed answer named a tool the run's policy blocks."""
+
+
+def _blocked_tool(call: Call, tool_calls: Sequence[ToolCall]) -> str | None:
+    """The first tool the answer calls that the run's policy blocks (enforced), if any."""
+    policy = call.policy
+    if policy is None or policy.tools_mode == "shadow" or not policy.tools_blocked.patterns:
+        return None
+    return next((t.name for t in tool_calls if t.name and policy.tools_blocked.blocked(t.name)), None)
+
+
+def _tool_refusal(call: Call, tool: str) -> GovernanceRefusal:
+    assert call.policy is not None
+    error = GovernanceRefusal(f"The answer called tool {tool}, which this run's policy blocks; it was not delivered.",
+                              code="tool_blocked", status=403, run_id=call.run_id, context={
+                                  "rule": "tools.blocked", "tool": tool, "where": "answer",
+                                  "policy_id": call.policy.id, "policy_name": call.policy.name,
+                                  "policy_version": call.policy.version,
+                                  "next": "Ask again without that tool, or ask an operator."},
+                              headers={"x-should-retry": "false"})
+    error.headers.update(rungate_headers(call))
+    return error
 
 
 async def _stopped(store: EventStore, prices: PriceTable, call: Call, http_status: int | None) -> NoReturn:
@@ -380,6 +413,9 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     parser = SSEParser()
     held_done: bytes | None = None
     status, error = "ok", None
+    # Only a call under a policy that blocks tools (enforced) pays for watching the tool calls of a stream.
+    watch_tools = (call.policy is not None and bool(call.policy.tools_blocked.patterns)
+                   and call.policy.tools_mode != "shadow")
 
     async def relay(events: Sequence[Any]) -> None:
         """Forward the complete events of one upstream read in one write (nothing waits for more)."""
@@ -388,6 +424,10 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         for event in events:
             if not meter.feed(event):
                 continue
+            if watch_tools and _blocked_tool(call, meter.tool_calls) is not None:
+                if out:
+                    await _send(response, b"".join(out))
+                raise _ToolBlocked()  # this event names a blocked tool: it is not relayed
             if call.fmt is CHAT and event.data.strip() == "[DONE]":
                 held_done = event.raw  # written after settlement, with the trailer
                 continue
@@ -406,6 +446,9 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                 status, error = "stopped", "the run was stopped by an operator"
         except ValueError as exc:  # an SSE event beyond the parser's size bound
             status, error = "cut", f"upstream stream unreadable: {exc}"
+        except _ToolBlocked:
+            status, error = "blocked", f"the answer called a blocked tool ({_blocked_tool(call, meter.tool_calls)})"
+            upstream.close()
         if status == "ok" and call.stopped:
             status, error = "stopped", "the run was stopped by an operator"
         if status == "ok" and not meter.done:
@@ -424,10 +467,13 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             tail.append(stream_error_event(call.fmt, "The stream broke off before the end."))
         elif status == "stopped":
             tail.append(stream_error_event(call.fmt, "An operator stopped this run; the stream ends here."))
+        elif status == "blocked":
+            tail.append(stream_error_event(call.fmt, "The answer called a tool this run's policy blocks"
+                                                     " (tool_blocked); the stream ends here."))
         # Chat streams: the trailer follows [DONE]. Stock OpenAI SDKs stop reading at [DONE], so they never see
         # it (placed before, openai 3.x yields it as a chunk whose `choices` is None and naive loops crash);
         # the `rungate` SDK reads on to the end of the body and picks it up. Other formats end with it.
-        if held_done is not None and status not in ("cut", "stopped"):
+        if held_done is not None and status not in ("cut", "stopped", "blocked"):
             tail.append(held_done)
         if call.settled:
             tail.append(_trailer(call))
