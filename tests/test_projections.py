@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from rungate.admin import AddProviderKey, CreateAgent, RemoveProviderKey, RotateAgentToken, UpdateAgent
 from rungate.enforce.policy import parse_document
 from rungate.errors import Conflict, GovernanceRefusal, NotFound, Unauthorized
-from rungate.events.catalogue import ToolStepLogged
+from rungate.events import NewEvent
+from rungate.events.catalogue import BudgetAlerted, ToolStepLogged
 from rungate.ids import new_id, token_hash
-from rungate.policy_admin import ApplyPolicy, SetAgentPolicy
-from rungate.runs import AdmitCall, CloseIdleRun, CompleteRun, LogToolStep
-from rungate.store import SQLiteEventStore
+from rungate.policy_admin import ApplyPolicy, DeletePolicy, SetAgentPolicy
+from rungate.runs import AdmitCall, CloseIdleRun, CompleteRun, LogToolStep, ResumeRun, StopRun
+from rungate.store import Append, SQLiteEventStore
 from tests.store_helpers import all_events, facts, opened, run_cli, settle, snapshot, snapshot_file
 
 # --- invariants every state of the runs projection must satisfy -------------------------------------
@@ -509,3 +510,53 @@ def test_any_command_sequence_keeps_invariants_and_rebuilds_identically(ops: lis
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(scenario(Path(directory) / "log.db"))
+
+
+# --- governance events ------------------------------------------------------------------------------
+
+
+async def test_policy_events_fold_into_the_current_version_and_every_version(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        # given a policy created, changed, re-applied unchanged, renamed, then deleted
+        first = ApplyPolicy(parse_document({"name": "p", "runaway": {"max_steps": 3}}))
+        created = await store.execute(first)
+        assert first.outcome == "created" and first.version == 1
+        changed = ApplyPolicy(parse_document({"name": "p", "runaway": {"max_steps": 4}}))
+        await store.execute(changed)
+        same = ApplyPolicy(parse_document({"name": "p", "runaway": {"max_steps": 4}}))
+        assert await store.execute(same) == [] and same.outcome == "unchanged"
+        assert first.policy_id is not None
+        renamed = ApplyPolicy(parse_document({"name": "q", "runaway": {"max_steps": 4}}), policy_id=first.policy_id)
+        await store.execute(renamed)
+        await store.execute(DeletePolicy(first.policy_id))
+        current = await store.fetchone("SELECT id, name, version, deleted FROM policies WHERE id = ?",
+                                       (first.policy_id,))
+        versions = await store.fetch("SELECT version, name, document FROM policy_versions WHERE policy_id = ?"
+                                     " ORDER BY version", (first.policy_id,))
+    # then the current row is version 3 under its new name, retired; all three versions are kept
+    assert current == {"id": first.policy_id, "name": "q", "version": 3, "deleted": 1}
+    assert [(v["version"], v["name"]) for v in versions] == [(1, "p"), (2, "p"), (3, "q")]
+    assert '"max_steps":3' in versions[0]["document"] and created[0].type == "PolicyVersionCreated"
+
+
+async def test_stop_resume_alert_and_spend_events_fold_into_the_run(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        # given a run with a settled step, alerted, stopped, resumed with a top-up, and a logged tool cost
+        agent = await _agent(store)
+        admit = AdmitCall(await facts(store, agent, run_id="gov-run", reserved_pusd=500))
+        await store.execute(admit)
+        await store.execute(settle("gov-run", admit.step_id, usage={"input": 3, "output": 2}, cost_pusd=400))
+        await store.execute(Append((NewEvent("run-gov-run", BudgetAlerted(run_id="gov-run", threshold=0.5,
+                                                                          spend_pusd=400, limit_pusd=700)),)))
+        await store.execute(StopRun("gov-run", "too much"))
+        stopped = await _run(store, "gov-run")
+        await store.execute(ResumeRun("gov-run", add_pusd=250))
+        step = ToolStepLogged(step_id=new_id("stp"), run_id="gov-run", tool="search", status="ok", cost_pusd=60)
+        await store.execute(LogToolStep(agent, "gov-run", step))
+        run = await _run(store, "gov-run")
+        spend = await store.fetch("SELECT minute, spend_pusd FROM agent_spend WHERE agent_id = ?", (agent,))
+    # then the run shows each change, and the agent's spend per minute adds up to the run's
+    assert stopped["status"] == "stopped" and stopped["ended_reason"] == "too much"
+    assert run["status"] == "active" and run["ended_reason"] is None and run["budget_add_pusd"] == 250
+    assert run["budget_alert_level"] == 0.5 and run["spend_pusd"] == 460 and run["reserved_pusd"] == 0
+    assert sum(row["spend_pusd"] for row in spend) == 460
