@@ -655,6 +655,13 @@ class LogToolStep:
                 run_id=self.run_id, agent_id=self.agent_id, auto=False,
                 policy=None if self.policy is None else self.policy.ref)))
         events.append(NewEvent(run_stream(self.run_id), self.step))
+        cost = self.step.cost_pusd or 0
+        if run is not None and cost > 0 and self.policy is not None and self.policy.run_limit_pusd is not None:
+            # A tool's own cost counts towards the run's alerts like a model call's does.
+            before = _state(self.run_id, run, None)
+            after = replace(before, spend_pusd=before.spend_pusd + cost)
+            events.extend(_budget_signals(run, after, self.policy.run_limit_pusd + before.budget_add_pusd,
+                                          self.policy.alerts, self.step.step_id))
         return events
 
 

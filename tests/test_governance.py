@@ -635,3 +635,18 @@ async def test_a_blocked_tool_in_the_models_answer_is_not_delivered(gateway: Gat
     # an allowed tool still goes through
     status, _, answer = await post(gateway, token, chat("[tool:get_weather {}]"))
     assert status == 200 and answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+async def test_a_logged_tool_cost_can_raise_the_runs_alerts(gateway: Gateway) -> None:
+    await put_policy(gateway, "tool-alerts", {"budget": {"hard_limit_usd": "1.00", "alerts": [0.5]}})
+    token = await agent_with_policy(gateway, "tool-spender", "tool-alerts")
+    status, _, _ = await post(gateway, token, chat(), **{"x-rungate-run-id": "tool-alert-run"})
+    assert status == 200
+    async with aiohttp.ClientSession() as http:
+        for cost in ("0.30", "0.30", "0.50"):
+            async with http.post(gateway.url + "/v1/runs/tool-alert-run/steps", headers={
+                    "Authorization": f"Bearer {token}"}, json={"tool": "paid_api", "cost_usd": cost}) as resp:
+                assert resp.status == 201
+    events = await _run_events(gateway, "tool-alert-run")
+    assert [e["data"]["threshold"] for e in events if e["type"] == "BudgetAlerted"] == [0.5]
+    assert [e["type"] for e in events].count("BudgetExceeded") == 1
