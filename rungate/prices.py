@@ -375,6 +375,23 @@ def to_pico(amount: Decimal) -> int:
     return -((-coefficient) // int(10**-shift))
 
 
+MAX_AMOUNT_USD = Decimal(1_000_000)  # one amount a caller sends (a tool's cost, a top-up)
+
+
+def parse_usd(value: Any) -> int:
+    """A USD amount sent as a decimal string or a number, in pico-USD; `ValueError` unless it is a finite
+    amount from 0 to `MAX_AMOUNT_USD`."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("must be a decimal string or number")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError("must be a decimal string or number") from None
+    if not amount.is_finite() or amount < 0 or amount > MAX_AMOUNT_USD:
+        raise ValueError(f"must be a finite amount between 0 and {MAX_AMOUNT_USD}")
+    return to_pico(amount)
+
+
 def format_usd(pico: int) -> str:
     """`pico` pico-USD as a plain decimal USD string: no exponent, no trailing zeros ("1.03", "0", "-0.5").
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -22,14 +21,13 @@ from rungate.auth import check_admin
 from rungate.errors import BadRequest, NotFound, StoreError
 from rungate.openapi import load_spec
 from rungate.policy_admin import DeletePolicy, SetAgentPolicy, apply_policy, policy_view
-from rungate.prices import to_pico
+from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.views import agent_view, provider_key_view, run_view, step_view
 
 routes = web.RouteTableDef()
-MAX_TOP_UP_PUSD = 10**18  # one top-up of at most 1,000,000 USD (pico-USD totals stay far inside 64 bits)
 
 
 def _data(value: Any, status: int = 200, **extra: Any) -> web.Response:
@@ -142,11 +140,12 @@ async def _check_policy(request: web.Request, body: dict[str, Any]) -> None:
 
 
 async def _set_policy(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:
-    """`"policy": NAME` makes that policy the default of the agent's new runs; `null` removes it."""
+    """`"policy": NAME` makes that policy the default of the agent's new runs; `null` removes it.
+
+    Called after `_check_policy`, which refused a malformed or unknown name before anything changed.
+    """
     if "policy" not in body:
         return
-    if body["policy"] is not None and not isinstance(body["policy"], str):
-        raise BadRequest("policy must be the name of a policy (or null).", code="invalid_policy_name")
     await request.app[STORE].execute(SetAgentPolicy(agent_id, body["policy"]))
 
 
@@ -333,12 +332,12 @@ async def runs_resume(request: web.Request) -> web.Response:
     body = await _body(request)
     add = body.get("add_usd", "0")
     try:
-        add_pusd = to_pico(Decimal(str(add))) if not isinstance(add, bool) else -1
-    except (InvalidOperation, ValueError):
-        add_pusd = -1
-    if add_pusd < 0 or add_pusd > MAX_TOP_UP_PUSD or not isinstance(add, str | int):
+        if isinstance(add, bool) or not isinstance(add, str | int):  # floats are not money here
+            raise ValueError(add)
+        add_pusd = parse_usd(add)
+    except ValueError:
         raise BadRequest("add_usd must be a decimal string from 0 to 1000000, such as \"2.50\".",
-                         code="invalid_amount")
+                         code="invalid_amount") from None
     await request.app[STORE].execute(ResumeRun(request.match_info["run_id"], add_pusd))
     run = await _run_or_404(request)
     return _data(run_view(run, await queries.run_limit_pusd(request.app[STORE], run)))

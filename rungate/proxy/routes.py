@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
@@ -12,7 +11,7 @@ from rungate.auth import authenticate_agent
 from rungate.errors import BadRequest
 from rungate.events.catalogue import ToolStepLogged
 from rungate.ids import is_valid_client_id, new_id
-from rungate.prices import to_pico
+from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
 from rungate.proxy.handler import proxy_call, warning_header
@@ -91,15 +90,10 @@ async def complete_run(request: web.Request) -> web.Response:
 def _money(value: Any, field: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadRequest(f"{field} must be a decimal string or number.")
     try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise BadRequest(f"{field} must be a decimal string or number.") from None
-    if not amount.is_finite() or amount < 0 or amount > 1_000_000:
-        raise BadRequest(f"{field} must be a finite amount between 0 and 1000000.")
-    return to_pico(amount)
+        return parse_usd(value)
+    except ValueError as exc:
+        raise BadRequest(f"{field} {exc}.") from None
 
 
 def _tokens(value: Any) -> dict[str, int]:
