@@ -137,7 +137,6 @@ class AdmitCall:
         self._run = (Lookup.of("runs", *_RUN_COLUMNS, id=f.run_id) if f.run_id is not None
                      else Lookup.of("runs", *_RUN_COLUMNS, agent_id=f.agent_id, auto=1, status="active"))
 
-
     def lookups(self) -> Sequence[Lookup]:
         return (self._agent, self._run)
 
@@ -160,14 +159,7 @@ class AdmitCall:
         ref_lookup = self._binding_lookup(agent, starting)
         if ref_lookup is not None:
             wanted.append(ref_lookup)
-        ref = self._binding(found, run, starting, ref_lookup)
-        policy = None
-        if ref is not None:
-            policy = cached_policy(*ref)
-            if policy is None and _version_lookup(*ref) in found:
-                policy = _compile(found, *ref)
-            elif policy is None:
-                wanted.append(_version_lookup(*ref))
+        policy = _known_policy(found, self._binding(found, run, starting, ref_lookup), wanted)
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
             wanted.append(self._repeats(run["id"], policy.max_repeats))
         if policy is not None:
@@ -406,6 +398,20 @@ def _version_lookup(policy_id: str, version: int) -> Lookup:
     return Lookup.of("policy_versions", "document", policy_id=policy_id, version=version)
 
 
+def _known_policy(found: Mapping[Lookup, Row | None], ref: tuple[str, int] | None,
+                  wanted: list[Lookup]) -> CompiledPolicy | None:
+    """For `more_lookups`: the compiled version `ref` names, once this process has it (compiled from its row
+    when the row was just read); otherwise its row is added to `wanted`."""
+    if ref is None:
+        return None
+    policy = cached_policy(*ref)
+    if policy is None and _version_lookup(*ref) in found:
+        policy = _compile(found, *ref)
+    elif policy is None:
+        wanted.append(_version_lookup(*ref))
+    return policy
+
+
 def _compile(found: Mapping[Lookup, Row | None], policy_id: str, version: int) -> CompiledPolicy:
     row = found.get(_version_lookup(policy_id, version))
     if row is None:  # a bound version always exists: versions are never deleted
@@ -622,9 +628,7 @@ class LogToolStep:
 
     def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
         wanted = [lookup for lookup in (self._ref_lookup(found),) if lookup is not None]
-        ref = self._ref(found)
-        if ref is not None and cached_policy(*ref) is None:
-            wanted.append(_version_lookup(*ref))
+        _known_policy(found, self._ref(found), wanted)
         return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:

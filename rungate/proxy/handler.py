@@ -351,13 +351,22 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
 
 
 class _ToolBlocked(Exception):
-    """A streamed answer named a tool the run's policy blocks."""
+    """A streamed answer named `tool`, which the run's policy blocks."""
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(tool)
+        self.tool = tool
+
+
+def _blocks_tools(policy: CompiledPolicy | None) -> bool:
+    """Whether `policy` refuses (not just reports) some tool."""
+    return policy is not None and policy.tools_mode != "shadow" and bool(policy.tools_blocked.patterns)
 
 
 def _blocked_tool(call: Call, tool_calls: Sequence[ToolCall]) -> str | None:
     """The first tool the answer calls that the run's policy blocks (enforced), if any."""
     policy = call.policy
-    if policy is None or policy.tools_mode == "shadow" or not policy.tools_blocked.patterns:
+    if policy is None or not _blocks_tools(policy):
         return None
     return next((t.name for t in tool_calls if t.name and policy.tools_blocked.blocked(t.name)), None)
 
@@ -414,8 +423,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     held_done: bytes | None = None
     status, error = "ok", None
     # Only a call under a policy that blocks tools (enforced) pays for watching the tool calls of a stream.
-    watch_tools = (call.policy is not None and bool(call.policy.tools_blocked.patterns)
-                   and call.policy.tools_mode != "shadow")
+    watch_tools = _blocks_tools(call.policy)
 
     async def relay(events: Sequence[Any]) -> None:
         """Forward the complete events of one upstream read in one write (nothing waits for more)."""
@@ -424,10 +432,11 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         for event in events:
             if not meter.feed(event):
                 continue
-            if watch_tools and _blocked_tool(call, meter.tool_calls) is not None:
+            blocked = _blocked_tool(call, meter.tool_calls) if watch_tools else None
+            if blocked is not None:
                 if out:
                     await _send(response, b"".join(out))
-                raise _ToolBlocked()  # this event names a blocked tool: it is not relayed
+                raise _ToolBlocked(blocked)  # this event names a blocked tool: it is not relayed
             if call.fmt is CHAT and event.data.strip() == "[DONE]":
                 held_done = event.raw  # written after settlement, with the trailer
                 continue
@@ -446,8 +455,8 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                 status, error = "stopped", "the run was stopped by an operator"
         except ValueError as exc:  # an SSE event beyond the parser's size bound
             status, error = "cut", f"upstream stream unreadable: {exc}"
-        except _ToolBlocked:
-            status, error = "blocked", f"the answer called a blocked tool ({_blocked_tool(call, meter.tool_calls)})"
+        except _ToolBlocked as exc:
+            status, error = "blocked", f"the answer called a blocked tool ({exc.tool})"
             upstream.close()
         if status == "ok" and call.stopped:
             status, error = "stopped", "the run was stopped by an operator"
