@@ -286,9 +286,9 @@ async def test_two_hundred_simultaneous_calls_fit_exactly_ten_worst_cases(gatewa
     # Every request has the same worst case (same-length text; `[cut:99]` outlasts the mock's stream), and an
     # answer that is not cut costs exactly that: the reply is longer than `max_tokens`, so it is cut to 40
     # tokens, and the mock counts input as Rungate estimates it. Cut streams settle for less, but only after
-    # the mock's one-second pause, when all 200 have been decided.
+    # the mock's three-second pause, when all 200 have been decided (one second once proved too short in CI).
     words = " w" * 45
-    body = chat(f"concurrent [sleep:1000] [cut:99]{words}", max_tokens=40)
+    body = chat(f"concurrent [sleep:3000] [cut:99]{words}", max_tokens=40)
     worst = prices.max_cost_pico("mock-gpt", estimate_input_tokens(body), 40)
     assert worst is not None
     await put_policy(gateway, "ten", {"budget": {"hard_limit_usd": format_usd(10 * worst)}})
@@ -298,7 +298,7 @@ async def test_two_hundred_simultaneous_calls_fit_exactly_ten_worst_cases(gatewa
 
     async def one(run_id: str, http: aiohttp.ClientSession) -> int:
         streamed = rng.random() < 0.3
-        request = chat(f"concurrent [sleep:1000] [cut:{rng.randint(10, 30) if rng.random() < 0.5 else 99}]{words}",
+        request = chat(f"concurrent [sleep:3000] [cut:{rng.randint(10, 30) if rng.random() < 0.5 else 99}]{words}",
                        max_tokens=40, stream=streamed)
         assert estimate_input_tokens(request) == estimate_input_tokens(body)
         async with http.post(gateway.url + CHAT, data=orjson.dumps(request),
