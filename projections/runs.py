@@ -15,7 +15,7 @@ class RunsProjection(Projection):
     ddl = (
         """CREATE TABLE IF NOT EXISTS runs (
             id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT NOT NULL, auto INTEGER NOT NULL,
-            policy TEXT, policy_id TEXT, policy_version INTEGER,
+            policy TEXT, policy_id TEXT, policy_version INTEGER, idle_timeout_s INTEGER,
             started_at TEXT NOT NULL, ended_at TEXT, ended_reason TEXT,
             metadata TEXT NOT NULL DEFAULT '{}', step_count INTEGER NOT NULL DEFAULT 0,
             tokens_input BIGINT NOT NULL DEFAULT 0, tokens_output BIGINT NOT NULL DEFAULT 0,
@@ -69,10 +69,10 @@ class RunsProjection(Projection):
     def _run_started(self, rec: Recorded) -> list[Statement]:
         d = rec.data
         ref = d.get("policy") or {}
-        return [("INSERT INTO runs (id, agent_id, status, auto, policy, policy_id, policy_version, started_at,"
-                 " last_activity_at, position) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+        return [("INSERT INTO runs (id, agent_id, status, auto, policy, policy_id, policy_version, idle_timeout_s,"
+                 " started_at, last_activity_at, position) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)",
                  (d["run_id"], d["agent_id"], int(d["auto"]), _json(ref) if ref else None, ref.get("id"),
-                  ref.get("version"), rec.recorded_at, rec.recorded_at, rec.position))]
+                  ref.get("version"), d.get("idle_timeout_s"), rec.recorded_at, rec.recorded_at, rec.position))]
 
     def _run_stopped(self, rec: Recorded) -> list[Statement]:
         return [("UPDATE runs SET status = 'stopped', ended_reason = ?, last_activity_at = ?, position = ?"

@@ -83,25 +83,45 @@ class RotateAgentToken:
 
 @dataclass
 class UpdateAgent:
+    """Change an agent's name, status and metadata (None: unchanged) and, with `set_policy`, the default
+    policy of its future runs (`policy_name`, None for none) — in one command: a taken name or an unknown
+    policy refuses the whole change, so a half-applied update is never seen."""
+
     agent_id: str
     name: str | None
     disabled: bool | None
     metadata: dict[str, Any] | None
+    set_policy: bool = False
+    policy_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self._agent = Lookup.of("agents", "id", "policy_id", id=self.agent_id)
+        self._named = Lookup.of("agents", "id", name=self.name) if self.name is not None else None
+        self._policy = (Lookup.of("policies", "id", name=self.policy_name, deleted=0)
+                        if self.set_policy and self.policy_name is not None else None)
 
     def lookups(self) -> Sequence[Lookup]:
-        out = [Lookup.of("agents", id=self.agent_id)]
-        if self.name is not None:
-            out.append(Lookup.of("agents", name=self.name))
-        return out
+        return tuple(lookup for lookup in (self._agent, self._named, self._policy) if lookup is not None)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        lookups = self.lookups()
-        if found[lookups[0]] is None:
+        agent = found[self._agent]
+        if agent is None:
             raise NotFound(f"Agent {self.agent_id} not found.")
-        if len(lookups) > 1 and (other := found[lookups[1]]) is not None and other["id"] != self.agent_id:
+        if self._named is not None and (other := found[self._named]) is not None and other["id"] != self.agent_id:
             raise Conflict(f"An agent named {self.name!r} already exists.", code="name_taken")
-        return (NewEvent(stream_name("agent", self.agent_id), AgentUpdated(
-            agent_id=self.agent_id, name=self.name, disabled=self.disabled, metadata=self.metadata)),)
+        stream = stream_name("agent", self.agent_id)
+        events = []
+        if (self.name, self.disabled, self.metadata) != (None, None, None) or not self.set_policy:
+            events.append(NewEvent(stream, AgentUpdated(agent_id=self.agent_id, name=self.name,
+                                                        disabled=self.disabled, metadata=self.metadata)))
+        if self.set_policy:
+            policy = found[self._policy] if self._policy is not None else None
+            if self._policy is not None and policy is None:
+                raise NotFound(f"Policy {self.policy_name!r} not found.", code="unknown_policy")
+            policy_id = policy["id"] if policy is not None else None
+            if agent["policy_id"] != policy_id:
+                events.append(NewEvent(stream, AgentPolicySet(agent_id=self.agent_id, policy_id=policy_id)))
+        return events
 
 
 @dataclass

@@ -17,7 +17,7 @@ from rungate import queries
 from rungate.enforce.policy import parse_document
 from rungate.errors import Conflict, NotFound
 from rungate.events import NewEvent, canonical_json, stream_name
-from rungate.events.catalogue import AgentPolicySet, PolicyDeleted, PolicyVersionCreated
+from rungate.events.catalogue import PolicyDeleted, PolicyVersionCreated
 from rungate.ids import new_id
 from rungate.store import EventStore, Lookup, Row
 
@@ -96,37 +96,6 @@ class DeletePolicy:
             raise Conflict(f"Agent {user['name']!r} uses this policy as its default; change that first.",
                            code="policy_in_use")
         return (NewEvent(policy_stream(self.policy_id), PolicyDeleted(policy_id=self.policy_id)),)
-
-
-@dataclass
-class SetAgentPolicy:
-    """Make policy `policy_name` (None: none) the default of the agent's future runs."""
-
-    agent_id: str
-    policy_name: str | None
-
-    def __post_init__(self) -> None:
-        self._agent = Lookup.of("agents", "id", "policy_id", id=self.agent_id)
-        self._policy = (Lookup.of("policies", "id", name=self.policy_name, deleted=0)
-                        if self.policy_name is not None else None)
-
-    def lookups(self) -> Sequence[Lookup]:
-        return (self._agent,) if self._policy is None else (self._agent, self._policy)
-
-    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        agent = found[self._agent]
-        if agent is None:
-            raise NotFound(f"Agent {self.agent_id} not found.")
-        policy_id = None
-        if self._policy is not None:
-            policy = found[self._policy]
-            if policy is None:
-                raise NotFound(f"Policy {self.policy_name!r} not found.", code="unknown_policy")
-            policy_id = policy["id"]
-        if agent["policy_id"] == policy_id:
-            return ()
-        return (NewEvent(stream_name("agent", self.agent_id), AgentPolicySet(agent_id=self.agent_id,
-                                                                             policy_id=policy_id)),)
 
 
 async def apply_policy(store: EventStore, raw: Any, *, name: str | None = None, policy_id: str | None = None,

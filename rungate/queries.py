@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from rungate.clock import isoformat, parse_iso
+from rungate.clock import iso_minus, isoformat, parse_iso
 from rungate.enforce.policy import cached_policy, compile_policy
 from rungate.errors import BadRequest
 from rungate.store import EventStore, Row
@@ -96,11 +96,19 @@ async def get_step(store: EventStore, step_id: str) -> Row | None:
     return await store.fetchone("SELECT * FROM steps WHERE id = ?", (step_id,))
 
 
-async def idle_auto_runs(store: EventStore, before: str, limit: int = 500) -> list[str]:
-    """Active auto-runs with no call in flight and no activity since `before`."""
-    rows = await store.fetch("SELECT id FROM runs WHERE status = 'active' AND auto = 1 AND open_steps = 0"
-                             " AND last_activity_at < ? LIMIT ?", (before, limit))
-    return [row["id"] for row in rows]
+async def idle_auto_runs(store: EventStore, now: str, default_s: int, limit: int = 500) -> list[str]:
+    """Active auto-runs with no call in flight and no activity within their idle window: their policy's
+    `runs.idle_timeout_s` (fixed when the run started), else `default_s`."""
+    quiet = ("SELECT id FROM runs WHERE status = 'active' AND auto = 1 AND open_steps = 0 AND last_activity_at < ?"
+             " AND idle_timeout_s {} LIMIT ?")
+    found = [row["id"] for row in await store.fetch(quiet.format("IS NULL"), (iso_minus(now, default_s), limit))]
+    # Runs with a window of their own: one query per distinct window (policies have few).
+    windows = await store.fetch("SELECT DISTINCT idle_timeout_s FROM runs WHERE status = 'active' AND auto = 1"
+                                " AND idle_timeout_s IS NOT NULL")
+    for row in windows:
+        window = int(row["idle_timeout_s"])
+        found += [r["id"] for r in await store.fetch(quiet.format("= ?"), (iso_minus(now, window), window, limit))]
+    return found
 
 
 async def open_steps_started_before(store: EventStore, before: str, limit: int = 500) -> list[str]:

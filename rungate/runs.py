@@ -55,6 +55,7 @@ from rungate.store.base import Lookup, Refused, Row
 CLOSED = ("completed", "stopped", "blocked")  # statuses a call cannot continue (stopped: 403, others 409)
 # What admission reads of a run (the write transaction fetches only these).
 _RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at", "policy_id", "policy_version",
+                "idle_timeout_s",
                 "step_count", "spend_pusd", "reserved_pusd", "tokens_input", "tokens_output", "reserved_tokens",
                 "budget_add_pusd", "budget_alert_level", "budget_exceeded")
 
@@ -75,6 +76,12 @@ def _run_closed(run_id: str, status: str) -> Conflict:
 def _run_unavailable() -> Conflict:
     # A client-chosen id another agent already uses: refused without saying more about that run.
     return Conflict("This run id is not available to this agent.", code="run_unavailable", headers=dict(_NO_RETRY))
+
+
+def idle_window(run: Row, default_s: int) -> int:
+    """The run's idle window: its policy's `runs.idle_timeout_s` as of the run's start, else `default_s`."""
+    own = run["idle_timeout_s"]
+    return int(own) if own is not None else default_s
 
 
 def _idle(run: Row, now: str, idle_timeout_s: int) -> bool:
@@ -143,23 +150,29 @@ class AdmitCall:
     @property
     def _latest_auto(self) -> Lookup:
         """With no active auto-run: the agent's newest auto-run, whatever its status (stopped → refused)."""
-        return Lookup.of("runs", "id", "status", agent_id=self.facts.agent_id, auto=1)
+        return Lookup.of("runs", "id", "status", "policy_id", "policy_version", agent_id=self.facts.agent_id, auto=1)
 
     # --- which rows the decision needs -------------------------------------------------------------
 
     def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
         """The policy rows (only versions this process has not compiled yet) and the repeat count."""
         agent, run = found[self._agent], found[self._run]
-        if agent is None or agent["disabled"]:
+        if agent is None:
             return ()
         wanted: list[Lookup] = []
         if self.facts.run_id is None and run is None and not self.facts.new_run:
             wanted.append(self._latest_auto)
+            latest = found.get(self._latest_auto)
+            if latest is not None and latest["status"] == "stopped" and latest["policy_id"] is not None:
+                # refused as stopped: the refusal names the stopped run's policy
+                _known_policy(found, (latest["policy_id"], int(latest["policy_version"])), wanted)
         starting = self._starts_run(run, now)
         ref_lookup = self._binding_lookup(agent, starting)
         if ref_lookup is not None:
             wanted.append(ref_lookup)
         policy = _known_policy(found, self._binding(found, run, starting, ref_lookup), wanted)
+        if agent["disabled"]:  # refused: only the policy its refusal names is needed
+            return wanted
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
             wanted.append(self._repeats(run["id"], policy.max_repeats))
         if policy is not None:
@@ -207,9 +220,7 @@ class AdmitCall:
                  ref_lookup: Lookup | None) -> tuple[str, int] | None:
         """The (policy id, version) the call is governed by: the run's, or the one a starting run takes."""
         if not starting:
-            if run is None or run["policy_id"] is None:
-                return None
-            return run["policy_id"], int(run["policy_version"])
+            return None if run is None else _run_ref(run)
         if ref_lookup is None or ref_lookup not in found:
             return None
         row = found[ref_lookup]
@@ -224,11 +235,7 @@ class AdmitCall:
         return Lookup.counting("steps", limit, run_id=run_id, fingerprint=self.facts.fingerprint)
 
     def _idle_window(self, run: Row) -> int:
-        if run["policy_id"] is not None:
-            policy = cached_policy(run["policy_id"], int(run["policy_version"]))
-            if policy is not None and policy.idle_timeout_s is not None:
-                return policy.idle_timeout_s
-        return self.facts.idle_timeout_s
+        return idle_window(run, self.facts.idle_timeout_s)
 
     # --- the decision --------------------------------------------------------------------------------
 
@@ -239,22 +246,27 @@ class AdmitCall:
         # lets nothing more in (authentication may have read a cached row).
         if agent is None or not hmac.compare_digest(agent["token_hash"], f.token_hash):
             raise Unauthorized("Unknown agent token.")
-        if agent["disabled"]:
-            self._refuse(agent_disabled(f.run_id))
         run = found[self._run]
+        if agent["disabled"]:
+            starting = self._starts_run(run, now)
+            ref = self._binding(found, run, starting, self._binding_lookup(agent, starting))
+            self.policy = _found_policy(found, ref)
+            self._refuse(agent_disabled(f.run_id, self.policy))
         events: list[NewEvent] = []
         if f.run_id is not None:
             if run is not None and run["agent_id"] != f.agent_id:
                 self._refuse(_run_unavailable())
             if run is not None and run["status"] == "stopped":
-                self._refuse(force_stopped(f.run_id))
+                self.policy = _found_policy(found, _run_ref(run))
+                self._refuse(force_stopped(f.run_id, self.policy))
             if run is not None and run["status"] in CLOSED:
                 self._refuse(_run_closed(f.run_id, run["status"]))
             self.run_id = f.run_id
         else:
             latest = found.get(self._latest_auto) if run is None else None
             if run is None and latest is not None and latest["status"] == "stopped" and not f.new_run:
-                self._refuse(force_stopped(latest["id"]))
+                self.policy = _found_policy(found, _run_ref(latest))
+                self._refuse(force_stopped(latest["id"], self.policy))
             if run is not None and (f.new_run or _idle(run, now, self._idle_window(run))):
                 idle = not f.new_run
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
@@ -276,7 +288,8 @@ class AdmitCall:
             self.started_run = True
             events.append(NewEvent(run_stream(self.run_id), RunStarted(
                 run_id=self.run_id, agent_id=f.agent_id, auto=f.run_id is None,
-                policy=None if self.policy is None else self.policy.ref)))
+                policy=None if self.policy is None else self.policy.ref,
+                idle_timeout_s=None if self.policy is None else self.policy.idle_timeout_s)))
         repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
                    if not starting and self.policy is not None and self.policy.max_repeats is not None else None)
         state = _state(self.run_id, None if starting else run, repeats)
@@ -412,6 +425,18 @@ def _known_policy(found: Mapping[Lookup, Row | None], ref: tuple[str, int] | Non
     return policy
 
 
+def _found_policy(found: Mapping[Lookup, Row | None], ref: tuple[str, int] | None) -> CompiledPolicy | None:
+    """The compiled version `ref` names when this process has it or its row was read, else None."""
+    if ref is None:
+        return None
+    return cached_policy(*ref) or (_compile(found, *ref) if _version_lookup(*ref) in found else None)
+
+
+def _run_ref(run: Row) -> tuple[str, int] | None:
+    """The (policy id, version) a run row is bound to, if any."""
+    return (run["policy_id"], int(run["policy_version"])) if run["policy_id"] is not None else None
+
+
 def _compile(found: Mapping[Lookup, Row | None], policy_id: str, version: int) -> CompiledPolicy:
     row = found.get(_version_lookup(policy_id, version))
     if row is None:  # a bound version always exists: versions are never deleted
@@ -429,11 +454,17 @@ def _state(run_id: str, run: Row | None, repeats: Row | None) -> RunState:
                     repeats=int(repeats["n"]) if repeats is not None else 0)
 
 
-def force_stopped(run_id: str) -> GovernanceRefusal:
-    """The canonical refusal for a run an operator stopped (SPEC §4, kill switch)."""
+def _policy_fields(policy: CompiledPolicy | None) -> dict[str, Any]:
+    """A refusal context's policy keys: the policy governing the run (all None when there is none)."""
+    if policy is None:
+        return {"policy_id": None, "policy_name": None, "policy_version": None}
+    return {"policy_id": policy.id, "policy_name": policy.name, "policy_version": policy.version}
+
+
+def force_stopped(run_id: str, policy: CompiledPolicy | None = None) -> GovernanceRefusal:
+    """The canonical refusal for a run an operator stopped (SPEC §4, kill switch); it names the run's policy."""
     return GovernanceRefusal("An operator stopped this run.", code="run_force_stopped", status=403, run_id=run_id,
-                             context={"rule": "run.stopped", "policy_id": None, "policy_name": None,
-                                      "policy_version": None,
+                             context={"rule": "run.stopped", **_policy_fields(policy),
                                       "next": "Ask an operator to resume the run, or start a new run."},
                              headers=dict(_NO_RETRY))
 
@@ -447,11 +478,12 @@ def refusal(agent_id: str, run_id: str | None, endpoint: str, model: str | None,
                                              else None), policy=policy))])
 
 
-def agent_disabled(run_id: str | None) -> GovernanceRefusal:
-    """The canonical refusal for a disabled agent (SPEC §4)."""
+def agent_disabled(run_id: str | None, policy: CompiledPolicy | None = None) -> GovernanceRefusal:
+    """The canonical refusal for a disabled agent (SPEC §4); it names the policy that governs (or would
+    govern) the call's run."""
     return GovernanceRefusal("This agent is disabled.", code="agent_disabled", status=403, run_id=run_id,
-                             context={"rule": "agent.disabled", "policy_id": None, "policy_name": None,
-                                      "policy_version": None, "next": "Ask an operator to enable the agent."})
+                             context={"rule": "agent.disabled", **_policy_fields(policy),
+                                      "next": "Ask an operator to enable the agent."})
 
 
 @dataclass
@@ -462,7 +494,9 @@ class SettleStep:
     abandoned (its process died or its caller vanished after forwarding) and charged its reservation,
     never booked as $0; with `charge_reservation=False` (nothing was forwarded) at no cost.
     With `run_id`, the run is read too and `run_after` holds its spend, reservations and tokens as they are
-    once this settlement is folded in (what the budget headers report).
+    once this settlement is folded in (what the budget headers report). With `budget_from_run` (the sweeper,
+    which knows nothing of the call), the step's run and the policy it is bound to are read instead, so a
+    settlement nobody waited for still raises the run's budget alerts.
     """
 
     step_id: str
@@ -474,6 +508,7 @@ class SettleStep:
     # The policy's USD cap (before top-ups) and alert fractions, to emit `BudgetAlerted` / `BudgetExceeded`.
     limit_pusd: int | None = None
     alerts: tuple[float, ...] = ()
+    budget_from_run: bool = False
 
     def __post_init__(self) -> None:
         self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", "reserved_tokens",
@@ -483,12 +518,36 @@ class SettleStep:
     def lookups(self) -> Sequence[Lookup]:
         return (self._step,) if self._run is None else (self._step, self._run)
 
+    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
+        """With `budget_from_run`: the open step's run, then the policy version that run is bound to."""
+        step = found[self._step]
+        if not self.budget_from_run or step is None or step["status"] != "started":
+            return ()
+        if self._run is None:
+            self._run = Lookup.of("runs", *_RUN_COLUMNS, id=step["run_id"])
+            return (self._run,)
+        run = found.get(self._run)
+        wanted: list[Lookup] = []
+        if run is not None and run["policy_id"] is not None:
+            _known_policy(found, (run["policy_id"], int(run["policy_version"])), wanted)
+        return wanted
+
+    def _bound_budget(self, found: Mapping[Lookup, Row | None], run: Row) -> None:
+        """Take the USD cap and alert fractions from the policy `run` is bound to (`budget_from_run`)."""
+        if run["policy_id"] is None:
+            return
+        ref = (run["policy_id"], int(run["policy_version"]))
+        policy = cached_policy(*ref) or _compile(found, *ref)
+        self.limit_pusd, self.alerts = policy.run_limit_pusd, policy.alerts
+
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         step = found[self._step]
         if step is None:
             raise StoreError(f"step {self.step_id} does not exist", status=500, code="unknown_step")
         if step["status"] != "started":
             return ()
+        if self.budget_from_run and self._run is not None and found.get(self._run) is not None:
+            self._bound_budget(found, found[self._run])  # type: ignore[arg-type]
         event = self.completed or StepCompleted(
             step_id=self.step_id, run_id=step["run_id"],
             status="abandoned" if self.charge_reservation else "cancelled", provider=step["provider"],
@@ -621,7 +680,7 @@ class LogToolStep:
     def _ref(self, found: Mapping[Lookup, Row | None]) -> tuple[str, int] | None:
         run = found[self._run]
         if run is not None:
-            return (run["policy_id"], int(run["policy_version"])) if run["policy_id"] is not None else None
+            return _run_ref(run)
         ref_lookup = self._ref_lookup(found)
         row = found.get(ref_lookup) if ref_lookup is not None else None
         return (row["id"], int(row["version"])) if row is not None else None
@@ -636,15 +695,16 @@ class LogToolStep:
         events: list[NewEvent] = []
         if run is not None and run["agent_id"] != self.agent_id:
             raise refusal(self.agent_id, self.run_id, "steps", None, _run_unavailable())
+        ref = self._ref(found)
+        if ref is not None:
+            self.policy = cached_policy(*ref) or _compile(found, *ref)
         if run is not None and run["status"] == "stopped":
-            raise refusal(self.agent_id, self.run_id, "steps", None, force_stopped(self.run_id))
+            raise refusal(self.agent_id, self.run_id, "steps", None, force_stopped(self.run_id, self.policy),
+                          policy=None if self.policy is None else self.policy.ref)
         if run is not None and run["status"] in CLOSED:
             raise refusal(self.agent_id, self.run_id, "steps", None, _run_closed(self.run_id, run["status"]))
         if self.step.run_id != self.run_id:
             raise ValueError("the step belongs to another run")
-        ref = self._ref(found)
-        if ref is not None:
-            self.policy = cached_policy(*ref) or _compile(found, *ref)
         if self.policy is not None:
             state = _state(self.run_id, run, None)
             ask = CallAsk("", "", 0, 0, True, (self.step.tool,), kind="tool")
@@ -671,17 +731,20 @@ class LogToolStep:
 
 @dataclass
 class CloseIdleRun:
-    """Close an auto-run whose last activity is older than the idle window (re-checked atomically)."""
+    """Close an auto-run whose last activity is older than its idle window (re-checked atomically).
+
+    The window is the run's own (its policy's `runs.idle_timeout_s`) or, without one, `idle_timeout_s`.
+    """
 
     run_id: str
     idle_timeout_s: int
 
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("runs", id=self.run_id),)
+        return (Lookup.of("runs", "status", "open_steps", "last_activity_at", "idle_timeout_s", id=self.run_id),)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         run = found[self.lookups()[0]]
-        if run is None or run["status"] != "active" or not _idle(run, now, self.idle_timeout_s):
+        if run is None or run["status"] != "active" or not _idle(run, now, idle_window(run, self.idle_timeout_s)):
             return ()
         return (NewEvent(run_stream(self.run_id), RunCompleted(
             run_id=self.run_id, status="completed", ended_reason="idle_timeout")),)

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from rungate.admin import AddProviderKey, CreateAgent, RemoveProviderKey, RotateAgentToken, UpdateAgent
 from rungate.enforce.policy import parse_document
 from rungate.errors import Conflict, GovernanceRefusal, NotFound, Unauthorized
-from rungate.events import NewEvent
-from rungate.events.catalogue import BudgetAlerted, ToolStepLogged
+from rungate.events import NewEvent, Recorded
+from rungate.events.catalogue import BudgetAlerted, RunStarted, StepStarted, ToolStepLogged
 from rungate.ids import new_id, token_hash
-from rungate.policy_admin import ApplyPolicy, DeletePolicy, SetAgentPolicy
+from rungate.policy_admin import ApplyPolicy, DeletePolicy
 from rungate.runs import AdmitCall, CloseIdleRun, CompleteRun, LogToolStep, ResumeRun, StopRun
 from rungate.store import Append, SQLiteEventStore
 from tests.store_helpers import all_events, facts, opened, run_cli, settle, snapshot, snapshot_file
@@ -83,7 +83,7 @@ async def drive_realistic_log(store: SQLiteEventStore, seed: int = 7, rounds: in
         "name": "counted", "budget": {"hard_limit_usd": "1000000", "alerts": [0.5]},
         "rate_limits": {"agent": {"requests_per_minute": 10**9}, "run": {"tokens_per_minute": 10**12}}})))
     for agent in agents[3:6]:
-        await store.execute(SetAgentPolicy(agent, "counted"))
+        await store.execute(UpdateAgent(agent, None, None, None, set_policy=True, policy_name="counted"))
 
     open_runs: dict[str, list[str]] = {a: [] for a in agents}  # explicit runs each agent may still use
     pending: list[tuple[str, str]] = []  # (run_id, step_id) admitted, not settled yet
@@ -560,3 +560,44 @@ async def test_stop_resume_alert_and_spend_events_fold_into_the_run(tmp_path: Pa
     assert run["status"] == "active" and run["ended_reason"] is None and run["budget_add_pusd"] == 250
     assert run["budget_alert_level"] == 0.5 and run["spend_pusd"] == 460 and run["reserved_pusd"] == 0
     assert sum(row["spend_pusd"] for row in spend) == 460
+
+
+def _fold_at(conn: sqlite3.Connection, projection: Any, position: int, at: str, event: Any, stream: str) -> None:
+    """Fold one event recorded at `at` (a time the test chooses) into `projection`'s tables on `conn`."""
+    rec = Recorded(position, f"evt{position}", stream, position, event.type_name(), event.schema_version,
+                   event.payload(), {}, at, "", "")
+    for sql, params in projection.handle(rec):
+        conn.execute(sql, params)
+
+
+def test_rate_buckets_count_each_scope_per_second_and_drop_old_seconds_once_a_minute() -> None:
+    from projections.runs import RunsProjection
+
+    projection = RunsProjection()
+    conn = sqlite3.connect(":memory:")
+    for ddl in projection.ddl:
+        conn.execute(ddl)
+
+    def started(position: int, at: str, scopes: list[str], tokens: int) -> None:
+        event = StepStarted(step_id=f"stp{position}", run_id="r1", kind="llm", endpoint="chat", provider="openai",
+                            model="m", stream=False, fingerprint="f", reserved_tokens=tokens, rate_scopes=scopes)
+        _fold_at(conn, projection, position, at, event, "run-r1")
+
+    _fold_at(conn, projection, 1, "2026-11-27T10:00:00.000000Z", RunStarted(run_id="r1", agent_id="a", auto=False),
+             "run-r1")
+    # given calls in two scopes: two in one second, one a second later, one with no rate limit at all
+    started(2, "2026-11-27T10:00:01.100000Z", ["agent:a", "run:r1"], 100)
+    started(3, "2026-11-27T10:00:01.900000Z", ["agent:a", "run:r1"], 50)
+    started(4, "2026-11-27T10:00:02.000000Z", ["agent:a"], 7)
+    started(5, "2026-11-27T10:00:02.500000Z", [], 1000)
+    before = conn.execute("SELECT scope, second, requests, tokens FROM rate_buckets ORDER BY scope, second").fetchall()
+    # when a call lands exactly on a minute, 11 minutes later
+    started(6, "2026-11-27T10:11:00.000000Z", ["agent:a"], 1)
+    after = conn.execute("SELECT scope, second, requests, tokens FROM rate_buckets ORDER BY scope, second").fetchall()
+
+    # then each (scope, second) counts its requests and reserved tokens; an unlimited call counts nowhere
+    base = 1795773601  # 2026-11-27T10:00:01Z
+    assert before == [("agent:a", base, 2, 150), ("agent:a", base + 1, 1, 7), ("run:r1", base, 2, 150)]
+    # and at the top of a minute, that scope's seconds older than ten minutes are gone (other scopes wait
+    # for their own next call on a minute)
+    assert after == [("agent:a", base + 659, 1, 1), ("run:r1", base, 2, 150)]

@@ -20,7 +20,7 @@ from rungate.admin import (
 from rungate.auth import check_admin
 from rungate.errors import BadRequest, NotFound, StoreError
 from rungate.openapi import load_spec
-from rungate.policy_admin import DeletePolicy, SetAgentPolicy, apply_policy, policy_view
+from rungate.policy_admin import DeletePolicy, apply_policy, policy_view
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
@@ -125,28 +125,19 @@ async def agents_update(request: web.Request) -> web.Response:
     body = await _body(request)
     agent_id = request.match_info["agent_id"]
     name, disabled, metadata = _agent_changes(body)
-    await _check_policy(request, body)  # an unknown policy changes nothing (not the name or status either)
-    await request.app[STORE].execute(UpdateAgent(agent_id, name, disabled, metadata))
-    await _set_policy(request, agent_id, body)
+    await request.app[STORE].execute(UpdateAgent(agent_id, name, disabled, metadata, *_policy_change(body)))
     return _data(agent_view(await _agent_or_404(request, agent_id)))
 
 
-async def _check_policy(request: web.Request, body: dict[str, Any]) -> None:
-    policy = body.get("policy")
+def _policy_change(body: dict[str, Any]) -> tuple[bool, str | None]:
+    """`"policy": NAME` makes that policy the default of the agent's new runs, `null` removes it; absent,
+    the default stays. Applied by the same command as the agent's other changes (an unknown name refuses all)."""
+    if "policy" not in body:
+        return False, None
+    policy = body["policy"]
     if policy is not None and not isinstance(policy, str):
         raise BadRequest("policy must be the name of a policy (or null).", code="invalid_policy_name")
-    if policy is not None and await queries.policy_by_name(request.app[STORE], policy) is None:
-        raise NotFound(f"Policy {policy!r} not found.", code="unknown_policy")
-
-
-async def _set_policy(request: web.Request, agent_id: str, body: dict[str, Any]) -> None:
-    """`"policy": NAME` makes that policy the default of the agent's new runs; `null` removes it.
-
-    Called after `_check_policy`, which refused a malformed or unknown name before anything changed.
-    """
-    if "policy" not in body:
-        return
-    await request.app[STORE].execute(SetAgentPolicy(agent_id, body["policy"]))
+    return True, policy
 
 
 @routes.delete("/api/agents/{agent_id}")
@@ -165,9 +156,7 @@ async def agents_upsert(request: web.Request) -> web.Response:
         row, token = await create_agent(store, request.match_info["name"], body.get("metadata"), body.get("policy"))
         return _data(agent_view(row, token), status=201)
     _, disabled, metadata = _agent_changes(body)
-    await _check_policy(request, body)
-    await store.execute(UpdateAgent(existing["id"], None, disabled, metadata))
-    await _set_policy(request, existing["id"], body)
+    await store.execute(UpdateAgent(existing["id"], None, disabled, metadata, *_policy_change(body)))
     return _data(agent_view(await _agent_or_404(request, existing["id"])))
 
 

@@ -87,6 +87,8 @@ class RunStarted(Event):
     agent_id: str
     auto: bool
     policy: dict[str, Any] | None = None
+    # The policy's `runs.idle_timeout_s`, fixed when the run starts (None: the server's idle window).
+    idle_timeout_s: int | None = None
 
 
 class RunCompleted(Event):

@@ -98,12 +98,11 @@ async def _sweep_idle_runs(app: web.Application) -> None:
     while True:
         try:
             now = now_iso()
-            cutoff = iso_minus(now, settings.idle_timeout_s)
-            for run_id in await queries.idle_auto_runs(store, cutoff):
+            for run_id in await queries.idle_auto_runs(store, now, settings.idle_timeout_s):
                 await store.execute(CloseIdleRun(run_id, settings.idle_timeout_s))
             stale = iso_minus(now, settings.upstream_timeout_s + ORPHAN_GRACE_S)
             for step_id in await queries.open_steps_started_before(store, stale):
-                await store.execute(SettleStep(step_id))
+                await store.execute(SettleStep(step_id, budget_from_run=True))
         except Exception as exc:  # the sweeper must outlive a transient database error
             log.warning("sweep_failed", error=str(exc))
         await asyncio.sleep(min(SWEEP_INTERVAL_S, settings.idle_timeout_s))

@@ -390,7 +390,7 @@ async def _stopped(store: EventStore, prices: PriceTable, call: Call, http_statu
     await _settle(store, prices, call, status="stopped", http_status=http_status,
                   usage=Usage(input=call.input_estimate), estimated=True, error="the run was stopped by an operator",
                   charge=call.reserved_pusd)
-    error = force_stopped(call.run_id)
+    error = force_stopped(call.run_id, call.policy)
     error.headers.update(rungate_headers(call))
     raise error
 

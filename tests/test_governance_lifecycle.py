@@ -1,0 +1,187 @@
+"""Governance over a run's life, at the store: a policy's idle window, the sweeper's settlements raising
+budget alerts, refusals of stopped runs and disabled agents naming the policy, atomic agent updates.
+
+Real SQLite files and the real commands the proxy, the API and the sweeper execute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rungate import queries
+from rungate.admin import CreateAgent, UpdateAgent
+from rungate.clock import now_iso
+from rungate.enforce import policy as policy_module
+from rungate.errors import GovernanceRefusal, NotFound
+from rungate.policy_admin import apply_policy
+from rungate.runs import AdmitCall, CloseIdleRun, SettleStep, StopRun
+from rungate.store import SQLiteEventStore
+from tests.store_helpers import facts, opened
+
+USD = 10**12  # picodollars
+
+
+async def _agent(store: SQLiteEventStore, name: str, policy: str | None = None) -> str:
+    create = CreateAgent(name, {}, policy_name=policy)
+    await store.execute(create)
+    return create.agent_id
+
+
+async def _row(store: SQLiteEventStore, table: str, ident: str) -> dict[str, Any]:
+    row = await store.fetchone(f"SELECT * FROM {table} WHERE id = ?", (ident,))
+    assert row is not None
+    return row
+
+
+async def test_a_policys_idle_window_closes_its_auto_runs_and_no_others(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "brief", "runs": {"idle_timeout_s": 1}})
+        # given two agents calling without run ids, one under a policy with a 1 s idle window, one without
+        brief = await _agent(store, "brief-agent", policy="brief")
+        plain = await _agent(store, "plain-agent")
+        first = AdmitCall(await facts(store, brief))
+        other = AdmitCall(await facts(store, plain))
+        for admit in (first, other):
+            await store.execute(admit)
+            await store.execute(SettleStep(admit.step_id, charge_reservation=False))
+        await asyncio.sleep(1.2)
+        # when the sweeper looks for idle runs (the server's own window being 15 minutes) and closes them
+        idle = await queries.idle_auto_runs(store, now_iso(), 900)
+        closed = [await store.execute(CloseIdleRun(run_id, 900)) for run_id in idle]
+        brief_run, plain_run = await _row(store, "runs", first.run_id), await _row(store, "runs", other.run_id)
+        # and, as after a restart (nothing compiled yet), the agent under the policy calls again
+        policy_module._COMPILED.clear()
+        again = AdmitCall(await facts(store, brief))
+        await store.execute(again)
+
+    # then only the run under the policy was idle: it closed as idle_timeout, the other stays active
+    assert idle == [first.run_id]
+    assert [[e.type for e in events] for events in closed] == [["RunCompleted"]]
+    assert (brief_run["status"], brief_run["ended_reason"], brief_run["idle_timeout_s"]) == (
+        "completed", "idle_timeout", 1)
+    assert (plain_run["status"], plain_run["idle_timeout_s"]) == ("active", None)
+    # and the next call started a new run (the window lives in the run's row, not in a process's cache)
+    assert again.started_run and again.run_id != first.run_id
+
+
+async def test_admission_closes_an_idle_run_by_its_own_window_after_a_restart(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "brief", "runs": {"idle_timeout_s": 1}})
+        agent = await _agent(store, "brief-agent", policy="brief")
+        first = AdmitCall(await facts(store, agent))
+        await store.execute(first)
+        await store.execute(SettleStep(first.step_id, charge_reservation=False))
+        await asyncio.sleep(1.2)
+        policy_module._COMPILED.clear()  # the sweeper has not run, and this process never compiled the policy
+        # when the agent calls again without a run id
+        nxt = AdmitCall(await facts(store, agent, idle_timeout_s=900))
+        events = await store.execute(nxt)
+        old = await _row(store, "runs", first.run_id)
+    # then its idle run was closed by the policy's window inside the admission, and a new one began
+    assert [e.type for e in events] == ["RunCompleted", "RunStarted", "StepStarted"]
+    assert (old["status"], old["ended_reason"]) == ("completed", "idle_timeout")
+    assert nxt.started_run and nxt.run_id != first.run_id
+
+
+async def test_the_sweepers_settlement_raises_the_runs_budget_alerts(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "capped", "budget": {"hard_limit_usd": "1", "alerts": [0.5, 0.9]}})
+        agent = await _agent(store, "capped-agent", policy="capped")
+        # given a call that reserved 0.95 USD and whose process died before settling it
+        admit = AdmitCall(await facts(store, agent, run_id="orphaned", reserved_pusd=95 * USD // 100))
+        await store.execute(admit)
+        policy_module._COMPILED.clear()  # the sweeper may run in a process that never saw the policy
+        # when the sweeper settles the orphaned step, charging its reservation
+        swept = await store.execute(SettleStep(admit.step_id, budget_from_run=True))
+        again = await store.execute(SettleStep(admit.step_id, budget_from_run=True))
+        run = await _row(store, "runs", "orphaned")
+
+    # then the settlement raised both alerts it crossed, once, like a settlement the proxy waited for
+    assert [e.type for e in swept] == ["StepCompleted", "BudgetAlerted", "BudgetAlerted"]
+    assert swept[0].data["status"] == "abandoned" and swept[0].data["cost_pusd"] == 95 * USD // 100
+    assert [e.data["threshold"] for e in swept[1:]] == [0.5, 0.9]
+    assert again == []
+    assert (run["spend_pusd"], run["reserved_pusd"], run["budget_alert_level"]) == (95 * USD // 100, 0, 0.9)
+
+
+async def test_the_sweeper_settles_a_step_without_a_policy_as_before(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store, "free-agent")
+        admit = AdmitCall(await facts(store, agent, reserved_pusd=7))
+        await store.execute(admit)
+        swept = await store.execute(SettleStep(admit.step_id, budget_from_run=True))
+    assert [e.type for e in swept] == ["StepCompleted"] and swept[0].data["cost_pusd"] == 7
+
+
+async def test_refusals_of_a_stopped_run_and_a_disabled_agent_name_the_policy(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        row, _ = await apply_policy(store, {"name": "named", "models": {"blocked": ["gpt-5"]}})
+        agent = await _agent(store, "named-agent", policy="named")
+        # given a run under the policy that an operator stopped, and an auto-run stopped the same way
+        explicit = AdmitCall(await facts(store, agent, run_id="explicit"))
+        auto = AdmitCall(await facts(store, agent))
+        for admit in (explicit, auto):
+            await store.execute(admit)
+            await store.execute(SettleStep(admit.step_id, charge_reservation=False))
+            await store.execute(StopRun(admit.run_id))
+        policy_module._COMPILED.clear()  # refusals name the policy even before this process compiled it
+        refusals: list[GovernanceRefusal] = []
+        for run_id in ("explicit", None):
+            with pytest.raises(GovernanceRefusal) as stopped:
+                await store.execute(AdmitCall(await facts(store, agent, run_id=run_id)))
+            refusals.append(stopped.value)
+        # and then the agent disabled
+        await store.execute(UpdateAgent(agent, None, True, None))
+        with pytest.raises(GovernanceRefusal) as disabled:
+            await store.execute(AdmitCall(await facts(store, agent, run_id="fresh")))
+        refusals.append(disabled.value)
+        recorded = [e.data for e in await store.read_stream(f"agent-{agent}") if e.type == "CallRefused"]
+
+    # then each refusal names the rule and the policy (id, name, version), in the answer and in the log
+    assert [(r.code, r.context["rule"]) for r in refusals] == [("run_force_stopped", "run.stopped")] * 2 + [
+        ("agent_disabled", "agent.disabled")]
+    for refusal in refusals:
+        assert (refusal.context["policy_id"], refusal.context["policy_name"], refusal.context["policy_version"]) == (
+            row["id"], "named", 1)
+    assert [(r["rule"], r["policy"]["id"], r["policy"]["version"]) for r in recorded] == [
+        ("run.stopped", row["id"], 1), ("run.stopped", row["id"], 1), ("agent.disabled", row["id"], 1)]
+
+
+async def test_a_disabled_agent_without_a_policy_is_refused_with_null_policy_fields(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        agent = await _agent(store, "loose")
+        await store.execute(UpdateAgent(agent, None, True, None))
+        with pytest.raises(GovernanceRefusal) as disabled:
+            await store.execute(AdmitCall(await facts(store, agent)))
+    assert disabled.value.code == "agent_disabled"
+    assert [disabled.value.context[k] for k in ("policy_id", "policy_name", "policy_version")] == [None, None, None]
+
+
+async def test_an_agent_update_with_a_policy_is_one_command_all_or_nothing(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        row, _ = await apply_policy(store, {"name": "strict", "models": {"allowed": ["gpt-4o-mini"]}})
+        agent = await _agent(store, "changing")
+        # when an update renames, disables and names an unknown policy
+        with pytest.raises(NotFound) as unknown:
+            await store.execute(UpdateAgent(agent, "renamed", True, None, set_policy=True, policy_name="nope"))
+        untouched = await _row(store, "agents", agent)
+        # and then the same update with a known policy
+        events = await store.execute(UpdateAgent(agent, "renamed", True, None, set_policy=True, policy_name="strict"))
+        changed = await _row(store, "agents", agent)
+        # and then only the policy is removed
+        removed = await store.execute(UpdateAgent(agent, None, None, None, set_policy=True, policy_name=None))
+        cleared = await _row(store, "agents", agent)
+        same = await store.execute(UpdateAgent(agent, None, None, None, set_policy=True, policy_name=None))
+
+    # then the refused update changed nothing at all; the accepted one changed everything in one commit
+    assert unknown.value.code == "unknown_policy"
+    assert (untouched["name"], untouched["disabled"], untouched["policy_id"]) == ("changing", 0, None)
+    assert [e.type for e in events] == ["AgentUpdated", "AgentPolicySet"]
+    assert len({e.recorded_at for e in events}) == 1 and events[1].position == events[0].position + 1
+    assert (changed["name"], changed["disabled"], changed["policy_id"]) == ("renamed", 1, row["id"])
+    # and a policy-only change records only the policy, once
+    assert [e.type for e in removed] == ["AgentPolicySet"] and cleared["policy_id"] is None and same == []
