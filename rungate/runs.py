@@ -415,12 +415,8 @@ def _known_policy(found: Mapping[Lookup, Row | None], ref: tuple[str, int] | Non
                   wanted: list[Lookup]) -> CompiledPolicy | None:
     """For `more_lookups`: the compiled version `ref` names, once this process has it (compiled from its row
     when the row was just read); otherwise its row is added to `wanted`."""
-    if ref is None:
-        return None
-    policy = cached_policy(*ref)
-    if policy is None and _version_lookup(*ref) in found:
-        policy = _compile(found, *ref)
-    elif policy is None:
+    policy = _found_policy(found, ref)
+    if policy is None and ref is not None:
         wanted.append(_version_lookup(*ref))
     return policy
 
