@@ -8,6 +8,12 @@ from rungate.events import Recorded
 from rungate.events import canonical_json as _json
 from rungate.store.base import Statement
 
+# Per cap (`BudgetAlerted.cap`): the runs column holding the highest alert fraction reached, and the flag
+# set once the cap was exceeded (the agent's hourly cap has none: it is not the run's own).
+ALERT_LEVEL = {"run_usd": "budget_alert_level", "run_tokens": "budget_alert_level_tokens",
+               "agent_hourly_usd": "budget_alert_level_hourly"}
+EXCEEDED = {"run_usd": "budget_exceeded", "run_tokens": "budget_exceeded_tokens"}
+
 
 class RunsProjection(Projection):
     name = "runs"
@@ -22,6 +28,8 @@ class RunsProjection(Projection):
             spend_pusd BIGINT NOT NULL DEFAULT 0, reserved_pusd BIGINT NOT NULL DEFAULT 0,
             reserved_tokens BIGINT NOT NULL DEFAULT 0, budget_add_pusd BIGINT NOT NULL DEFAULT 0,
             budget_alert_level REAL NOT NULL DEFAULT 0, budget_exceeded INTEGER NOT NULL DEFAULT 0,
+            budget_alert_level_tokens REAL NOT NULL DEFAULT 0, budget_exceeded_tokens INTEGER NOT NULL DEFAULT 0,
+            budget_alert_level_hourly REAL NOT NULL DEFAULT 0,
             unpriced_steps INTEGER NOT NULL DEFAULT 0, open_steps INTEGER NOT NULL DEFAULT 0,
             last_activity_at TEXT NOT NULL,
             position BIGINT NOT NULL)""",
@@ -82,12 +90,13 @@ class RunsProjection(Projection):
 
     def _budget_alerted(self, rec: Recorded) -> list[Statement]:
         # Thresholds only rise: a run is alerted once per threshold, even after a top-up lowers its fraction.
-        return [("UPDATE runs SET budget_alert_level = ?, position = ? WHERE id = ? AND budget_alert_level < ?",
+        column = ALERT_LEVEL[rec.data.get("cap", "run_usd")]
+        return [(f"UPDATE runs SET {column} = ?, position = ? WHERE id = ? AND {column} < ?",
                  (rec.data["threshold"], rec.position, rec.data["run_id"], rec.data["threshold"]))]
 
     def _budget_exceeded(self, rec: Recorded) -> list[Statement]:
-        return [("UPDATE runs SET budget_exceeded = 1, position = ? WHERE id = ?",
-                 (rec.position, rec.data["run_id"]))]
+        column = EXCEEDED[rec.data.get("cap", "run_usd")]
+        return [(f"UPDATE runs SET {column} = 1, position = ? WHERE id = ?", (rec.position, rec.data["run_id"]))]
 
     def _run_resumed(self, rec: Recorded) -> list[Statement]:
         return [("UPDATE runs SET status = 'active', ended_at = NULL, ended_reason = NULL,"

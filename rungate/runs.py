@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from projections.runs import ALERT_LEVEL, EXCEEDED
 from rungate.clock import iso_minus, parse_iso
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
 from rungate.enforce.rules import (
@@ -57,7 +58,7 @@ CLOSED = ("completed", "stopped", "blocked")  # statuses a call cannot continue 
 _RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at", "policy_id", "policy_version",
                 "idle_timeout_s",
                 "step_count", "spend_pusd", "reserved_pusd", "tokens_input", "tokens_output", "reserved_tokens",
-                "budget_add_pusd", "budget_alert_level", "budget_exceeded")
+                "budget_add_pusd", *ALERT_LEVEL.values(), *EXCEEDED.values())
 
 
 def run_stream(run_id: str) -> str:
@@ -185,8 +186,7 @@ class AdmitCall:
     def _hour(self, now: str) -> tuple[Lookup, Lookup]:
         """The agent's settled spend of the last hour (by minute), and what its active runs hold reserved."""
         agent_id = self.facts.agent_id
-        return (Lookup.window("agent_spend", ("spend_pusd",), ("minute", iso_minus(now, 3600)[:16]),
-                              agent_id=agent_id),
+        return (_hour_spend(agent_id, now),
                 Lookup.window("runs", ("reserved_pusd",), ("reserved_pusd", 0), agent_id=agent_id,
                               status="active"))
 
@@ -331,11 +331,8 @@ class AdmitCall:
             for verdict in verdicts:
                 if not verdict.shadow:
                     extra = list(drift)
-                    limit = budget_limit_pusd(self.policy, state)
-                    if verdict.rule == "budget.hard_limit_usd" and limit is not None and not starting \
-                            and run is not None and not run["budget_exceeded"]:
-                        extra.append(NewEvent(run_stream(self.run_id), BudgetExceeded(
-                            run_id=self.run_id, spend_pusd=state.spend_pusd, limit_pusd=limit, step_id=None)))
+                    if not starting and run is not None:  # a run refused for one of its caps: once per cap
+                        extra.extend(_exceeded(run, self.policy, state, verdict.rule, None))
                     self._refuse(self._governance(verdict), rule=verdict.rule, extra=extra)
             events.extend(drift)
             for verdict in verdicts:
@@ -370,20 +367,64 @@ class AdmitCall:
         raise Refused(refused.error, [*refused.events, *extra])
 
 
-def _budget_signals(run: Row, after: RunState, limit: int, alerts: tuple[float, ...],
-                    step_id: str) -> list[NewEvent]:
-    """`BudgetAlerted` for each alert fraction the spend has newly reached, `BudgetExceeded` once at the cap."""
+def _hour_spend(agent_id: str, now: str) -> Lookup:
+    """The agent's settled spend over the hour before `now` (per-minute sums, all its runs)."""
+    return Lookup.window("agent_spend", ("spend_pusd",), ("minute", iso_minus(now, 3600)[:16]), agent_id=agent_id)
+
+
+def _hour_alerts(policy: CompiledPolicy) -> bool:
+    """Whether `policy` wants alerts on the agent's hourly cap (a settlement then reads the agent's hour)."""
+    return policy.agent_hourly_pusd is not None and bool(policy.alerts)
+
+
+def _caps(policy: CompiledPolicy, after: RunState, hour_spent: int | None) -> list[tuple[str, int, int]]:
+    """(cap, used, limit) for each cap `policy` sets on the run, as of `after` (`hour_spent`: the agent's
+    hour including this settlement, when read)."""
+    caps = []
+    usd = budget_limit_pusd(policy, after)
+    if usd is not None:
+        caps.append(("run_usd", after.spend_pusd, usd))
+    if policy.run_limit_tokens is not None:
+        caps.append(("run_tokens", after.tokens_used, policy.run_limit_tokens))
+    if policy.agent_hourly_pusd is not None and hour_spent is not None:
+        caps.append(("agent_hourly_usd", hour_spent, policy.agent_hourly_pusd))
+    return caps
+
+
+def _amounts(cap: str, used: int, limit: int) -> dict[str, int]:
+    return {"tokens_used": used, "limit_tokens": limit} if cap == "run_tokens" else \
+        {"spend_pusd": used, "limit_pusd": limit}
+
+
+def _budget_signals(run: Row, policy: CompiledPolicy, after: RunState, step_id: str,
+                    hour_spent: int | None = None) -> list[NewEvent]:
+    """`BudgetAlerted` for each alert fraction of each cap newly reached; `BudgetExceeded` once per run cap."""
     out: list[NewEvent] = []
     stream = run_stream(after.run_id)
-    level = float(run["budget_alert_level"])
-    for threshold in alerts:
-        if threshold > level and after.spend_pusd * 10**6 >= round(threshold * 10**6) * limit:
-            out.append(NewEvent(stream, BudgetAlerted(run_id=after.run_id, threshold=threshold,
-                                                      spend_pusd=after.spend_pusd, limit_pusd=limit)))
-    if not run["budget_exceeded"] and after.spend_pusd >= limit:
-        out.append(NewEvent(stream, BudgetExceeded(run_id=after.run_id, spend_pusd=after.spend_pusd,
-                                                   limit_pusd=limit, step_id=step_id)))
+    for cap, used, limit in _caps(policy, after, hour_spent):
+        level = float(run[ALERT_LEVEL[cap]])
+        for threshold in policy.alerts:
+            if threshold > level and used * 10**6 >= round(threshold * 10**6) * limit:
+                out.append(NewEvent(stream, BudgetAlerted(run_id=after.run_id, threshold=threshold, cap=cap,
+                                                          **_amounts(cap, used, limit))))
+        if cap in EXCEEDED and not run[EXCEEDED[cap]] and used >= limit:
+            out.append(NewEvent(stream, BudgetExceeded(run_id=after.run_id, cap=cap, step_id=step_id,
+                                                       **_amounts(cap, used, limit))))
     return out
+
+
+_RULE_CAPS = {"budget.hard_limit_usd": "run_usd", "budget.hard_limit_tokens": "run_tokens"}
+
+
+def _exceeded(run: Row, policy: CompiledPolicy, state: RunState, rule: str, step_id: str | None) -> list[NewEvent]:
+    """`BudgetExceeded` for a call refused by the run cap `rule`, unless that cap was already exceeded."""
+    cap = _RULE_CAPS.get(rule)
+    if cap is None or run[EXCEEDED[cap]]:
+        return []
+    limits = {c: (used, limit) for c, used, limit in _caps(policy, state, None)}
+    used, limit = limits[cap]
+    return [NewEvent(run_stream(state.run_id), BudgetExceeded(run_id=state.run_id, cap=cap, step_id=step_id,
+                                                              **_amounts(cap, used, limit)))]
 
 
 def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step_id: str) -> GovernanceRefusal:
@@ -489,10 +530,10 @@ class SettleStep:
     With `completed`, that event is recorded. Without it the step is closed as `reason` says: by default
     abandoned (its process died or its caller vanished after forwarding) and charged its reservation,
     never booked as $0; with `charge_reservation=False` (nothing was forwarded) at no cost.
-    With `run_id`, the run is read too and `run_after` holds its spend, reservations and tokens as they are
-    once this settlement is folded in (what the budget headers report). With `budget_from_run` (the sweeper,
-    which knows nothing of the call), the step's run and the policy it is bound to are read instead, so a
-    settlement nobody waited for still raises the run's budget alerts.
+    With `run_id` (or `budget_from_run`, for the sweeper, which knows nothing of the call: the step's own
+    run), the run is read too: `run_after` holds its spend, reservations and tokens as they are once this
+    settlement is folded in (what the budget headers report), and the caps of the policy the run is bound
+    to raise their alerts (`BudgetAlerted`) and `BudgetExceeded`.
     """
 
     step_id: str
@@ -500,11 +541,8 @@ class SettleStep:
     reason: str = "the call was never settled (process stopped or caller vanished)"
     charge_reservation: bool = True
     run_id: str | None = None
-    run_after: RunState | None = None
-    # The policy's USD cap (before top-ups) and alert fractions, to emit `BudgetAlerted` / `BudgetExceeded`.
-    limit_pusd: int | None = None
-    alerts: tuple[float, ...] = ()
     budget_from_run: bool = False
+    run_after: RunState | None = None
 
     def __post_init__(self) -> None:
         self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", "reserved_tokens",
@@ -515,26 +553,22 @@ class SettleStep:
         return (self._step,) if self._run is None else (self._step, self._run)
 
     def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
-        """With `budget_from_run`: the open step's run, then the policy version that run is bound to."""
+        """The step's run (`budget_from_run`), the policy version it is bound to, and — when that policy
+        alerts on the agent's hourly cap — the agent's spend over the last hour."""
         step = found[self._step]
-        if not self.budget_from_run or step is None or step["status"] != "started":
+        if step is None or step["status"] != "started":
             return ()
         if self._run is None:
+            if not self.budget_from_run:
+                return ()
             self._run = Lookup.of("runs", *_RUN_COLUMNS, id=step["run_id"])
             return (self._run,)
         run = found.get(self._run)
         wanted: list[Lookup] = []
-        if run is not None and run["policy_id"] is not None:
-            _known_policy(found, (run["policy_id"], int(run["policy_version"])), wanted)
+        policy = _known_policy(found, None if run is None else _run_ref(run), wanted)
+        if run is not None and policy is not None and _hour_alerts(policy):
+            wanted.append(_hour_spend(run["agent_id"], now))
         return wanted
-
-    def _bound_budget(self, found: Mapping[Lookup, Row | None], run: Row) -> None:
-        """Take the USD cap and alert fractions from the policy `run` is bound to (`budget_from_run`)."""
-        if run["policy_id"] is None:
-            return
-        ref = (run["policy_id"], int(run["policy_version"]))
-        policy = cached_policy(*ref) or _compile(found, *ref)
-        self.limit_pusd, self.alerts = policy.run_limit_pusd, policy.alerts
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         step = found[self._step]
@@ -542,28 +576,38 @@ class SettleStep:
             raise StoreError(f"step {self.step_id} does not exist", status=500, code="unknown_step")
         if step["status"] != "started":
             return ()
-        if self.budget_from_run and self._run is not None and found.get(self._run) is not None:
-            self._bound_budget(found, found[self._run])  # type: ignore[arg-type]
         event = self.completed or StepCompleted(
             step_id=self.step_id, run_id=step["run_id"],
             status="abandoned" if self.charge_reservation else "cancelled", provider=step["provider"],
             model=step["model"], usage={}, cost_pusd=step["reserved_pusd"] if self.charge_reservation else 0,
             estimated=self.charge_reservation, latency_ms=0, error=self.reason)
-        run = found[self._run] if self._run is not None else None
-        if run is not None:
-            before = _state(run["id"], run, None)
-            usage = event.usage
-            tokens = sum(usage.get(k, 0) for k in ("input", "cached", "cache_write", "cache_write_1h", "output"))
-            self.run_after = RunState(
-                run["id"], step_count=before.step_count, spend_pusd=before.spend_pusd + (event.cost_pusd or 0),
-                reserved_pusd=before.reserved_pusd - step["reserved_pusd"], tokens_used=before.tokens_used + tokens,
-                reserved_tokens=before.reserved_tokens - step["reserved_tokens"],
-                budget_add_pusd=before.budget_add_pusd)
         events = [NewEvent(run_stream(step["run_id"]), event)]
-        if run is not None and self.run_after is not None and self.limit_pusd is not None:
-            events.extend(_budget_signals(run, self.run_after, self.limit_pusd + before.budget_add_pusd,
-                                          self.alerts, self.step_id))
+        run = found[self._run] if self._run is not None else None
+        if run is None:
+            return events
+        before = _state(run["id"], run, None)
+        usage = event.usage
+        tokens = sum(usage.get(k, 0) for k in ("input", "cached", "cache_write", "cache_write_1h", "output"))
+        cost = event.cost_pusd or 0
+        self.run_after = RunState(
+            run["id"], step_count=before.step_count, spend_pusd=before.spend_pusd + cost,
+            reserved_pusd=before.reserved_pusd - step["reserved_pusd"], tokens_used=before.tokens_used + tokens,
+            reserved_tokens=before.reserved_tokens - step["reserved_tokens"], budget_add_pusd=before.budget_add_pusd)
+        policy = _found_policy(found, _run_ref(run))
+        if policy is not None:
+            events.extend(_budget_signals(run, policy, self.run_after, self.step_id,
+                                          _hour_after(found, policy, run["agent_id"], now, cost)))
         return events
+
+
+def _hour_after(found: Mapping[Lookup, Row | None], policy: CompiledPolicy, agent_id: str, now: str,
+                cost: int) -> int | None:
+    """The agent's settled spend over the last hour once `cost` is added (None: no hourly alert wanted,
+    or nothing was added)."""
+    if not _hour_alerts(policy) or cost <= 0:
+        return None
+    row = found.get(_hour_spend(agent_id, now))
+    return (int(row["spend_pusd"]) if row is not None else 0) + cost
 
 
 def _operated(run_id: str) -> Lookup:
@@ -683,7 +727,9 @@ class LogToolStep:
 
     def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
         wanted = [lookup for lookup in (self._ref_lookup(found),) if lookup is not None]
-        _known_policy(found, self._ref(found), wanted)
+        policy = _known_policy(found, self._ref(found), wanted)
+        if policy is not None and found[self._run] is not None and _hour_alerts(policy) and self.step.cost_pusd:
+            wanted.append(_hour_spend(self.agent_id, now))
         return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
@@ -715,13 +761,14 @@ class LogToolStep:
                 run_id=self.run_id, agent_id=self.agent_id, auto=False,
                 policy=None if self.policy is None else self.policy.ref)))
         events.append(NewEvent(run_stream(self.run_id), self.step))
-        cost = self.step.cost_pusd or 0
-        if run is not None and cost > 0 and self.policy is not None and self.policy.run_limit_pusd is not None:
-            # A tool's own cost counts towards the run's alerts like a model call's does.
+        cost, usage = self.step.cost_pusd or 0, self.step.usage
+        if run is not None and self.policy is not None:
+            # A tool's own cost and tokens count towards the run's caps and alerts like a model call's do.
             before = _state(self.run_id, run, None)
-            after = replace(before, spend_pusd=before.spend_pusd + cost)
-            events.extend(_budget_signals(run, after, self.policy.run_limit_pusd + before.budget_add_pusd,
-                                          self.policy.alerts, self.step.step_id))
+            after = replace(before, spend_pusd=before.spend_pusd + cost,
+                            tokens_used=before.tokens_used + usage.get("input", 0) + usage.get("output", 0))
+            events.extend(_budget_signals(run, self.policy, after, self.step.step_id,
+                                          _hour_after(found, self.policy, self.agent_id, now, cost)))
         return events
 
 

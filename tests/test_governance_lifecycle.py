@@ -1,5 +1,6 @@
 """Governance over a run's life, at the store: a policy's idle window, the sweeper's settlements raising
-budget alerts, refusals of stopped runs and disabled agents naming the policy, atomic agent updates.
+budget alerts, alerts on every cap, refusals of stopped runs and disabled agents naming the policy, atomic
+agent updates.
 
 Real SQLite files and the real commands the proxy, the API and the sweeper execute.
 """
@@ -7,6 +8,7 @@ Real SQLite files and the real commands the proxy, the API and the sweeper execu
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,10 @@ from rungate.admin import CreateAgent, UpdateAgent
 from rungate.clock import now_iso
 from rungate.enforce import policy as policy_module
 from rungate.errors import GovernanceRefusal, NotFound
+from rungate.events.catalogue import StepCompleted, ToolStepLogged
+from rungate.ids import new_id
 from rungate.policy_admin import apply_policy
-from rungate.runs import AdmitCall, CloseIdleRun, SettleStep, StopRun
+from rungate.runs import AdmitCall, CloseIdleRun, LogToolStep, SettleStep, StopRun
 from rungate.store import SQLiteEventStore
 from tests.store_helpers import facts, opened
 
@@ -185,3 +189,93 @@ async def test_an_agent_update_with_a_policy_is_one_command_all_or_nothing(tmp_p
     assert (changed["name"], changed["disabled"], changed["policy_id"]) == ("renamed", 1, row["id"])
     # and a policy-only change records only the policy, once
     assert [e.type for e in removed] == ["AgentPolicySet"] and cleared["policy_id"] is None and same == []
+
+
+def _completed(admit: AdmitCall, tokens: int, cost_pusd: int) -> SettleStep:
+    """The settlement the proxy executes for a call under a policy (it reads the run with it)."""
+    return SettleStep(admit.step_id, StepCompleted(
+        step_id=admit.step_id, run_id=admit.run_id, status="ok", http_status=200, provider="openai",
+        model="gpt-4o-mini", usage={"input": tokens // 2, "output": tokens - tokens // 2}, cost_pusd=cost_pusd,
+        latency_ms=5, tool_calls=[]), run_id=admit.run_id)
+
+
+async def _call(store: SQLiteEventStore, agent: str, run_id: str, tokens: int, cost_pusd: int,
+                reserved_tokens: int | None = None) -> list[Any]:
+    """A call admitted with `reserved_tokens` (default: exactly what it then uses) and settled."""
+    admit = AdmitCall(replace(await facts(store, agent, run_id=run_id, reserved_pusd=cost_pusd),
+                              reserved_tokens=tokens if reserved_tokens is None else reserved_tokens))
+    await store.execute(admit)
+    return await store.execute(_completed(admit, tokens, cost_pusd))
+
+
+def _signals(events: list[Any]) -> list[tuple[Any, ...]]:
+    return [(e.type, e.data["cap"], e.data.get("threshold")) for e in events if e.type.startswith("Budget")]
+
+
+async def test_each_cap_of_a_run_alerts_once_per_threshold_and_is_exceeded_once(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "caps", "budget": {
+            "hard_limit_usd": "10", "hard_limit_tokens": 1000, "agent_hourly_usd": "1", "alerts": [0.5]}})
+        agent = await _agent(store, "capped", policy="caps")
+        # given a call of 600 tokens costing 0.60 USD, then one admitted for 300 tokens that used 500 and
+        # cost 0.10 USD (the provider counted more input than the estimate)
+        first = await _call(store, agent, "caps", 600, 60 * USD // 100)
+        second = await _call(store, agent, "caps", 500, 10 * USD // 100, reserved_tokens=300)
+        # and a call in another run of the same agent, costing 0.10 USD more
+        other = await _call(store, agent, "other", 10, 10 * USD // 100)
+        # when the first run asks for more tokens than its cap leaves, twice
+        refusals = []
+        for _ in range(2):
+            admit = AdmitCall(replace(await facts(store, agent, run_id="caps"), reserved_tokens=10))
+            with pytest.raises(GovernanceRefusal) as refused:
+                await store.execute(admit)
+            refusals.append(refused.value)
+        run = await _row(store, "runs", "caps")
+        log = [e for e in await store.read_stream("run-caps") if e.type.startswith("Budget")]
+
+    # then the token cap alerted at half (600 of 1000), and the agent's hourly cap too (0.60 of 1 USD);
+    # the run's USD cap (0.70 of 10) stayed quiet
+    assert _signals(first) == [("BudgetAlerted", "run_tokens", 0.5), ("BudgetAlerted", "agent_hourly_usd", 0.5)]
+    assert first[1].data["tokens_used"] == 600 and first[1].data["limit_tokens"] == 1000
+    assert first[2].data["spend_pusd"] == 60 * USD // 100 and first[2].data["limit_pusd"] == USD
+    # and passing the token cap recorded BudgetExceeded for it, with no alert repeated
+    assert _signals(second) == [("BudgetExceeded", "run_tokens", None)]
+    assert second[1].data["tokens_used"] == 1100
+    # and the other run saw the agent's hour at 0.80 USD: its own alert for it, once
+    assert _signals(other) == [("BudgetAlerted", "agent_hourly_usd", 0.5)]
+    # and the refusals for the token cap added no second BudgetExceeded
+    assert [(r.code, r.context["rule"]) for r in refusals] == [("budget_exceeded", "budget.hard_limit_tokens")] * 2
+    assert [(e.type, e.data["cap"]) for e in log] == [("BudgetAlerted", "run_tokens"),
+                                                      ("BudgetAlerted", "agent_hourly_usd"),
+                                                      ("BudgetExceeded", "run_tokens")]
+    assert (run["budget_alert_level_tokens"], run["budget_alert_level_hourly"], run["budget_alert_level"]) == (
+        0.5, 0.5, 0)
+    assert (run["budget_exceeded_tokens"], run["budget_exceeded"]) == (1, 0)
+
+
+async def test_a_call_refused_by_the_token_cap_records_it_exceeded_once(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "tokens", "budget": {"hard_limit_tokens": 100}})
+        agent = await _agent(store, "counted", policy="tokens")
+        await _call(store, agent, "small", 10, 0)
+        refused_events = []
+        for _ in range(2):
+            with pytest.raises(GovernanceRefusal):
+                await store.execute(AdmitCall(replace(await facts(store, agent, run_id="small"), reserved_tokens=200)))
+            refused_events.append([e for e in await store.read_stream("run-small") if e.type == "BudgetExceeded"])
+    # then the first refusal recorded the cap exceeded (10 tokens used of 100), the second nothing more
+    assert [len(events) for events in refused_events] == [1, 1]
+    exceeded = refused_events[0][0].data
+    assert (exceeded["cap"], exceeded["tokens_used"], exceeded["limit_tokens"], exceeded["step_id"]) == (
+        "run_tokens", 10, 100, None)
+
+
+async def test_a_logged_tool_steps_tokens_count_towards_the_token_caps_alerts(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "tooling", "budget": {"hard_limit_tokens": 100, "alerts": [0.8]}})
+        agent = await _agent(store, "tooler", policy="tooling")
+        await _call(store, agent, "tools", 50, 0)
+        step = ToolStepLogged(step_id=new_id("stp"), run_id="tools", tool="search", status="ok",
+                              usage={"input": 20, "output": 15})
+        events = await store.execute(LogToolStep(agent, "tools", step))
+    assert _signals(events) == [("BudgetAlerted", "run_tokens", 0.8)] and events[-1].data["tokens_used"] == 85

@@ -159,20 +159,32 @@ class CallRefused(Event):
 
 
 class BudgetAlerted(Event):
-    """The run's spend reached `threshold` (a fraction) of its USD cap; once per threshold per run."""
+    """What the run used reached `threshold` (a fraction) of one of its caps; once per threshold, cap and run.
+
+    `cap` is `run_usd` (the run's USD cap plus top-ups; `spend_pusd`, `limit_pusd`), `run_tokens` (its
+    token cap; `tokens_used`, `limit_tokens`) or `agent_hourly_usd` (the agent's settled spend over the
+    last hour, all its runs, as this run's settlement saw it; `spend_pusd`, `limit_pusd`).
+    """
 
     run_id: str
     threshold: float
-    spend_pusd: int
-    limit_pusd: int
+    cap: str = "run_usd"
+    spend_pusd: int | None = None
+    limit_pusd: int | None = None
+    tokens_used: int | None = None
+    limit_tokens: int | None = None
 
 
 class BudgetExceeded(Event):
-    """The run's USD cap was reached or a call was refused for it; once per run."""
+    """One of the run's caps (`run_usd` or `run_tokens`, as in `BudgetAlerted`) was reached, or a call was
+    refused for it; once per cap and run."""
 
     run_id: str
-    spend_pusd: int
-    limit_pusd: int
+    cap: str = "run_usd"
+    spend_pusd: int | None = None
+    limit_pusd: int | None = None
+    tokens_used: int | None = None
+    limit_tokens: int | None = None
     step_id: str | None = None
 
 

@@ -61,8 +61,6 @@ class Budget:
     limit_tokens: int | None
     remaining_pusd: int | None
     remaining_tokens: int | None
-    policy_limit_pusd: int | None = None  # the policy's own cap, before operator top-ups
-    alerts: tuple[float, ...] = ()
 
     @classmethod
     def after_admission(cls, admit: AdmitCall) -> Budget:
@@ -74,9 +72,7 @@ class Budget:
         return cls(limit, tokens,
                    None if limit is None else limit - state.spend_pusd - state.reserved_pusd - admit.reserved_pusd,
                    None if tokens is None else
-                   tokens - state.tokens_used - state.reserved_tokens - admit.reserved_tokens,
-                   admit.policy.run_limit_pusd if admit.policy is not None else None,
-                   admit.policy.alerts if admit.policy is not None else ())
+                   tokens - state.tokens_used - state.reserved_tokens - admit.reserved_tokens)
 
     def settled(self, run: RunState) -> None:
         """Exact figures once the call is settled: the cap minus spend and what calls in flight still hold."""
@@ -125,11 +121,6 @@ class Call:
             self.upstream.close()
         elif self.awaiting_upstream and self.task is not None:
             self.task.cancel()
-
-    @property
-    def budget_known(self) -> bool:
-        """Whether the run has a cap whose remainder the answer reports."""
-        return self.budget is not None and (self.budget.limit_pusd is not None or self.budget.limit_tokens is not None)
 
     def seen_usage(self) -> tuple[Usage, bool]:
         """What a stream reported so far, or an estimate from what was relayed (and whether estimated)."""
@@ -561,10 +552,8 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls])
     for attempt in range(SETTLE_ATTEMPTS):
         try:
-            budget = call.budget
-            settle = SettleStep(call.step_id, event, run_id=call.run_id if call.budget_known else None,
-                                limit_pusd=budget.policy_limit_pusd if budget is not None else None,
-                                alerts=budget.alerts if budget is not None else ())
+            # Under a policy the run is read with the settlement: exact budget headers, the caps' alerts.
+            settle = SettleStep(call.step_id, event, run_id=call.run_id if call.policy is not None else None)
             await store.execute(settle, metadata={"agent_id": call.agent_id})
             if settle.run_after is not None and call.budget is not None:
                 call.budget.settled(settle.run_after)
