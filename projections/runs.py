@@ -66,6 +66,7 @@ class RunsProjection(Projection):
             "RunStarted": self._run_started,
             "RunCompleted": self._run_completed,
             "RunStopped": self._run_stopped,
+            "RunBlocked": self._run_blocked,
             "RunResumed": self._run_resumed,
             "BudgetAlerted": self._budget_alerted,
             "BudgetExceeded": self._budget_exceeded,
@@ -87,6 +88,12 @@ class RunsProjection(Projection):
                  " WHERE id = ?",
                  (rec.data.get("reason") or "stopped by an operator", rec.recorded_at, rec.position,
                   rec.data["run_id"]))]
+
+    def _run_blocked(self, rec: Recorded) -> list[Statement]:
+        # Only an active run becomes blocked (a stop, say, recorded in the same batch stays a stop).
+        return [("UPDATE runs SET status = 'blocked', ended_reason = ?, last_activity_at = ?, position = ?"
+                 " WHERE id = ? AND status = 'active'",
+                 (rec.data["rule"], rec.recorded_at, rec.position, rec.data["run_id"]))]
 
     def _budget_alerted(self, rec: Recorded) -> list[Statement]:
         # Thresholds only rise: a run is alerted once per threshold, even after a top-up lowers its fraction.

@@ -41,6 +41,7 @@ from rungate.events.catalogue import (
     BudgetExceeded,
     CallRefused,
     PolicyDrifted,
+    RunBlocked,
     RunCompleted,
     RunResumed,
     RunStarted,
@@ -53,7 +54,9 @@ from rungate.ids import new_id
 from rungate.prices import ModelPrice
 from rungate.store.base import Lookup, Refused, Row
 
-CLOSED = ("completed", "stopped", "blocked")  # statuses a call cannot continue (stopped: 403, others 409)
+# Statuses a call cannot continue (stopped: 403, completed: 409). A `blocked` run is not closed: its calls are
+# judged by its policy, which refuses them (402) until an operator resumes it; steps may still be logged.
+CLOSED = ("completed", "stopped")
 # What admission reads of a run (the write transaction fetches only these).
 _RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at", "policy_id", "policy_version",
                 "idle_timeout_s",
@@ -150,8 +153,19 @@ class AdmitCall:
 
     @property
     def _latest_auto(self) -> Lookup:
-        """With no active auto-run: the agent's newest auto-run, whatever its status (stopped → refused)."""
-        return Lookup.of("runs", "id", "status", "policy_id", "policy_version", agent_id=self.facts.agent_id, auto=1)
+        """With no active auto-run: the agent's newest auto-run, whatever its status (stopped → refused,
+        blocked → still the agent's run, refused by its budget)."""
+        return Lookup.of("runs", *_RUN_COLUMNS, agent_id=self.facts.agent_id, auto=1)
+
+    def _current(self, found: Mapping[Lookup, Row | None]) -> Row | None:
+        """The run the call belongs to, if it exists: the named one, or the active auto-run — or a blocked
+        one: a blocked auto-run holds the agent until an operator resumes it or the agent asks for a new run."""
+        run = found[self._run]
+        if run is None and self.facts.run_id is None and not self.facts.new_run:
+            latest = found.get(self._latest_auto)
+            if latest is not None and latest["status"] == "blocked":
+                return latest
+        return run
 
     # --- which rows the decision needs -------------------------------------------------------------
 
@@ -163,6 +177,7 @@ class AdmitCall:
         wanted: list[Lookup] = []
         if self.facts.run_id is None and run is None and not self.facts.new_run:
             wanted.append(self._latest_auto)
+            run = self._current(found)
             latest = found.get(self._latest_auto)
             if latest is not None and latest["status"] == "stopped" and latest["policy_id"] is not None:
                 # refused as stopped: the refusal names the stopped run's policy
@@ -203,7 +218,8 @@ class AdmitCall:
     def _starts_run(self, run: Row | None, now: str) -> bool:
         if self.facts.run_id is not None:
             return run is None
-        return run is None or self.facts.new_run or _idle(run, now, self._idle_window(run))
+        return run is None or self.facts.new_run or (run["status"] == "active"
+                                                     and _idle(run, now, self._idle_window(run)))
 
     def _binding_lookup(self, agent: Row, starting: bool) -> Lookup | None:
         """Where a starting run finds its policy: the pinned one, else the agent's default."""
@@ -246,7 +262,7 @@ class AdmitCall:
         # lets nothing more in (authentication may have read a cached row).
         if agent is None or not hmac.compare_digest(agent["token_hash"], f.token_hash):
             raise Unauthorized("Unknown agent token.")
-        run = found[self._run]
+        run = self._current(found)
         if agent["disabled"]:
             starting = self._starts_run(run, now)
             ref = self._binding(found, run, starting, self._binding_lookup(agent, starting))
@@ -267,7 +283,7 @@ class AdmitCall:
             if run is None and latest is not None and latest["status"] == "stopped" and not f.new_run:
                 self.policy = _found_policy(found, _run_ref(latest))
                 self._refuse(force_stopped(latest["id"], self.policy))
-            if run is not None and (f.new_run or _idle(run, now, self._idle_window(run))):
+            if run is not None and self._starts_run(run, now):  # asked for a new run, or idle
                 idle = not f.new_run
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
                     run_id=run["id"], status="completed", ended_reason="idle_timeout" if idle else "new_run")))
@@ -398,22 +414,29 @@ def _amounts(cap: str, used: int, limit: int) -> dict[str, int]:
 
 def _budget_signals(run: Row, policy: CompiledPolicy, after: RunState, step_id: str,
                     hour_spent: int | None = None) -> list[NewEvent]:
-    """`BudgetAlerted` for each alert fraction of each cap newly reached; `BudgetExceeded` once per run cap."""
+    """`BudgetAlerted` for each alert fraction of each cap newly reached; `BudgetExceeded` once per run cap;
+    `RunBlocked` when an active run has used all of an enforced run cap."""
     out: list[NewEvent] = []
     stream = run_stream(after.run_id)
+    blocked: str | None = None
     for cap, used, limit in _caps(policy, after, hour_spent):
         level = float(run[ALERT_LEVEL[cap]])
         for threshold in policy.alerts:
             if threshold > level and used * 10**6 >= round(threshold * 10**6) * limit:
                 out.append(NewEvent(stream, BudgetAlerted(run_id=after.run_id, threshold=threshold, cap=cap,
                                                           **_amounts(cap, used, limit))))
-        if cap in EXCEEDED and not run[EXCEEDED[cap]] and used >= limit:
-            out.append(NewEvent(stream, BudgetExceeded(run_id=after.run_id, cap=cap, step_id=step_id,
-                                                       **_amounts(cap, used, limit))))
+        if cap in EXCEEDED and used >= limit:
+            if not run[EXCEEDED[cap]]:
+                out.append(NewEvent(stream, BudgetExceeded(run_id=after.run_id, cap=cap, step_id=step_id,
+                                                           **_amounts(cap, used, limit))))
+            blocked = blocked or cap
+    if blocked is not None and run["status"] == "active" and policy.budget_mode != "shadow":
+        out.append(NewEvent(stream, RunBlocked(run_id=after.run_id, cap=blocked, rule=_CAP_RULES[blocked])))
     return out
 
 
 _RULE_CAPS = {"budget.hard_limit_usd": "run_usd", "budget.hard_limit_tokens": "run_tokens"}
+_CAP_RULES = {cap: rule for rule, cap in _RULE_CAPS.items()}
 
 
 def _exceeded(run: Row, policy: CompiledPolicy, state: RunState, rule: str, step_id: str | None) -> list[NewEvent]:

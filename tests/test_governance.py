@@ -650,3 +650,35 @@ async def test_a_logged_tool_cost_can_raise_the_runs_alerts(gateway: Gateway) ->
     events = await _run_events(gateway, "tool-alert-run")
     assert [e["data"]["threshold"] for e in events if e["type"] == "BudgetAlerted"] == [0.5]
     assert [e["type"] for e in events].count("BudgetExceeded") == 1
+
+
+async def test_a_run_that_used_its_cap_is_blocked_listed_and_resumed_by_an_operator(gateway: Gateway) -> None:
+    await put_policy(gateway, "blocking", {"budget": {"hard_limit_usd": "1.00", "alerts": []}})
+    token = await agent_with_policy(gateway, "blocked-agent", "blocking")
+    client = oa(gateway, token, **{"x-rungate-run-id": "blocked-run"})
+    await client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "hi"}])
+    # given a logged tool step whose own cost uses the rest of the run's 1 USD
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + "/v1/runs/blocked-run/steps", headers={"Authorization": f"Bearer {token}"},
+            json={"tool": "paid_api", "cost_usd": "1.00"}) as resp:
+        assert resp.status == 201
+    # when the operator looks, and the agent calls again with the stock SDK
+    code, run = await gateway.admin("GET", "/api/runs/blocked-run")
+    code_list, listed = await gateway.admin("GET", "/api/runs?status=blocked")
+    with pytest.raises(openai.APIStatusError) as refused:
+        await client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "again"}])
+    # and then resumes it with a top-up
+    resume_code, resumed = await gateway.admin("POST", "/api/runs/blocked-run/resume", {"add_usd": "1.00"})
+    again = await client.chat.completions.with_raw_response.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "after the top-up"}])
+
+    # then the run showed as blocked (and was listed so), its call was refused with 402 budget_exceeded
+    assert code == 200 and run["data"]["status"] == "blocked" and run["data"]["budget_remaining_usd"] == "0"
+    assert code_list == 200 and [r["id"] for r in listed["data"]] == ["blocked-run"]
+    assert refused.value.status_code == 402
+    assert refused.value.body["code"] == "budget_exceeded"  # type: ignore[index]
+    # and the resume made it active again with room for the next call
+    assert resume_code == 200 and resumed["data"]["status"] == "active"
+    assert again.http_response.status_code == 200
+    events = [e["type"] for e in await _run_events(gateway, "blocked-run")]
+    assert events.count("RunBlocked") == 1 and events.index("RunBlocked") < events.index("RunResumed")

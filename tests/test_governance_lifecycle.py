@@ -22,7 +22,7 @@ from rungate.errors import GovernanceRefusal, NotFound
 from rungate.events.catalogue import StepCompleted, ToolStepLogged
 from rungate.ids import new_id
 from rungate.policy_admin import apply_policy
-from rungate.runs import AdmitCall, CloseIdleRun, LogToolStep, SettleStep, StopRun
+from rungate.runs import AdmitCall, CloseIdleRun, CompleteRun, LogToolStep, ResumeRun, SettleStep, StopRun
 from rungate.store import SQLiteEventStore
 from tests.store_helpers import facts, opened
 
@@ -279,3 +279,77 @@ async def test_a_logged_tool_steps_tokens_count_towards_the_token_caps_alerts(tm
                               usage={"input": 20, "output": 15})
         events = await store.execute(LogToolStep(agent, "tools", step))
     assert _signals(events) == [("BudgetAlerted", "run_tokens", 0.8)] and events[-1].data["tokens_used"] == 85
+
+
+async def test_a_run_that_spends_its_cap_is_blocked_until_an_operator_resumes_it(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "blocking", "budget": {"hard_limit_usd": "1", "alerts": []}})
+        agent = await _agent(store, "spender", policy="blocking")
+        # given a run whose second call cost more than it reserved, taking the spend past the 1 USD cap
+        await _call(store, agent, "spend", 10, 50 * USD // 100)
+        admit = AdmitCall(await facts(store, agent, run_id="spend", reserved_pusd=40 * USD // 100))
+        await store.execute(admit)
+        over = await store.execute(_completed(admit, 10, 60 * USD // 100))
+        blocked = await _row(store, "runs", "spend")
+        # when the agent calls again, and logs a tool step, in the blocked run
+        with pytest.raises(GovernanceRefusal) as refused:
+            await store.execute(AdmitCall(await facts(store, agent, run_id="spend", reserved_pusd=1)))
+        step = ToolStepLogged(step_id=new_id("stp"), run_id="spend", tool="search", status="ok")
+        logged = await store.execute(LogToolStep(agent, "spend", step))
+        # and then an operator resumes it with a 1 USD top-up, and the agent calls again
+        resumed = await store.execute(ResumeRun("spend", add_pusd=USD))
+        active = await _row(store, "runs", "spend")
+        after = AdmitCall(await facts(store, agent, run_id="spend", reserved_pusd=50 * USD // 100))
+        await store.execute(after)
+
+    # then the settlement that used the cap up recorded it exceeded and the run blocked, with the rule
+    assert [e.type for e in over] == ["StepCompleted", "BudgetExceeded", "RunBlocked"]
+    assert over[2].data == {"run_id": "spend", "cap": "run_usd", "rule": "budget.hard_limit_usd"}
+    assert (blocked["status"], blocked["ended_reason"]) == ("blocked", "budget.hard_limit_usd")
+    # and the blocked run refused the call for its budget (402, not 409), yet recorded the tool step
+    assert (refused.value.status, refused.value.code) == (402, "budget_exceeded")
+    assert [e.type for e in logged] == ["ToolStepLogged"]
+    # and the resume made it active with the top-up, so the next call fits
+    assert [e.type for e in resumed] == ["RunResumed"] and active["status"] == "active"
+    assert after.run_id == "spend" and not after.started_run
+
+
+async def test_a_blocked_auto_run_holds_the_agent_until_it_asks_for_a_new_run(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "tight", "budget": {"hard_limit_usd": "1", "alerts": []},
+                                   "runs": {"idle_timeout_s": 1}})
+        agent = await _agent(store, "auto-spender", policy="tight")
+        first = AdmitCall(await facts(store, agent, reserved_pusd=USD))
+        await store.execute(first)
+        await store.execute(_completed(first, 10, USD))
+        await asyncio.sleep(1.2)  # past the policy's idle window: a blocked run does not go idle
+        idle = await queries.idle_auto_runs(store, now_iso(), 900)
+        # when the agent calls again without a run id, then asks for a new run
+        with pytest.raises(GovernanceRefusal) as refused:
+            await store.execute(AdmitCall(await facts(store, agent, reserved_pusd=1)))
+        fresh = AdmitCall(await facts(store, agent, new_run=True, reserved_pusd=1))
+        await store.execute(fresh)
+        old = await _row(store, "runs", first.run_id)
+    # then the blocked auto-run answered for the agent (402 naming it), not a fresh run with a fresh budget
+    assert idle == []
+    assert refused.value.code == "budget_exceeded" and refused.value.run_id == first.run_id
+    # and only an explicit new run started over, leaving the blocked one for the operator
+    assert fresh.started_run and fresh.run_id != first.run_id and old["status"] == "blocked"
+
+
+async def test_a_shadow_budget_never_blocks_and_a_blocked_run_can_still_be_completed(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await apply_policy(store, {"name": "watch", "budget": {"hard_limit_usd": "1", "mode": "shadow", "alerts": []}})
+        await apply_policy(store, {"name": "hard", "budget": {"hard_limit_usd": "1", "alerts": []}})
+        watched = await _agent(store, "watched", policy="watch")
+        hard = await _agent(store, "hard", policy="hard")
+        shadow = await _call(store, watched, "watched-run", 10, 2 * USD)  # admitted: the cap is only watched
+        admit = AdmitCall(await facts(store, hard, run_id="hard-run", reserved_pusd=USD))
+        await store.execute(admit)
+        await store.execute(_completed(admit, 10, 2 * USD))  # the provider billed more than was reserved
+        completed = await store.execute(CompleteRun(hard, "hard-run", "done", {}))
+        runs = {r: (await _row(store, "runs", r))["status"] for r in ("watched-run", "hard-run")}
+    # then the shadow budget recorded the cap exceeded but let the run go on; the blocked run completed
+    assert [e.type for e in shadow] == ["StepCompleted", "BudgetExceeded"]
+    assert [e.type for e in completed] == ["RunCompleted"]
+    assert runs == {"watched-run": "active", "hard-run": "completed"}

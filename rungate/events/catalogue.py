@@ -208,6 +208,15 @@ class RunStopped(Event):
     reason: str | None = None
 
 
+class RunBlocked(Event):
+    """What the run used reached one of its enforced caps (`cap`: `run_usd` or `run_tokens`; `rule` names it in
+    the policy): its calls are refused (402) until an operator resumes it, usually with a top-up."""
+
+    run_id: str
+    cap: str
+    rule: str
+
+
 class RunResumed(Event):
     """An operator let a stopped or blocked run continue, optionally with more budget (`add_pusd`)."""
 
@@ -250,6 +259,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     BudgetExceeded,
     PolicyDrifted,
     RunStopped,
+    RunBlocked,
     RunResumed,
     ToolStepLogged,
 )
