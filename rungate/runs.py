@@ -362,7 +362,8 @@ class AdmitCall:
         events.append(NewEvent(run_stream(self.run_id), StepStarted(
             step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=f.provider,
             model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=ask.reserved_pusd,
-            reserved_tokens=ask.reserved_tokens, warnings=decisions, rate_scopes=rate_scopes)))
+            reserved_tokens=ask.reserved_tokens, warnings=decisions, rate_scopes=rate_scopes,
+            policy=None if self.policy is None else self.policy.ref)))
         return events
 
     def _drift(self, verdict: Verdict) -> list[NewEvent]:
@@ -783,6 +784,8 @@ class LogToolStep:
             events.append(NewEvent(run_stream(self.run_id), RunStarted(
                 run_id=self.run_id, agent_id=self.agent_id, auto=False,
                 policy=None if self.policy is None else self.policy.ref)))
+        if self.policy is not None:  # the step names the policy version that admitted it
+            self.step = self.step.model_copy(update={"policy": self.policy.ref})
         events.append(NewEvent(run_stream(self.run_id), self.step))
         cost, usage = self.step.cost_pusd or 0, self.step.usage
         if run is not None and self.policy is not None:

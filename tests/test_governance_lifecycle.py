@@ -353,3 +353,18 @@ async def test_a_shadow_budget_never_blocks_and_a_blocked_run_can_still_be_compl
     assert [e.type for e in shadow] == ["StepCompleted", "BudgetExceeded"]
     assert [e.type for e in completed] == ["RunCompleted"]
     assert runs == {"watched-run": "active", "hard-run": "completed"}
+
+
+async def test_every_admission_names_the_policy_version_that_admitted_it(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        row, _ = await apply_policy(store, {"name": "naming", "tools": {"blocked": ["rm"]}})
+        agent = await _agent(store, "named", policy="naming")
+        plain = await _agent(store, "unnamed")
+        admitted = await store.execute(AdmitCall(await facts(store, agent, run_id="named-run")))
+        step = ToolStepLogged(step_id=new_id("stp"), run_id="named-run", tool="search", status="ok")
+        logged = await store.execute(LogToolStep(agent, "named-run", step))
+        free = await store.execute(AdmitCall(await facts(store, plain, run_id="free-run")))
+    ref = {"id": row["id"], "name": "naming", "version": 1}
+    assert [e.data["policy"] for e in admitted if e.type == "StepStarted"] == [ref]
+    assert [e.data["policy"] for e in logged if e.type == "ToolStepLogged"] == [ref]
+    assert [e.data["policy"] for e in free if e.type == "StepStarted"] == [None]

@@ -120,6 +120,7 @@ class StepStarted(Event):
     reserved_tokens: int = 0
     warnings: list[dict[str, Any]] = []
     rate_scopes: list[str] = []  # rate windows this call counts in (`agent:ID`, `run:ID`), per its policy
+    policy: dict[str, Any] | None = None  # the policy version that admitted it (`id`, `name`, `version`)
 
 
 class StepCompleted(Event):
@@ -238,6 +239,7 @@ class ToolStepLogged(Event):
     cost_pusd: int | None = None
     latency_ms: int = 0
     error: str | None = None
+    policy: dict[str, Any] | None = None  # the policy version that admitted it (`id`, `name`, `version`)
 
 
 ALL_EVENTS: tuple[type[Event], ...] = (
