@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from projections.runs import ALERT_LEVEL, EXCEEDED
+from rungate import budgets
 from rungate.clock import iso_minus, parse_iso
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
 from rungate.enforce.rules import (
@@ -22,7 +23,6 @@ from rungate.enforce.rules import (
     RateWindow,
     RunState,
     Verdict,
-    budget_limit_pusd,
     evaluate,
     shrink,
 )
@@ -37,11 +37,8 @@ from rungate.errors import (
 )
 from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
-    BudgetAlerted,
-    BudgetExceeded,
     CallRefused,
     PolicyDrifted,
-    RunBlocked,
     RunCompleted,
     RunResumed,
     RunStarted,
@@ -201,7 +198,7 @@ class AdmitCall:
     def _hour(self, now: str) -> tuple[Lookup, Lookup]:
         """The agent's settled spend of the last hour (by minute), and what its active runs hold reserved."""
         agent_id = self.facts.agent_id
-        return (_hour_spend(agent_id, now),
+        return (budgets.hour_spend(agent_id, now),
                 Lookup.window("runs", ("reserved_pusd",), ("reserved_pusd", 0), agent_id=agent_id,
                               status="active"))
 
@@ -348,7 +345,8 @@ class AdmitCall:
                 if not verdict.shadow:
                     extra = list(drift)
                     if not starting and run is not None:  # a run refused for one of its caps: once per cap
-                        extra.extend(_exceeded(run, self.policy, state, verdict.rule, None))
+                        extra.extend(NewEvent(run_stream(self.run_id), e)
+                                     for e in budgets.exceeded_on_refusal(run, self.policy, state, verdict.rule))
                     self._refuse(self._governance(verdict), rule=verdict.rule, extra=extra)
             events.extend(drift)
             for verdict in verdicts:
@@ -382,73 +380,6 @@ class AdmitCall:
         refused = refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
                           policy=None if self.policy is None else self.policy.ref)
         raise Refused(refused.error, [*refused.events, *extra])
-
-
-def _hour_spend(agent_id: str, now: str) -> Lookup:
-    """The agent's settled spend over the hour before `now` (per-minute sums, all its runs)."""
-    return Lookup.window("agent_spend", ("spend_pusd",), ("minute", iso_minus(now, 3600)[:16]), agent_id=agent_id)
-
-
-def _hour_alerts(policy: CompiledPolicy) -> bool:
-    """Whether `policy` wants alerts on the agent's hourly cap (a settlement then reads the agent's hour)."""
-    return policy.agent_hourly_pusd is not None and bool(policy.alerts)
-
-
-def _caps(policy: CompiledPolicy, after: RunState, hour_spent: int | None) -> list[tuple[str, int, int]]:
-    """(cap, used, limit) for each cap `policy` sets on the run, as of `after` (`hour_spent`: the agent's
-    hour including this settlement, when read)."""
-    caps = []
-    usd = budget_limit_pusd(policy, after)
-    if usd is not None:
-        caps.append(("run_usd", after.spend_pusd, usd))
-    if policy.run_limit_tokens is not None:
-        caps.append(("run_tokens", after.tokens_used, policy.run_limit_tokens))
-    if policy.agent_hourly_pusd is not None and hour_spent is not None:
-        caps.append(("agent_hourly_usd", hour_spent, policy.agent_hourly_pusd))
-    return caps
-
-
-def _amounts(cap: str, used: int, limit: int) -> dict[str, int]:
-    return {"tokens_used": used, "limit_tokens": limit} if cap == "run_tokens" else \
-        {"spend_pusd": used, "limit_pusd": limit}
-
-
-def _budget_signals(run: Row, policy: CompiledPolicy, after: RunState, step_id: str,
-                    hour_spent: int | None = None) -> list[NewEvent]:
-    """`BudgetAlerted` for each alert fraction of each cap newly reached; `BudgetExceeded` once per run cap;
-    `RunBlocked` when an active run has used all of an enforced run cap."""
-    out: list[NewEvent] = []
-    stream = run_stream(after.run_id)
-    blocked: str | None = None
-    for cap, used, limit in _caps(policy, after, hour_spent):
-        level = float(run[ALERT_LEVEL[cap]])
-        for threshold in policy.alerts:
-            if threshold > level and used * 10**6 >= round(threshold * 10**6) * limit:
-                out.append(NewEvent(stream, BudgetAlerted(run_id=after.run_id, threshold=threshold, cap=cap,
-                                                          **_amounts(cap, used, limit))))
-        if cap in EXCEEDED and used >= limit:
-            if not run[EXCEEDED[cap]]:
-                out.append(NewEvent(stream, BudgetExceeded(run_id=after.run_id, cap=cap, step_id=step_id,
-                                                           **_amounts(cap, used, limit))))
-            blocked = blocked or cap
-    if blocked is not None and run["status"] == "active" and policy.budget_mode != "shadow":
-        out.append(NewEvent(stream, RunBlocked(run_id=after.run_id, cap=blocked, rule=_CAP_RULES[blocked])))
-    return out
-
-
-_RULE_CAPS = {"budget.hard_limit_usd": "run_usd", "budget.hard_limit_tokens": "run_tokens"}
-_CAP_RULES = {cap: rule for rule, cap in _RULE_CAPS.items()}
-
-
-def _exceeded(run: Row, policy: CompiledPolicy, state: RunState, rule: str, step_id: str | None) -> list[NewEvent]:
-    """`BudgetExceeded` for a call refused by the run cap `rule`, unless that cap was already exceeded."""
-    cap = _RULE_CAPS.get(rule)
-    if cap is None or run[EXCEEDED[cap]]:
-        return []
-    limits = {c: (used, limit) for c, used, limit in _caps(policy, state, None)}
-    used, limit = limits[cap]
-    return [NewEvent(run_stream(state.run_id), BudgetExceeded(run_id=state.run_id, cap=cap, step_id=step_id,
-                                                              **_amounts(cap, used, limit)))]
 
 
 def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step_id: str) -> GovernanceRefusal:
@@ -590,8 +521,8 @@ class SettleStep:
         run = found.get(self._run)
         wanted: list[Lookup] = []
         policy = _known_policy(found, None if run is None else _run_ref(run), wanted)
-        if run is not None and policy is not None and _hour_alerts(policy):
-            wanted.append(_hour_spend(run["agent_id"], now))
+        if run is not None and policy is not None and budgets.hour_alerts(policy):
+            wanted.append(budgets.hour_spend(run["agent_id"], now))
         return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
@@ -619,19 +550,10 @@ class SettleStep:
             reserved_tokens=before.reserved_tokens - step["reserved_tokens"], budget_add_pusd=before.budget_add_pusd)
         policy = _found_policy(found, _run_ref(run))
         if policy is not None:
-            events.extend(_budget_signals(run, policy, self.run_after, self.step_id,
-                                          _hour_after(found, policy, run["agent_id"], now, cost)))
+            hour = budgets.hour_after(found, policy, run["agent_id"], now, cost)
+            events.extend(NewEvent(run_stream(run["id"]), e)
+                          for e in budgets.signals(run, policy, self.run_after, self.step_id, hour))
         return events
-
-
-def _hour_after(found: Mapping[Lookup, Row | None], policy: CompiledPolicy, agent_id: str, now: str,
-                cost: int) -> int | None:
-    """The agent's settled spend over the last hour once `cost` is added (None: no hourly alert wanted,
-    or nothing was added)."""
-    if not _hour_alerts(policy) or cost <= 0:
-        return None
-    row = found.get(_hour_spend(agent_id, now))
-    return (int(row["spend_pusd"]) if row is not None else 0) + cost
 
 
 def _operated(run_id: str) -> Lookup:
@@ -752,8 +674,8 @@ class LogToolStep:
     def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
         wanted = [lookup for lookup in (self._ref_lookup(found),) if lookup is not None]
         policy = _known_policy(found, self._ref(found), wanted)
-        if policy is not None and found[self._run] is not None and _hour_alerts(policy) and self.step.cost_pusd:
-            wanted.append(_hour_spend(self.agent_id, now))
+        if policy is not None and found[self._run] is not None and budgets.hour_alerts(policy) and self.step.cost_pusd:
+            wanted.append(budgets.hour_spend(self.agent_id, now))
         return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
@@ -793,8 +715,9 @@ class LogToolStep:
             before = _state(self.run_id, run, None)
             after = replace(before, spend_pusd=before.spend_pusd + cost,
                             tokens_used=before.tokens_used + usage.get("input", 0) + usage.get("output", 0))
-            events.extend(_budget_signals(run, self.policy, after, self.step.step_id,
-                                          _hour_after(found, self.policy, self.agent_id, now, cost)))
+            hour = budgets.hour_after(found, self.policy, self.agent_id, now, cost)
+            events.extend(NewEvent(run_stream(self.run_id), e)
+                          for e in budgets.signals(run, self.policy, after, self.step.step_id, hour))
         return events
 
 
