@@ -23,7 +23,8 @@ from rungate.enforce.policy import InvalidPolicy
 from rungate.errors import BadRequest, ConfigError, NotFound, RungateError
 from rungate.log import configure
 from rungate.policy_admin import apply_policy, policy_view
-from rungate.runs import run_stream
+from rungate.prices import parse_usd
+from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.storage import open_store
 from rungate.store import EventStore
 from rungate.views import agent_view, provider_key_view, run_view, step_view
@@ -146,6 +147,31 @@ async def _runs_show(store: EventStore, run_id: str) -> int:
     return 0
 
 
+async def _runs_stop(store: EventStore, run_id: str, reason: str | None) -> int:
+    """`rungate runs stop`: record the stop in the log; later calls of the run are refused everywhere."""
+    command = StopRun(run_id, reason)
+    await store.execute(command)
+    print(f"run {run_id} {'stopped' if command.stopped else 'was already stopped'}; to cut its calls in flight"
+          f" as well, stop it through the server: POST /api/runs/{run_id}/stop")
+    return 0
+
+
+async def _runs_resume(store: EventStore, run_id: str, add_usd: str | None) -> int:
+    """`rungate runs resume`: let a stopped or blocked run take calls again, with an optional top-up."""
+    try:
+        add_pusd = parse_usd(add_usd) if add_usd is not None else 0
+    except ValueError as exc:
+        print(f"error: --add-usd {exc}", file=sys.stderr)
+        return 2
+    await store.execute(ResumeRun(run_id, add_pusd))
+    row = await queries.get_run(store, run_id)
+    assert row is not None  # ResumeRun refused an unknown run
+    view = run_view(row, await queries.run_limit_pusd(store, row))
+    print(f"run {run_id} {view['status']}; budget remaining ${view['budget_remaining_usd']}"
+          if view["budget_remaining_usd"] is not None else f"run {run_id} {view['status']}")
+    return 0
+
+
 async def _replay(store: EventStore, run_id: str, after: int) -> int:
     events = await store.read_stream(run_stream(run_id), after_position=after)
     if not events and await queries.get_run(store, run_id) is None:
@@ -217,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     runs_list.add_argument("--status")
     runs_list.add_argument("--limit", type=_positive, default=50)
     runs.add_parser("show").add_argument("run_id")
+    runs_stop = runs.add_parser("stop", help="the kill switch: refuse the run's later calls (see --help)",
+                                description="Refuse every later call of the run (403 run_force_stopped). Calls"
+                                            " already in flight in a running server are cut only when the stop"
+                                            " goes through it: POST /api/runs/{id}/stop.")
+    runs_stop.add_argument("run_id")
+    runs_stop.add_argument("--reason")
+    runs_resume = runs.add_parser("resume", help="let a stopped or blocked run take calls again")
+    runs_resume.add_argument("run_id")
+    runs_resume.add_argument("--add-usd", help="raise the run's USD budget by this much, e.g. 2.50")
 
     replay = sub.add_parser("replay", help="print a run's events as NDJSON")
     replay.add_argument("run_id")
@@ -270,6 +305,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: EventSt
             return await _runs_list(store, args.agent_id, args.status, args.limit)
         case ("runs", "show"):
             return await _runs_show(store, args.run_id)
+        case ("runs", "stop"):
+            return await _runs_stop(store, args.run_id, args.reason)
+        case ("runs", "resume"):
+            return await _runs_resume(store, args.run_id, args.add_usd)
         case ("replay", _):
             return await _replay(store, args.run_id, args.after)
         case ("verify", _):

@@ -199,3 +199,39 @@ async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None
     assert rungate(db, "rebuild").returncode == 0
     after = [json.loads(rungate(db, "runs", "show", f"kill-{r}-{w}").stdout) for r in range(3) for w in range(3)]
     assert after == before
+
+
+async def test_runs_stop_and_resume_from_the_command_line(tmp_path: Path) -> None:
+    from rungate.admin import CreateAgent
+    from rungate.policy_admin import apply_policy
+    from rungate.runs import AdmitCall
+    from tests.store_helpers import facts, opened
+
+    db = tmp_path / "ops.db"
+    async with opened(db) as store:  # given an active run under a 1 USD cap
+        await apply_policy(store, {"name": "ops", "budget": {"hard_limit_usd": "1"}})
+        create = CreateAgent("ops", {}, policy_name="ops")
+        await store.execute(create)
+        await store.execute(AdmitCall(await facts(store, create.agent_id, run_id="ops-run")))
+    # when an operator stops it from the command line (twice), then resumes it with a top-up
+    stopped = rungate(db, "runs", "stop", "ops-run", "--reason", "looping on a tool")
+    again = rungate(db, "runs", "stop", "ops-run")
+    shown = json.loads(rungate(db, "runs", "show", "ops-run").stdout)
+    bad = rungate(db, "runs", "resume", "ops-run", "--add-usd", "-1")
+    resumed = rungate(db, "runs", "resume", "ops-run", "--add-usd", "2.50")
+    after = json.loads(rungate(db, "runs", "show", "ops-run").stdout)
+    missing = rungate(db, "runs", "stop", "no-such-run")
+    lines = [json.loads(line) for line in rungate(db, "replay", "ops-run").stdout.splitlines()]
+
+    # then the stop is recorded once, with its reason, and says how to cut calls in flight too
+    assert stopped.returncode == 0 and "ops-run stopped" in stopped.stdout
+    assert "/api/runs/ops-run/stop" in stopped.stdout
+    assert again.returncode == 0 and "already stopped" in again.stdout
+    assert (shown["status"], shown["ended_reason"]) == ("stopped", "looping on a tool")
+    # and a bad top-up changes nothing, a good one makes the run active with the larger budget
+    assert bad.returncode == 2 and "--add-usd" in bad.stderr
+    assert resumed.returncode == 0 and "ops-run active; budget remaining $3.5" in resumed.stdout
+    assert after["status"] == "active" and after["budget_limit_usd"] == "3.5"
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    assert [line["type"] for line in lines].count("RunStopped") == 1
+    assert [line["data"].get("add_pusd") for line in lines if line["type"] == "RunResumed"] == [2_500_000_000_000]

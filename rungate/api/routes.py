@@ -317,7 +317,7 @@ async def runs_stop(request: web.Request) -> web.Response:
 
 @routes.post("/api/runs/{run_id}/resume")
 async def runs_resume(request: web.Request) -> web.Response:
-    """Let a stopped run take calls again; `{"add_usd": "…"}` raises its USD budget by that much."""
+    """Let a stopped or blocked run take calls again; `{"add_usd": "…"}` raises its USD budget by that much."""
     body = await _body(request)
     add = body.get("add_usd", "0")
     try:
