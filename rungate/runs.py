@@ -176,9 +176,8 @@ class AdmitCall:
             wanted.append(self._latest_auto)
             run = self._current(found)
             latest = found.get(self._latest_auto)
-            if latest is not None and latest["status"] == "stopped" and latest["policy_id"] is not None:
-                # refused as stopped: the refusal names the stopped run's policy
-                _known_policy(found, (latest["policy_id"], int(latest["policy_version"])), wanted)
+            if latest is not None and latest["status"] == "stopped":
+                _known_policy(found, _run_ref(latest), wanted)  # the refusal names the stopped run's policy
         starting = self._starts_run(run, now)
         ref_lookup = self._binding_lookup(agent, starting)
         if ref_lookup is not None:
