@@ -150,7 +150,7 @@ def test_chat_stream_parallel_tools_and_usage_chunk(client_wants_usage: bool) ->
     assert meter.done
     assert meter.error is None
     assert meter.tool_calls == EXPECTED_CHAT_CALLS
-    assert meter.output_text_chars == len("Checking both.") + len('{"city": "Paris"}{"tz": "CET"}')
+    assert meter.output_text_bytes == len("Checking both.") + len('{"city": "Paris"}{"tz": "CET"}')
     assert meter.estimated_usage(5) == CHAT_USAGE_MAPPED
 
 
@@ -333,7 +333,7 @@ def test_responses_stream_usage_from_terminal_event(terminal: str) -> None:
     assert meter.usage == RESPONSE_USAGE_MAPPED
     assert meter.done
     assert meter.tool_calls == [ToolCall("call_1", "get_weather", '{"city":"Paris"}')]
-    assert meter.output_text_chars == len("Let me check.") + len('{"city":"Paris"}')
+    assert meter.output_text_bytes == len("Let me check.") + len('{"city":"Paris"}')
     if terminal == "response.failed":
         assert meter.error == {"code": "server_error", "message": "The model failed."}
     else:
@@ -458,7 +458,7 @@ def test_messages_stream_cumulative_message_delta() -> None:
         ToolCall("toolu_1", "get_weather", '{"city": "Paris"}'),
         ToolCall("toolu_2", "now", "{}"),
     ]
-    assert meter.output_text_chars == ANTHROPIC_CHARS
+    assert meter.output_text_bytes == ANTHROPIC_CHARS
 
 
 def test_messages_stream_cut_before_message_delta_keeps_input_side() -> None:
@@ -573,7 +573,7 @@ def test_malformed_and_odd_lines_are_forwarded_and_ignored(meter: Meter) -> None
     )
     assert run(meter, stream) == stream
     assert meter.usage is None and meter.error is None and not meter.done
-    assert meter.tool_calls == [] and meter.output_text_chars == 0
+    assert meter.tool_calls == [] and meter.output_text_bytes == 0
 
 
 def test_stream_meters_ignore_invalid_usage_values() -> None:
@@ -844,6 +844,17 @@ def test_estimate_input_tokens() -> None:
     assert estimate_input_tokens({"model": "m", "input": ""}) == 1
     assert estimate_input_tokens({}) == 1
     assert estimate_input_tokens({"input": 2**70}) >= 1  # not JSON-encodable by orjson: still estimated
+    assert estimate_input_tokens({"input": "\ud800" * 8}) >= 6  # a lone surrogate: 3 bytes, not an error
+
+
+def test_estimates_count_bytes_so_non_latin_text_is_not_a_quarter_token_per_character() -> None:
+    chinese = "预算控制" * 100  # 400 characters, 1,200 UTF-8 bytes; tokenizers give about one token each
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": chinese}]}
+    assert estimate_input_tokens(body) >= 300  # by characters it would have been about 100
+    meter = ChatStreamMeter(False)
+    run(meter, sse({"id": "c", "choices": [{"index": 0, "delta": {"content": chinese}}]}))
+    assert meter.output_text_bytes == 1200
+    assert meter.estimated_usage(1).output == 300
 
 
 # --------------------------------------------------------------------------------------------------
@@ -961,7 +972,7 @@ def test_stream_meters_never_raise(payloads: list[tuple[str | None, Any]], wants
         run(meter, stream, chunk=13)
         check_usage(meter.usage)
         check_usage(meter.estimated_usage(10))
-        assert meter.output_text_chars >= 0
+        assert meter.output_text_bytes >= 0
         for call in meter.tool_calls:
             assert isinstance(call.name, str) and isinstance(call.arguments, str)
         assert meter.error is None or isinstance(meter.error, dict)

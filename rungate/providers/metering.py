@@ -90,6 +90,19 @@ def _str(obj: Any, key: str) -> str | None:
     return None
 
 
+def _utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8 (a lone surrogate, which JSON can carry, counts as its three bytes)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _json_size(value: Any) -> int:
+    """Bytes of the compact JSON of `value` in UTF-8; never raises."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # orjson.JSONEncodeError subclasses TypeError (huge ints, lone surrogates)
+        return _utf8_size(str(value))
+
+
 def _json_text(value: Any) -> str:
     """Compact JSON for `value`; never raises (falls back to `str`)."""
     try:
@@ -303,15 +316,16 @@ _INPUT_PARTS = ("messages", "input", "instructions", "system", "tools")
 
 
 def estimate_input_tokens(body: Any) -> int:
-    """Rough input size: ceil(bytes of the JSON of messages/input/instructions/system/tools / 4), >= 1.
+    """Rough input size: ceil(UTF-8 bytes of the JSON of messages/input/instructions/system/tools / 4), >= 1.
 
+    Bytes, not characters: a CJK character (three bytes) is most of a token, not a quarter of one.
     Used for budget reservations and as the fallback when a provider reports no usage.
     """
     size = 0
     if isinstance(body, dict):
         for key in _INPUT_PARTS:
             if key in body:
-                size += len(_json_text(body[key]))
+                size += _json_size(body[key])
     return max(1, -(-size // 4))
 
 
@@ -338,7 +352,7 @@ class _StreamMeter:
         self._usage: Usage | None = None
         self._done = False
         self._error: dict[str, Any] | None = None
-        self._chars = 0
+        self._text_bytes = 0
         self._delta_seen = False
 
     @property
@@ -357,9 +371,9 @@ class _StreamMeter:
         return self._error
 
     @property
-    def output_text_chars(self) -> int:
-        """Characters of text, reasoning and tool-argument deltas seen."""
-        return self._chars
+    def output_text_bytes(self) -> int:
+        """UTF-8 bytes of the text, reasoning and tool-argument deltas seen."""
+        return self._text_bytes
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -371,7 +385,7 @@ class _StreamMeter:
         raise NotImplementedError
 
     def estimated_usage(self, input_estimate: int) -> Usage:
-        """The reported usage if any; else input = `input_estimate`, output = ceil(chars / 4).
+        """The reported usage if any; else input = `input_estimate`, output = ceil(UTF-8 bytes / 4).
 
         The output estimate is at least 1 once any text or argument delta was seen, else 0.
         """
@@ -382,12 +396,12 @@ class _StreamMeter:
     def _estimated_output(self) -> int:
         if not self._delta_seen:
             return 0
-        return max(1, -(-self._chars // 4))
+        return max(1, -(-self._text_bytes // 4))
 
     def _delta(self, text: Any) -> None:
         if isinstance(text, str):
             self._delta_seen = True
-            self._chars += len(text)
+            self._text_bytes += _utf8_size(text)
 
     def _set_error(self, payload: Any) -> None:
         if self._error is not None:
