@@ -7,6 +7,7 @@ from rungate.clock import iso_minus, parse_iso
 from rungate.events import Recorded
 from rungate.events import canonical_json as _json
 from rungate.store.base import Statement
+from rungate.usage import Usage
 
 # Per cap (`BudgetAlerted.cap`): the runs column holding the highest alert fraction reached, and the flag
 # set once the cap was exceeded (the agent's hourly cap has none: it is not the run's own).
@@ -168,8 +169,7 @@ class RunsProjection(Projection):
 
     def _step_completed(self, rec: Recorded) -> list[Statement]:
         d = rec.data
-        u = d["usage"]
-        total_input = u.get("input", 0) + u.get("cached", 0) + u.get("cache_write", 0) + u.get("cache_write_1h", 0)
+        u = Usage.from_dict(d["usage"])
         cost = d["cost_pusd"]
         return [
             # Release the reservation first: it reads the step's reserved amount before the step is closed.
@@ -178,15 +178,15 @@ class RunsProjection(Projection):
              " tokens_input = tokens_input + ?, tokens_output = tokens_output + ?,"
              " spend_pusd = spend_pusd + ?, unpriced_steps = unpriced_steps + ?, open_steps = open_steps - 1,"
              " last_activity_at = ?, position = ? WHERE id = ?",
-             (d["step_id"], d["step_id"], total_input, u.get("output", 0), cost or 0, int(d["unpriced"]),
+             (d["step_id"], d["step_id"], u.total_input, u.output, cost or 0, int(d["unpriced"]),
               rec.recorded_at, rec.position, d["run_id"])),
             ("UPDATE steps SET status = ?, http_status = ?, provider = ?, model = ?, tokens_input = ?,"
              " tokens_output = ?, tokens_cached = ?, tokens_cache_write = ?, tokens_reasoning = ?,"
              " reserved_pusd = 0, reserved_tokens = 0, cost_pusd = ?, unpriced = ?, estimated = ?, latency_ms = ?,"
              " error = ?,"
              " tool_calls = ?, ended_at = ?, position = ? WHERE id = ?",
-             (d["status"], d.get("http_status"), d["provider"], d["model"], total_input, u.get("output", 0),
-              u.get("cached", 0), u.get("cache_write", 0) + u.get("cache_write_1h", 0), u.get("reasoning", 0),
+             (d["status"], d.get("http_status"), d["provider"], d["model"], u.total_input, u.output,
+              u.cached, u.cache_write + u.cache_write_1h, u.reasoning,
               cost, int(d["unpriced"]), int(d["estimated"]), d["latency_ms"], d.get("error"),
               _json(d.get("tool_calls") or []), rec.recorded_at, rec.position, d["step_id"])),
             *self._agent_spend(rec, d["run_id"], cost or 0),

@@ -50,6 +50,7 @@ from rungate.events.catalogue import (
 from rungate.ids import new_id
 from rungate.prices import ModelPrice
 from rungate.store.base import Lookup, Refused, Row
+from rungate.usage import Usage
 
 # Statuses a call cannot continue (stopped: 403, completed: 409). A `blocked` run is not closed: its calls are
 # judged by its policy, which refuses them (402) until an operator resumes it; steps may still be logged.
@@ -383,8 +384,7 @@ class AdmitCall:
 
 def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step_id: str) -> GovernanceRefusal:
     """The SPEC §4 refusal for `verdict`: its context names the rule and the policy version."""
-    context = {"rule": verdict.rule, **verdict.context, "policy_id": policy.id, "policy_name": policy.name,
-               "policy_version": policy.version}
+    context = {"rule": verdict.rule, **verdict.context, **policy_fields(policy)}
     if "step_that_tripped" in context:
         context["step_that_tripped"] = step_id
     headers = {"x-should-retry": "false"}
@@ -445,8 +445,8 @@ def _state(run_id: str, run: Row | None, repeats: Row | None) -> RunState:
                     repeats=int(repeats["n"]) if repeats is not None else 0)
 
 
-def _policy_fields(policy: CompiledPolicy | None) -> dict[str, Any]:
-    """A refusal context's policy keys: the policy governing the run (all None when there is none)."""
+def policy_fields(policy: CompiledPolicy | None) -> dict[str, Any]:
+    """A refusal context's policy keys (SPEC §4): the policy governing the run (all None when there is none)."""
     if policy is None:
         return {"policy_id": None, "policy_name": None, "policy_version": None}
     return {"policy_id": policy.id, "policy_name": policy.name, "policy_version": policy.version}
@@ -455,7 +455,7 @@ def _policy_fields(policy: CompiledPolicy | None) -> dict[str, Any]:
 def force_stopped(run_id: str, policy: CompiledPolicy | None = None) -> GovernanceRefusal:
     """The canonical refusal for a run an operator stopped (SPEC §4, kill switch); it names the run's policy."""
     return GovernanceRefusal("An operator stopped this run.", code="run_force_stopped", status=403, run_id=run_id,
-                             context={"rule": "run.stopped", **_policy_fields(policy),
+                             context={"rule": "run.stopped", **policy_fields(policy),
                                       "next": "Ask an operator to resume the run, or start a new run."},
                              headers=dict(_NO_RETRY))
 
@@ -473,7 +473,7 @@ def agent_disabled(run_id: str | None, policy: CompiledPolicy | None = None) -> 
     """The canonical refusal for a disabled agent (SPEC §4); it names the policy that governs (or would
     govern) the call's run."""
     return GovernanceRefusal("This agent is disabled.", code="agent_disabled", status=403, run_id=run_id,
-                             context={"rule": "agent.disabled", **_policy_fields(policy),
+                             context={"rule": "agent.disabled", **policy_fields(policy),
                                       "next": "Ask an operator to enable the agent."})
 
 
@@ -540,8 +540,7 @@ class SettleStep:
         if run is None:
             return events
         before = _state(run["id"], run, None)
-        usage = event.usage
-        tokens = sum(usage.get(k, 0) for k in ("input", "cached", "cache_write", "cache_write_1h", "output"))
+        tokens = Usage.from_dict(event.usage).total
         cost = event.cost_pusd or 0
         self.run_after = RunState(
             run["id"], step_count=before.step_count, spend_pusd=before.spend_pusd + cost,

@@ -12,6 +12,7 @@ Counts are kept as the provider bills them so the cost can be computed at the se
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -25,6 +26,12 @@ class Usage:
     cache_write: int = 0
     cache_write_1h: int = 0
     reasoning: int = 0
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, int]) -> Usage:
+        """The usage an event stored (`as_dict`'s keys; a missing one is 0, others are ignored)."""
+        return cls(stored.get("input", 0), stored.get("output", 0), stored.get("cached", 0),
+                   stored.get("cache_write", 0), stored.get("cache_write_1h", 0), stored.get("reasoning", 0))
 
     @property
     def total_input(self) -> int:

@@ -38,7 +38,7 @@ from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
 from rungate.proxy.keys import AGENTS, HTTP, INFLIGHT, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
 from rungate.proxy.upstream import Target, relayed_headers, upstream_headers
-from rungate.runs import AdmitCall, CallFacts, SettleStep, force_stopped
+from rungate.runs import AdmitCall, CallFacts, SettleStep, force_stopped, policy_fields
 from rungate.store import EventStore
 from rungate.usage import Usage
 
@@ -367,8 +367,7 @@ def _tool_refusal(call: Call, tool: str) -> GovernanceRefusal:
     error = GovernanceRefusal(f"The answer called tool {tool}, which this run's policy blocks; it was not delivered.",
                               code="tool_blocked", status=403, run_id=call.run_id, context={
                                   "rule": "tools.blocked", "tool": tool, "where": "answer",
-                                  "policy_id": call.policy.id, "policy_name": call.policy.name,
-                                  "policy_version": call.policy.version,
+                                  **policy_fields(call.policy),
                                   "next": "Ask again without that tool, or ask an operator."},
                               headers={"x-should-retry": "false"})
     error.headers.update(rungate_headers(call))
