@@ -27,7 +27,7 @@ from rungate.prices import parse_usd
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.storage import open_store
 from rungate.store import EventStore
-from rungate.views import agent_view, provider_key_view, run_view, step_view
+from rungate.views import agent_view, budgeted_run_view, provider_key_view, step_view
 
 
 def _print_json(value: Any) -> None:
@@ -129,7 +129,7 @@ async def _keys_list(store: EventStore) -> int:
 async def _runs_list(store: EventStore, agent_id: str | None, status: str | None, limit: int) -> int:
     rows, _ = await queries.list_runs(store, agent_id=agent_id, status=status, limit=limit)
     for row in rows:
-        view = run_view(row, await queries.run_limit_pusd(store, row))
+        view = await budgeted_run_view(store, row)
         print(f"{view['id']}  {view['status']:<9}  steps={view['step_count']:<4}  spend=${view['spend_usd']:<12}"
               f"  agent={view['agent_id']}  started={view['started_at']}")
     if not rows:
@@ -143,7 +143,7 @@ async def _runs_show(store: EventStore, run_id: str) -> int:
         print(f"run {run_id} not found", file=sys.stderr)
         return 1
     steps = [step_view(s) for s in await queries.run_steps(store, run_id)]
-    _print_json({**run_view(row, await queries.run_limit_pusd(store, row)), "steps": steps})
+    _print_json({**await budgeted_run_view(store, row), "steps": steps})
     return 0
 
 
@@ -166,7 +166,7 @@ async def _runs_resume(store: EventStore, run_id: str, add_usd: str | None) -> i
     await store.execute(ResumeRun(run_id, add_pusd))
     row = await queries.get_run(store, run_id)
     assert row is not None  # ResumeRun refused an unknown run
-    view = run_view(row, await queries.run_limit_pusd(store, row))
+    view = await budgeted_run_view(store, row)
     print(f"run {run_id} {view['status']}; budget remaining ${view['budget_remaining_usd']}"
           if view["budget_remaining_usd"] is not None else f"run {run_id} {view['status']}")
     return 0

@@ -6,8 +6,9 @@ from typing import Any
 
 import orjson
 
+from rungate import queries
 from rungate.prices import format_usd
-from rungate.store import Row
+from rungate.store import EventStore, Row
 
 
 def run_view(row: Row, limit_pusd: int | None = None) -> dict[str, Any]:
@@ -32,6 +33,11 @@ def run_view(row: Row, limit_pusd: int | None = None) -> dict[str, Any]:
             max(0, limit_pusd - row["spend_pusd"] - row["reserved_pusd"])),
         "last_activity_at": row["last_activity_at"],
     }
+
+
+async def budgeted_run_view(store: EventStore, row: Row) -> dict[str, Any]:
+    """`run_view` with the run's USD cap read from the policy version it is bound to (the operator's view)."""
+    return run_view(row, await queries.run_limit_pusd(store, row))
 
 
 def step_view(row: Row) -> dict[str, Any]:

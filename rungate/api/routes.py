@@ -25,7 +25,7 @@ from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
 from rungate.runs import ResumeRun, StopRun, run_stream
-from rungate.views import agent_view, provider_key_view, run_view, step_view
+from rungate.views import agent_view, budgeted_run_view, provider_key_view, step_view
 
 routes = web.RouteTableDef()
 
@@ -281,7 +281,7 @@ async def runs_list(request: web.Request) -> web.Response:
         request.app[STORE], agent_id=q.get("agent_id"), status=q.get("status"), since=q.get("since"),
         until=q.get("until"), limit=_int_param(request, "limit", 50, 1, 500), cursor=q.get("cursor"))
     store = request.app[STORE]
-    return _data([run_view(r, await queries.run_limit_pusd(store, r)) for r in rows], next=next_cursor)
+    return _data([await budgeted_run_view(store, r) for r in rows], next=next_cursor)
 
 
 async def _run_or_404(request: web.Request) -> dict[str, Any]:
@@ -295,7 +295,7 @@ async def _run_or_404(request: web.Request) -> dict[str, Any]:
 async def runs_get(request: web.Request) -> web.Response:
     _admin(request)
     run = await _run_or_404(request)
-    return _data(run_view(run, await queries.run_limit_pusd(request.app[STORE], run)))
+    return _data(await budgeted_run_view(request.app[STORE], run))
 
 
 @routes.post("/api/runs/{run_id}/stop")
@@ -310,7 +310,7 @@ async def runs_stop(request: web.Request) -> web.Response:
     await request.app[STORE].execute(StopRun(run_id, reason))
     cut = request.app[INFLIGHT].stop(run_id)
     run = await _run_or_404(request)
-    return web.json_response({"data": run_view(run, await queries.run_limit_pusd(request.app[STORE], run))},
+    return web.json_response({"data": await budgeted_run_view(request.app[STORE], run)},
                              headers={"x-rungate-calls-cut": str(cut)},
                              dumps=lambda v: orjson.dumps(v).decode())
 
@@ -329,7 +329,7 @@ async def runs_resume(request: web.Request) -> web.Response:
                          code="invalid_amount") from None
     await request.app[STORE].execute(ResumeRun(request.match_info["run_id"], add_pusd))
     run = await _run_or_404(request)
-    return _data(run_view(run, await queries.run_limit_pusd(request.app[STORE], run)))
+    return _data(await budgeted_run_view(request.app[STORE], run))
 
 
 @routes.get("/api/runs/{run_id}/steps")
@@ -344,7 +344,7 @@ async def runs_ledger(request: web.Request) -> web.Response:
     _admin(request)
     run = await _run_or_404(request)
     steps = [step_view(r) for r in await queries.run_steps(request.app[STORE], run["id"])]
-    view = run_view(run, await queries.run_limit_pusd(request.app[STORE], run))
+    view = await budgeted_run_view(request.app[STORE], run)
     return _data({"run_id": run["id"], "spend_usd": view["spend_usd"], "reserved_usd": view["reserved_usd"],
                   "entries": [{"step_id": s["id"], "kind": s["kind"], "model": s["model"], "tool": s["tool"],
                                "status": s["status"], "cost_usd": s["cost_usd"], "unpriced": s["unpriced"],
