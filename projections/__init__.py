@@ -6,11 +6,12 @@ I/O, reads a clock or knows HTTP; replaying the log gives the same rows, byte fo
 """
 
 from projections.agents import AgentsProjection
+from projections.approvals import ApprovalsProjection
 from projections.base import Projection
 from projections.policies import PoliciesProjection
 from projections.runs import RunsProjection
 from rungate.store.base import Statement
 
-ALL: tuple[Projection, ...] = (AgentsProjection(), PoliciesProjection(), RunsProjection())
+ALL: tuple[Projection, ...] = (AgentsProjection(), PoliciesProjection(), RunsProjection(), ApprovalsProjection())
 
 __all__ = ["ALL", "Projection", "Statement"]

@@ -1,4 +1,4 @@
-"""The `rungate` command line: serve, demo, agents, keys, policies, runs, replay, verify, rebuild.
+"""The `rungate` command line: serve, demo, agents, keys, policies, runs, approvals, replay, verify, rebuild.
 
 Operator commands work on the database directly (the same event log the server writes), so they run
 beside a live server or without one.
@@ -18,6 +18,8 @@ from aiohttp import web
 
 from rungate import __version__, queries
 from rungate.admin import add_provider_key, create_agent, open_keyring
+from rungate.approvals import DecideApproval, check_decision
+from rungate.clock import now_iso
 from rungate.config import Settings, load_settings
 from rungate.enforce.policy import InvalidPolicy
 from rungate.errors import BadRequest, ConfigError, NotFound, RungateError
@@ -27,7 +29,7 @@ from rungate.prices import parse_usd
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.storage import open_store
 from rungate.store import EventStore
-from rungate.views import agent_view, budgeted_run_view, provider_key_view, step_view
+from rungate.views import agent_view, approval_view, budgeted_run_view, provider_key_view, step_view
 
 
 def _print_json(value: Any) -> None:
@@ -172,6 +174,40 @@ async def _runs_resume(store: EventStore, run_id: str, add_usd: str | None) -> i
     return 0
 
 
+async def _approvals_list(store: EventStore, status: str | None, run_id: str | None, agent_id: str | None) -> int:
+    now = now_iso()
+    rows = await queries.list_approval_requests(store, agent_id=agent_id, run_id=run_id, status=status, now=now)
+    _print_json([approval_view(r, now) for r in rows])
+    return 0
+
+
+async def _approvals_show(store: EventStore, gate_id: str) -> int:
+    row = await queries.get_approval_request(store, gate_id)
+    if row is None:
+        print(f"approval request {gate_id} not found", file=sys.stderr)
+        return 1
+    _print_json(approval_view(row, now_iso()))
+    return 0
+
+
+async def _approvals_decide(store: EventStore, gate_id: str, approve: bool, reason: str | None,
+                            decided_by: str | None, args_json: str | None) -> int:
+    """`rungate approvals approve|reject`: decide a pending gate; the agent's next retry sees the outcome."""
+    edited: Any = None
+    if args_json is not None:
+        try:
+            edited = orjson.loads(args_json)
+        except orjson.JSONDecodeError as exc:
+            print(f"error: --args is not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(edited, dict):
+            print("error: --args must be a JSON object: the tool call's new arguments", file=sys.stderr)
+            return 2
+    decided_by, reason = check_decision(decided_by or "cli", reason, edited)
+    await store.execute(DecideApproval(gate_id, approve, decided_by, reason, edited))
+    return await _approvals_show(store, gate_id)
+
+
 async def _replay(store: EventStore, run_id: str, after: int) -> int:
     events = await store.read_stream(run_stream(run_id), after_position=after)
     if not events and await queries.get_run(store, run_id) is None:
@@ -253,6 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     runs_resume.add_argument("run_id")
     runs_resume.add_argument("--add-usd", help="raise the run's USD budget by this much, e.g. 2.50")
 
+    approvals = sub.add_parser("approvals", help="decide approval requests (gated tool calls)").add_subparsers(
+        dest="action", required=True)
+    approvals_list = approvals.add_parser("list", help="approval requests, newest first")
+    approvals_list.add_argument("--status", choices=queries.APPROVAL_STATUSES)
+    approvals_list.add_argument("--run-id")
+    approvals_list.add_argument("--agent-id")
+    approvals.add_parser("show", help="one approval request").add_argument("gate_id")
+    approve = approvals.add_parser("approve", help="approve a pending gate (optionally with edited arguments)")
+    approve.add_argument("gate_id")
+    approve.add_argument("--args", help="the tool call's new arguments, a JSON object (edit and approve)")
+    approve.add_argument("--reason")
+    approve.add_argument("--by", help="who decides (recorded; default: cli)")
+    reject = approvals.add_parser("reject", help="reject a pending gate")
+    reject.add_argument("gate_id")
+    reject.add_argument("--reason")
+    reject.add_argument("--by", help="who decides (recorded; default: cli)")
+
     replay = sub.add_parser("replay", help="print a run's events as NDJSON")
     replay.add_argument("run_id")
     replay.add_argument("--after", type=int, default=0)
@@ -309,6 +362,14 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: EventSt
             return await _runs_stop(store, args.run_id, args.reason)
         case ("runs", "resume"):
             return await _runs_resume(store, args.run_id, args.add_usd)
+        case ("approvals", "list"):
+            return await _approvals_list(store, args.status, args.run_id, args.agent_id)
+        case ("approvals", "show"):
+            return await _approvals_show(store, args.gate_id)
+        case ("approvals", "approve"):
+            return await _approvals_decide(store, args.gate_id, True, args.reason, args.by, args.args)
+        case ("approvals", "reject"):
+            return await _approvals_decide(store, args.gate_id, False, args.reason, args.by, None)
         case ("replay", _):
             return await _replay(store, args.run_id, args.after)
         case ("verify", _):

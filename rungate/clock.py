@@ -24,3 +24,7 @@ def parse_iso(text: str) -> datetime:
 
 def iso_minus(text: str, seconds: float) -> str:
     return isoformat(parse_iso(text) - timedelta(seconds=seconds))
+
+
+def iso_plus(text: str, seconds: float) -> str:
+    return isoformat(parse_iso(text) + timedelta(seconds=seconds))

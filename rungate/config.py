@@ -44,6 +44,8 @@ SETTINGS_DOC: tuple[tuple[str, str, str, str], ...] = (
     ("mock", "RUNGATE_MOCK", "false", "`true` routes every call to the built-in mock provider."),
     ("upstream_timeout_s", "RUNGATE_UPSTREAM_TIMEOUT_S", "600",
      "Seconds the provider may stay silent (before answering or between stream chunks)."),
+    ("max_hold_s", "RUNGATE_MAX_HOLD_S", "540",
+     "Longest a hold-mode call waits for its approval before its rule's `on_expiry` applies."),
     ("config", "RUNGATE_CONFIG", "(none)", "Path of an optional YAML configuration file."),
 )
 
@@ -70,6 +72,8 @@ class Settings:
     idle_timeout_s: int = 900
     mock: bool = False
     upstream_timeout_s: float = 600.0
+    # Below the stock SDKs' 600 s read timeout, so a held call is answered before the client gives up.
+    max_hold_s: float = 540.0
     openai_api_key: SecretStr | None = None
     anthropic_api_key: SecretStr | None = None
     price_overrides: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
@@ -274,6 +278,8 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     if "upstream_timeout_s" in raw:
         values["upstream_timeout_s"] = _as_float(var("upstream_timeout_s"), raw["upstream_timeout_s"],
                                                  0, 3600)
+    if "max_hold_s" in raw:
+        values["max_hold_s"] = _as_float(var("max_hold_s"), raw["max_hold_s"], 0.1, 86400)
     if env.get("OPENAI_API_KEY"):
         values["openai_api_key"] = SecretStr(env["OPENAI_API_KEY"])
     if env.get("ANTHROPIC_API_KEY"):

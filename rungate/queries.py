@@ -99,7 +99,9 @@ async def get_step(store: EventStore, step_id: str) -> Row | None:
 async def idle_auto_runs(store: EventStore, now: str, default_s: int, limit: int = 500) -> list[str]:
     """Active auto-runs with no call in flight and no activity within their idle window: their policy's
     `runs.idle_timeout_s` (fixed when the run started), else `default_s`."""
+    # (A run whose held answer waits for approval or delivery is not idle: CloseIdleRun re-checks it too.)
     quiet = ("SELECT id FROM runs WHERE status = 'active' AND auto = 1 AND open_steps = 0 AND last_activity_at < ?"
+             " AND NOT EXISTS (SELECT 1 FROM holds WHERE holds.run_id = runs.id AND holds.open = 1)"
              " AND idle_timeout_s {} LIMIT ?")
     found = [row["id"] for row in await store.fetch(quiet.format("IS NULL"), (iso_minus(now, default_s), limit))]
     # Runs with a window of their own: one query per distinct window (policies have few).
@@ -181,3 +183,49 @@ async def run_limit_pusd(store: EventStore, run: Row) -> int | None:
     if policy.run_limit_pusd is None:
         return None
     return policy.run_limit_pusd + int(run["budget_add_pusd"])
+
+
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired")
+
+
+async def list_approval_requests(store: EventStore, *, agent_id: str | None = None, run_id: str | None = None,
+                                 status: str | None = None, now: str, limit: int = 100) -> list[Row]:
+    """Gates newest first, filtered. `status` is as shown (a pending gate past its expiry is `expired`)."""
+    if status is not None and status not in APPROVAL_STATUSES:
+        raise BadRequest(f"`status` must be one of {', '.join(APPROVAL_STATUSES)}.", code="invalid_status")
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (("agent_id", agent_id), ("run_id", run_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if status == "pending":
+        clauses.append("status = 'pending' AND expires_at > ?")
+        params.append(now)
+    elif status == "expired":
+        clauses.append("(status = 'expired' OR (status = 'pending' AND expires_at <= ?))")
+        params.append(now)
+    elif status is not None:
+        clauses.append("status = ?")
+        params.append(status)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    return await store.fetch(f"SELECT * FROM gates{where} ORDER BY created_at DESC, id DESC LIMIT ?",
+                             (*params, limit))
+
+
+async def get_approval_request(store: EventStore, gate_id: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM gates WHERE id = ?", (gate_id,))
+
+
+async def hold_gates(store: EventStore, hold_id: str) -> list[Row]:
+    return await store.fetch("SELECT * FROM gates WHERE hold_id = ? ORDER BY position, id", (hold_id,))
+
+
+async def get_hold(store: EventStore, hold_id: str) -> Row | None:
+    return await store.fetchone("SELECT * FROM holds WHERE id = ?", (hold_id,))
+
+
+async def expired_gates(store: EventStore, now: str, limit: int = 500) -> list[str]:
+    """Pending gates past their expiry (the sweeper records each one's expiry)."""
+    rows = await store.fetch("SELECT id FROM gates WHERE status = 'pending' AND expires_at <= ? LIMIT ?", (now, limit))
+    return [row["id"] for row in rows]

@@ -12,8 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+
 from projections.runs import ALERT_LEVEL, EXCEEDED
 from rungate import budgets
+from rungate.approvals import Hold, hold_answer, hold_state
 from rungate.clock import iso_minus, parse_iso
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
 from rungate.enforce.rules import (
@@ -35,9 +38,11 @@ from rungate.errors import (
     StoreError,
     Unauthorized,
 )
-from rungate.events import NewEvent, stream_name
+from rungate.events import NewEvent, canonical_json, stream_name
 from rungate.events.catalogue import (
+    ApprovalShadowed,
     CallRefused,
+    HeldAnswerRetried,
     PolicyDrifted,
     RunCompleted,
     RunResumed,
@@ -87,8 +92,39 @@ def idle_window(run: Row, default_s: int) -> int:
 
 
 def _idle(run: Row, now: str, idle_timeout_s: int) -> bool:
-    """An auto-run is idle when no call is in flight and nothing happened within the window."""
+    """An auto-run looks idle when no call is in flight and nothing happened within the window (a held answer
+    still waiting for its approval or its delivery keeps it open too: see `open_holds`)."""
     return bool(run["open_steps"] == 0 and run["last_activity_at"] < iso_minus(now, idle_timeout_s))
+
+
+def open_holds(run_id: str) -> Lookup:
+    """Whether the run has a held answer still pending or not yet delivered (`{"n": 0 | 1}`)."""
+    return Lookup.counting("holds", 1, run_id=run_id, open=1)
+
+
+def _held_up(found: Mapping[Lookup, Row | None], run_id: str) -> bool | None:
+    """Whether `open_holds(run_id)` found a hold (None: not looked up yet)."""
+    row = found.get(open_holds(run_id))
+    return None if row is None else bool(row["n"])
+
+
+def hold_lookup(run_id: str, fingerprint: str) -> Lookup:
+    """The newest held answer of this run for this request fingerprint."""
+    return Lookup.of("holds", "id", "status", "expires_at", "on_expiry", "rule", "decided_by", "reason", "released",
+                     "step_id", "mode", run_id=run_id, fingerprint=fingerprint)
+
+
+def approval_rejected(run_id: str, hold: Row, now: str, policy: CompiledPolicy | None) -> GovernanceRefusal:
+    """The SPEC §4 refusal of a request whose held answer was rejected, or expired unapproved."""
+    expired = hold["status"] == "pending" or (hold["decided_by"] is None and hold["status"] == "rejected")
+    reason = "The approval expired before anyone decided." if expired else (hold["reason"] or "No reason given.")
+    return GovernanceRefusal(
+        f"The tool call this request produced was {'not approved in time' if expired else 'rejected'}: {reason}",
+        code="approval_rejected", status=403, run_id=run_id,
+        context={"rule": f"approvals.{hold['rule']}", "hold_id": hold["id"], "reason": reason,
+                 "decided_by": hold["decided_by"], "expired": expired, **policy_fields(policy),
+                 "next": "Change the request (the conversation) or ask an operator."},
+        headers=dict(_NO_RETRY))
 
 
 @dataclass(frozen=True)
@@ -138,6 +174,11 @@ class AdmitCall:
     max_output: int | None = None  # set when `on_exceed: shrink` lowered the call's output limit to fit
     reserved_pusd: int = 0  # what was reserved (the facts' worst case, or less once shrunk)
     reserved_tokens: int = 0
+    # A retry of a held request (SPEC §5): the hold's row and `pending` or `released`. Then no step was
+    # admitted: the proxy answers from the hold (a rejected hold is refused with 403 instead).
+    hold: Row | None = None
+    hold_outcome: str | None = None
+    _idle_seen: tuple[tuple[str, str], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Built once: the store asks for them and `decide` indexes its rows by them.
@@ -179,13 +220,17 @@ class AdmitCall:
             latest = found.get(self._latest_auto)
             if latest is not None and latest["status"] == "stopped":
                 _known_policy(found, _run_ref(latest), wanted)  # the refusal names the stopped run's policy
-        starting = self._starts_run(run, now)
+        if run is not None and self._looks_idle(run, now):
+            wanted.append(open_holds(run["id"]))
+        starting = self._starts_run(run, now, found)
         ref_lookup = self._binding_lookup(agent, starting)
         if ref_lookup is not None:
             wanted.append(ref_lookup)
         policy = _known_policy(found, self._binding(found, run, starting, ref_lookup), wanted)
         if agent["disabled"]:  # refused: only the policy its refusal names is needed
             return wanted
+        if policy is not None and policy.approvals and not starting and run is not None:
+            wanted.append(hold_lookup(run["id"], self.facts.fingerprint))
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
             wanted.append(self._repeats(run["id"], policy.max_repeats))
         if policy is not None:
@@ -212,11 +257,21 @@ class AdmitCall:
             out.append(("run", _window(f"run:{run_id}", since)))
         return out
 
-    def _starts_run(self, run: Row | None, now: str) -> bool:
+    def _looks_idle(self, run: Row, now: str) -> bool:
+        if self.facts.run_id is not None or self.facts.new_run or run["status"] != "active":
+            return False
+        key = (run["id"], now)  # asked in every round of look-ups and again by the decision: worked out once
+        if self._idle_seen is None or self._idle_seen[0] != key:
+            self._idle_seen = (key, _idle(run, now, self._idle_window(run)))
+        return self._idle_seen[1]
+
+    def _starts_run(self, run: Row | None, now: str, found: Mapping[Lookup, Row | None]) -> bool:
         if self.facts.run_id is not None:
             return run is None
-        return run is None or self.facts.new_run or (run["status"] == "active"
-                                                     and _idle(run, now, self._idle_window(run)))
+        if run is None or self.facts.new_run:
+            return True
+        # An idle-looking auto-run with a held answer outstanding stays the agent's run.
+        return self._looks_idle(run, now) and not _held_up(found, run["id"])
 
     def _binding_lookup(self, agent: Row, starting: bool) -> Lookup | None:
         """Where a starting run finds its policy: the pinned one, else the agent's default."""
@@ -261,7 +316,7 @@ class AdmitCall:
             raise Unauthorized("Unknown agent token.")
         run = self._current(found)
         if agent["disabled"]:
-            starting = self._starts_run(run, now)
+            starting = self._starts_run(run, now, found)
             ref = self._binding(found, run, starting, self._binding_lookup(agent, starting))
             self.policy = _found_policy(found, ref)
             self._refuse(agent_disabled(f.run_id, self.policy))
@@ -280,7 +335,7 @@ class AdmitCall:
             if run is None and latest is not None and latest["status"] == "stopped" and not f.new_run:
                 self.policy = _found_policy(found, _run_ref(latest))
                 self._refuse(force_stopped(latest["id"], self.policy))
-            if run is not None and self._starts_run(run, now):  # asked for a new run, or idle
+            if run is not None and self._starts_run(run, now, found):  # asked for a new run, or idle
                 idle = not f.new_run
                 events.append(NewEvent(run_stream(run["id"]), RunCompleted(
                     run_id=run["id"], status="completed", ended_reason="idle_timeout" if idle else "new_run")))
@@ -303,6 +358,10 @@ class AdmitCall:
                 run_id=self.run_id, agent_id=f.agent_id, auto=f.run_id is None,
                 policy=None if self.policy is None else self.policy.ref,
                 idle_timeout_s=None if self.policy is None else self.policy.idle_timeout_s)))
+        if not starting and self.policy is not None and self.policy.approvals:
+            hold = found.get(hold_lookup(self.run_id, f.fingerprint))
+            if hold is not None:  # a retry of a held request: neither a step nor a repeat, not charged
+                return self._retry_held(hold, now)
         repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
                    if not starting and self.policy is not None and self.policy.max_repeats is not None else None)
         state = _state(self.run_id, None if starting else run, repeats)
@@ -363,6 +422,16 @@ class AdmitCall:
             reserved_tokens=ask.reserved_tokens, warnings=decisions, rate_scopes=rate_scopes,
             policy=None if self.policy is None else self.policy.ref)))
         return events
+
+    def _retry_held(self, hold: Row, now: str) -> list[NewEvent]:
+        outcome = hold_state(hold, now)
+        retried = NewEvent(run_stream(self.run_id), HeldAnswerRetried(
+            hold_id=hold["id"], run_id=self.run_id, outcome="released" if outcome == "approved" else outcome))
+        if outcome == "rejected":
+            self._refuse(approval_rejected(self.run_id, hold, now, self.policy), rule=f"approvals.{hold['rule']}",
+                         extra=[retried])
+        self.hold, self.hold_outcome = hold, "pending" if outcome == "pending" else "released"
+        return [retried]
 
     def _drift(self, verdict: Verdict) -> list[NewEvent]:
         assert self.policy is not None
@@ -497,6 +566,7 @@ class SettleStep:
     run_id: str | None = None
     budget_from_run: bool = False
     run_after: RunState | None = None
+    then: tuple[NewEvent, ...] = ()  # appended with the settlement, only if it happens (a held answer's)
 
     def __post_init__(self) -> None:
         self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", "reserved_tokens",
@@ -535,7 +605,7 @@ class SettleStep:
             status="abandoned" if self.charge_reservation else "cancelled", provider=step["provider"],
             model=step["model"], usage={}, cost_pusd=step["reserved_pusd"] if self.charge_reservation else 0,
             estimated=self.charge_reservation, latency_ms=0, error=self.reason)
-        events = [NewEvent(run_stream(step["run_id"]), event)]
+        events = [NewEvent(run_stream(step["run_id"]), event), *self.then]
         run = found[self._run] if self._run is not None else None
         if run is None:
             return events
@@ -640,13 +710,20 @@ class LogToolStep:
     The run's policy applies as it does to model calls: a blocked tool and a run past `max_steps` are
     refused (and the refusal recorded); a stopped run refuses the step. A step's own cost is always
     recorded — it was spent — and a run over its budget refuses the next model call instead.
+    A step whose tool call an approval rule gates is held instead of recorded (`held`); the same request
+    sent again (`fingerprint`) gets the hold's state (`hold`, `hold_outcome`), and once approved the step is
+    recorded once, under the held step's id, with the approver's edited arguments if any.
     """
 
     agent_id: str
     run_id: str
     step: ToolStepLogged
+    fingerprint: str = ""
     policy: CompiledPolicy | None = None
     warnings: list[str] = field(default_factory=list)
+    held: Hold | None = None
+    hold: Row | None = None
+    hold_outcome: str | None = None
 
     def __post_init__(self) -> None:
         self._run = Lookup.of("runs", *_RUN_COLUMNS, id=self.run_id)
@@ -674,6 +751,12 @@ class LogToolStep:
         policy = _known_policy(found, self._ref(found), wanted)
         if policy is not None and found[self._run] is not None and budgets.hour_alerts(policy) and self.step.cost_pusd:
             wanted.append(budgets.hour_spend(self.agent_id, now))
+        if policy is not None and policy.approvals and found[self._run] is not None and self.fingerprint:
+            held = hold_lookup(self.run_id, self.fingerprint)
+            wanted.append(held)
+            hold = found.get(held)
+            if hold is not None and hold_state(hold, now) == "approved" and not hold["released"]:
+                wanted.append(_step_gate(hold["id"]))
         return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
@@ -691,6 +774,10 @@ class LogToolStep:
             raise refusal(self.agent_id, self.run_id, "steps", None, _run_closed(self.run_id, run["status"]))
         if self.step.run_id != self.run_id:
             raise ValueError("the step belongs to another run")
+        if run is not None and self.policy is not None and self.policy.approvals and self.fingerprint:
+            hold = found.get(hold_lookup(self.run_id, self.fingerprint))
+            if hold is not None:  # the same step sent again: its hold decides, not the rules
+                return self._retry_held(hold, run, found, now)
         if self.policy is not None:
             state = _state(self.run_id, run, None)
             ask = CallAsk("", "", 0, 0, True, (self.step.tool,), kind="tool")
@@ -706,7 +793,33 @@ class LogToolStep:
                 policy=None if self.policy is None else self.policy.ref)))
         if self.policy is not None:  # the step names the policy version that admitted it
             self.step = self.step.model_copy(update={"policy": self.policy.ref})
-        events.append(NewEvent(run_stream(self.run_id), self.step))
+        gate_events, held = self._gate(now)
+        if held:
+            return [*events, *gate_events]
+        return [*events, *self._logged(run, found, now), *gate_events]
+
+    def _gate(self, now: str) -> tuple[list[NewEvent], bool]:
+        """Events for the approval rule that gates this step's tool call, and whether it holds the step
+        (nothing is recorded as done then); a shadow rule only records that it would have held it."""
+        if self.policy is None or not self.policy.approvals or not self.fingerprint:
+            return [], False
+        match = self.policy.approvals.gate(self.step.tool, self.step.args, self.step.step_id)
+        if match is None:
+            return [], False
+        if match.mode == "shadow":
+            self.warnings.append(f"shadow: tool_approval_required (approvals.{match.rule}): {self.step.tool}"
+                                 " would wait for approval")
+            return [NewEvent(run_stream(self.run_id), ApprovalShadowed(
+                run_id=self.run_id, step_id=self.step.step_id, rule=match.rule, tool=match.tool))], False
+        self.held = hold_answer(
+            run_id=self.run_id, agent_id=self.agent_id, step_id=self.step.step_id, origin="step", endpoint="steps",
+            fingerprint=self.fingerprint, stream=False, http_status=201, headers={},
+            body=canonical_json(self.step.payload()).encode(), matches=[match], policy=self.policy, now=now)
+        return list(self.held.events), True
+
+    def _logged(self, run: Row | None, found: Mapping[Lookup, Row | None], now: str) -> list[NewEvent]:
+        """The step itself, and the alerts its cost raises on the run's caps."""
+        events = [NewEvent(run_stream(self.run_id), self.step)]
         cost, usage = self.step.cost_pusd or 0, self.step.usage
         if run is not None and self.policy is not None:
             # A tool's own cost and tokens count towards the run's caps and alerts like a model call's do.
@@ -717,6 +830,32 @@ class LogToolStep:
             events.extend(NewEvent(run_stream(self.run_id), e)
                           for e in budgets.signals(run, self.policy, after, self.step.step_id, hour))
         return events
+
+    def _retry_held(self, hold: Row, run: Row, found: Mapping[Lookup, Row | None], now: str) -> list[NewEvent]:
+        outcome = hold_state(hold, now)
+        retried = NewEvent(run_stream(self.run_id), HeldAnswerRetried(
+            hold_id=hold["id"], run_id=self.run_id, outcome="released" if outcome == "approved" else outcome))
+        if outcome == "rejected":
+            raise refusal(self.agent_id, self.run_id, "steps", None,
+                          approval_rejected(self.run_id, hold, now, self.policy), rule=f"approvals.{hold['rule']}",
+                          policy=None if self.policy is None else self.policy.ref)
+        self.hold, self.hold_outcome = hold, "pending" if outcome == "pending" else "released"
+        if outcome == "pending" or hold["released"]:
+            return [retried]
+        # Approved: the held step is recorded now, under its own id, with the arguments the operator left.
+        gate = found.get(_step_gate(hold["id"]))
+        update: dict[str, Any] = {"step_id": hold["step_id"]}
+        if gate is not None and gate["edited_args"] is not None:
+            update["args"] = orjson.loads(gate["edited_args"])
+        if self.policy is not None:
+            update["policy"] = self.policy.ref
+        self.step = self.step.model_copy(update=update)
+        return [*self._logged(run, found, now), retried]
+
+
+def _step_gate(hold_id: str) -> Lookup:
+    """The one gate of a held tool step (its edited arguments)."""
+    return Lookup.of("gates", "edited_args", hold_id=hold_id)
 
 
 @dataclass
@@ -730,11 +869,14 @@ class CloseIdleRun:
     idle_timeout_s: int
 
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("runs", "status", "open_steps", "last_activity_at", "idle_timeout_s", id=self.run_id),)
+        return (Lookup.of("runs", "status", "open_steps", "last_activity_at", "idle_timeout_s", id=self.run_id),
+                open_holds(self.run_id))
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         run = found[self.lookups()[0]]
         if run is None or run["status"] != "active" or not _idle(run, now, idle_window(run, self.idle_timeout_s)):
+            return ()
+        if _held_up(found, self.run_id):  # an answer waits for its approval (or its delivery)
             return ()
         return (NewEvent(run_stream(self.run_id), RunCompleted(
             run_id=self.run_id, status="completed", ended_reason="idle_timeout")),)

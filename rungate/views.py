@@ -87,3 +87,32 @@ def agent_view(row: Row, token: str | None = None) -> dict[str, Any]:
 def provider_key_view(row: Row) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"], "provider": row["provider"], "hint": row["hint"],
             "created_at": row["created_at"]}
+
+
+def approval_view(row: Row, now: str) -> dict[str, Any]:
+    """An approval request (SPEC §7): a gate on one proposed tool call. A pending gate past its expiry shows
+    as `expired` (the sweeper records the expiry moments later)."""
+    status = row["status"]
+    if status == "pending" and row["expires_at"] <= now:
+        status = "expired"
+    return {
+        "id": row["id"],
+        "run_id": row["run_id"],
+        "agent_id": row["agent_id"],
+        "hold_id": row["hold_id"],
+        "tool": row["tool"],
+        "tool_call_id": row["tool_call_id"],
+        "args": None if row["args"] is None else orjson.loads(row["args"]),
+        "args_text": row["args_text"],
+        "rule": row["rule"],
+        "policy": orjson.loads(row["policy"]) if row["policy"] else None,
+        "channel": row["channel"],
+        "status": status,
+        "created_at": row["created_at"],
+        "expires_at": row["expires_at"],
+        "on_expiry": row["on_expiry"],
+        "decided_by": row["decided_by"],
+        "decided_at": row["decided_at"],
+        "reason": row["reason"],
+        "edited_args": None if row["edited_args"] is None else orjson.loads(row["edited_args"]),
+    }

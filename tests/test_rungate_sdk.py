@@ -8,6 +8,7 @@ install fails the test, it never skips.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import ADMIN_TOKEN, Gateway
 
 SDK_VERSION = "0.1.0"
 
@@ -131,3 +132,41 @@ async def test_sdk_raises_its_governance_exceptions_with_the_refusal_fields(gate
     assert model["details"]["requested"] == "gpt-4o" and model["details"]["policy_name"] == "sdk-tight"
     assert budget["class"] == "BudgetExceededError" and budget["status"] == 402 and budget["run_id"]
     assert budget["details"]["limit_usd"] == "0.000001" and budget["details"]["rule"] == "stop_on_budget"
+
+
+async def test_sdk_raises_approval_required_then_gets_the_answer_once_approved(gateway: Gateway,
+                                                                              sdk_dir: Path) -> None:
+    status, body = await gateway.admin("PUT", "/api/policies/by-name/sdk-gated", {"approvals": [
+        {"name": "refund-over-500", "tool": "issue_refund",
+         "when": [{"path": "$.amount_usd", "op": "gt", "value": 500}]}]})
+    assert status == 201, body
+    status, body = await gateway.admin("POST", "/api/agents", {"name": "sdk-gated", "policy": "sdk-gated"})
+    token = body["data"]["token"]
+    result = await run_sdk(sdk_dir, """
+        import json, os, rungate
+        client = rungate.Rungate()
+        admin = rungate.Admin(token=os.environ["ADMIN"], base_url=os.environ["RUNGATE_BASE_URL"])
+        ask = dict(model="mock-gpt", run_id="sdk-gate-1",
+                   tools=[{"type": "function", "function": {"name": "issue_refund", "parameters": {"type": "object"}}}],
+                   messages=[{"role": "user", "content": 'refund [tool:issue_refund {"amount_usd": 800}]'}])
+        out = {}
+        try:
+            client.chat.completions.create(**ask)
+        except rungate.ApprovalRequiredError as exc:
+            out["required"] = {"status": exc.status_code, "run_id": exc.run_id, "requests": exc.approval_requests}
+        try:
+            client.chat.completions.create(**ask)
+        except rungate.ApprovalRequiredError as exc:
+            out["still"] = exc.approval_requests[0]["id"]
+        out["approved"] = admin.approvals.approve(out["required"]["requests"][0]["id"])["data"]["status"]
+        reply = client.chat.completions.create(**ask)
+        out["tool"] = reply.choices[0]["message"]["tool_calls"][0]["function"]
+        print(json.dumps(out))
+    """, RUNGATE_API_KEY=token, RUNGATE_BASE_URL=gateway.url, ADMIN=ADMIN_TOKEN)
+    required = result["required"]
+    assert required["status"] == 202 and required["run_id"] == "sdk-gate-1"
+    assert [r["tool"] for r in required["requests"]] == ["issue_refund"]
+    assert result["still"] == required["requests"][0]["id"] and result["approved"] == "approved"
+    assert result["tool"]["name"] == "issue_refund"
+    assert json.loads(result["tool"]["arguments"]) == {"amount_usd": 800}
+    assert sum(1 for r in gateway.upstream_requests if r["path"].endswith("/chat/completions")) == 1

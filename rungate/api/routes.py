@@ -17,15 +17,19 @@ from rungate.admin import (
     check_name,
     create_agent,
 )
-from rungate.auth import check_admin
-from rungate.errors import BadRequest, NotFound, StoreError
+from rungate.approvals import DecideApproval, check_decision, refused_decision
+from rungate.auth import bearer_token, check_admin
+from rungate.clock import now_iso
+from rungate.errors import BadRequest, Forbidden, NotFound, StoreError, Unauthorized
+from rungate.ids import token_hash
 from rungate.openapi import load_spec
 from rungate.policy_admin import DeletePolicy, apply_policy, policy_view
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
 from rungate.runs import ResumeRun, StopRun, run_stream
-from rungate.views import agent_view, budgeted_run_view, provider_key_view, step_view
+from rungate.store import Append
+from rungate.views import agent_view, approval_view, budgeted_run_view, provider_key_view, step_view
 
 routes = web.RouteTableDef()
 
@@ -41,6 +45,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def _admin(request: web.Request) -> None:
     check_admin(request, request.app[SETTINGS])
+
+
+def _found(row: dict[str, Any] | None, what: str) -> dict[str, Any]:
+    """`row`, or 404 naming what was not found."""
+    if row is None:
+        raise NotFound(f"{what} not found.")
+    return row
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -90,10 +101,7 @@ async def agents_list(request: web.Request) -> web.Response:
 
 
 async def _agent_or_404(request: web.Request, agent_id: str) -> dict[str, Any]:
-    row = await queries.get_agent(request.app[STORE], agent_id)
-    if row is None:
-        raise NotFound(f"Agent {agent_id} not found.")
-    return row
+    return _found(await queries.get_agent(request.app[STORE], agent_id), f"Agent {agent_id}")
 
 
 @routes.get("/api/agents/{agent_id}")
@@ -188,10 +196,9 @@ async def keys_list(request: web.Request) -> web.Response:
 @routes.get("/api/provider-keys/{key_id}")
 async def keys_get(request: web.Request) -> web.Response:
     _admin(request)
-    row = await queries.get_provider_key(request.app[STORE], request.match_info["key_id"])
-    if row is None:
-        raise NotFound(f"Provider key {request.match_info['key_id']} not found.")
-    return _data(provider_key_view(row))
+    key_id = request.match_info["key_id"]
+    return _data(provider_key_view(_found(await queries.get_provider_key(request.app[STORE], key_id),
+                                          f"Provider key {key_id}")))
 
 
 @routes.delete("/api/provider-keys/{key_id}")
@@ -204,10 +211,8 @@ async def keys_delete(request: web.Request) -> web.Response:
 # --- policies ---------------------------------------------------------------------------------------
 
 async def _policy_or_404(request: web.Request) -> dict[str, Any]:
-    row = await queries.get_policy(request.app[STORE], request.match_info["policy_id"])
-    if row is None:
-        raise NotFound(f"Policy {request.match_info['policy_id']} not found.")
-    return row
+    policy_id = request.match_info["policy_id"]
+    return _found(await queries.get_policy(request.app[STORE], policy_id), f"Policy {policy_id}")
 
 
 @routes.post("/api/policies")
@@ -285,10 +290,8 @@ async def runs_list(request: web.Request) -> web.Response:
 
 
 async def _run_or_404(request: web.Request) -> dict[str, Any]:
-    row = await queries.get_run(request.app[STORE], request.match_info["run_id"])
-    if row is None:
-        raise NotFound(f"Run {request.match_info['run_id']} not found.")
-    return row
+    run_id = request.match_info["run_id"]
+    return _found(await queries.get_run(request.app[STORE], run_id), f"Run {run_id}")
 
 
 @routes.get("/api/runs/{run_id}")
@@ -370,3 +373,67 @@ async def runs_events(request: web.Request) -> web.StreamResponse:
         after = batch[-1].position
     await response.write_eof()
     return response
+
+
+# --- approval requests ------------------------------------------------------------------------------
+
+@routes.get("/api/approval-requests")
+async def approvals_list(request: web.Request) -> web.Response:
+    _admin(request)
+    q, now = request.query, now_iso()
+    rows = await queries.list_approval_requests(
+        request.app[STORE], agent_id=q.get("agent_id"), run_id=q.get("run_id"), status=q.get("status"), now=now,
+        limit=_int_param(request, "limit", 100, 1, 500))
+    return _data([approval_view(r, now) for r in rows], next=None)
+
+
+async def _approval_or_404(request: web.Request, gate_id: str) -> dict[str, Any]:
+    return _found(await queries.get_approval_request(request.app[STORE], gate_id), f"Approval request {gate_id}")
+
+
+@routes.get("/api/approval-requests/{gate_id}")
+async def approvals_get(request: web.Request) -> web.Response:
+    _admin(request)
+    return _data(approval_view(await _approval_or_404(request, request.match_info["gate_id"]), now_iso()))
+
+
+async def _decide(request: web.Request, approve: bool) -> web.Response:
+    """Approve or reject a pending gate, once; an agent's token trying to is refused and recorded."""
+    gate_id = request.match_info["gate_id"]
+    await _refuse_agents(request, gate_id)
+    body = await _body(request)
+    decided_by, reason = check_decision(body.get("decided_by"), body.get("reason"),
+                                        body.get("edited_args") if approve else None)
+    if not approve and "edited_args" in body:
+        raise BadRequest("edited_args only applies to an approval.", code="invalid_edited_args")
+    await request.app[STORE].execute(DecideApproval(gate_id, approve, decided_by, reason,
+                                                    body.get("edited_args") if approve else None))
+    return _data(approval_view(await _approval_or_404(request, gate_id), now_iso()))
+
+
+async def _refuse_agents(request: web.Request, gate_id: str) -> None:
+    """A valid agent token is not an operator's: the attempt is recorded on the agent's stream, then 403.
+    (Unknown tokens get the plain 401 and leave no event: anyone could make those.)"""
+    try:
+        check_admin(request, request.app[SETTINGS])
+        return
+    except Unauthorized:
+        token = bearer_token(request)
+        agent = None if token is None else await queries.agent_by_token_hash(request.app[STORE], token_hash(token))
+        if agent is None:
+            raise
+    await request.app[STORE].execute(Append(refused_decision(gate_id, agent["id"],
+                                                             "an agent token cannot decide approvals")))
+    raise Forbidden("Only an operator (admin token) can decide an approval request.", code="forbidden")
+
+
+@routes.post("/api/approval-requests/{gate_id}/approve")
+async def approvals_approve(request: web.Request) -> web.Response:
+    """Approve the gate; `edited_args` (an object) replaces the tool call's arguments in the released answer."""
+    return await _decide(request, approve=True)
+
+
+@routes.post("/api/approval-requests/{gate_id}/reject")
+async def approvals_reject(request: web.Request) -> web.Response:
+    """Reject the gate (`{"reason": …}`): every retry of the held request is refused with 403."""
+    return await _decide(request, approve=False)

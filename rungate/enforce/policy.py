@@ -14,8 +14,20 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from rungate.enforce.gates import MAX_PATH_LENGTH, ApprovalRules, ToolMatcher, compile_pattern, is_number, parse_path
+from rungate.enforce.gates import canonical_tool as canonical_tool  # re-exported: its home is gates.py
 from rungate.errors import BadRequest
 from rungate.prices import format_usd, snapshot_base, to_pico
 
@@ -107,13 +119,91 @@ class Runs(_Section):
     idle_timeout_s: Annotated[int, Field(ge=1, le=7 * 86400, strict=True)] | None = None
 
 
+_MAX_MEMBERS = 1000
+_MAX_VALUE_DEPTH = 32
+_VALUE_DOC = ("gt gte lt lte: a number; eq ne: any JSON value (required, null allowed); in not_in: a non-empty "
+              "list of at most 1000 strings, numbers, booleans or nulls; matches: a regular expression of at most "
+              "200 characters, searched anywhere in the value; exists: true (present, the default) or false (absent).")
+
+
+def _is_json(value: Any, depth: int = 0) -> bool:
+    """Whether `value` is plain JSON that stores and compares exactly: no NaN/infinity, integers within
+    64 bits, nested at most 32 deep (YAML can also yield dates, sets and binary: not JSON)."""
+    if value is None or isinstance(value, str | bool):
+        return True
+    if isinstance(value, int | float):
+        return is_number(value) and (not isinstance(value, int) or -(2**63) <= value < 2**63)
+    if depth >= _MAX_VALUE_DEPTH:
+        return False
+    if isinstance(value, list):
+        return all(_is_json(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v, depth + 1) for k, v in value.items())
+    return False
+
+
 class Condition(_Section):
-    path: Annotated[str, Field(pattern=r"^\$(\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*$")]
+    """One predicate on the tool call's arguments; `path` is `$`, `$.key` or `$.list[0]` steps from the root."""
+
+    # The pattern is published in the schema; `parse_path` enforces the same grammar with a readable reason.
+    path: Annotated[str, Field(max_length=MAX_PATH_LENGTH,
+                               json_schema_extra={"pattern": r"^\$(\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*$"})]
     op: Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "matches", "exists"]
-    value: Any = None
+    value: Annotated[Any, Field(description=_VALUE_DOC)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exists_defaults_to_true(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("op") == "exists" and data.get("value") is None:
+            return {**data, "value": True}
+        return data
+
+    @field_validator("path")
+    @classmethod
+    def _path_steps(cls, value: str) -> str:
+        parse_path(value)  # the grammar of the pattern above, and at most 32 segments
+        return value
+
+    @field_validator("value")
+    @classmethod
+    def _value_fits_op(cls, value: Any, info: ValidationInfo) -> Any:
+        op = info.data.get("op")  # absent when the op itself is invalid (reported on its own)
+        if op in ("gt", "gte", "lt", "lte") and not (is_number(value) and _is_json(value)):
+            raise ValueError(f"must be a number for op {op}")
+        if op in ("eq", "ne") and not _is_json(value):
+            raise ValueError("must be a JSON value (no NaN or infinity, integers within 64 bits, nested at most "
+                             f"{_MAX_VALUE_DEPTH} deep)")
+        if op in ("in", "not_in") and not (
+                isinstance(value, list) and 0 < len(value) <= _MAX_MEMBERS
+                and all(not isinstance(v, list | dict) and _is_json(v) for v in value)):
+            raise ValueError(f"must be a non-empty list of at most {_MAX_MEMBERS} strings, numbers, booleans or "
+                             f"nulls for op {op}")
+        if op == "matches":
+            if not isinstance(value, str):
+                raise ValueError("must be a regular expression (a string) for op matches")
+            compile_pattern(value)
+        if op == "exists" and not isinstance(value, bool):
+            raise ValueError("must be true or false for op exists")
+        return value
+
+    @model_validator(mode="after")
+    def _value_given(self) -> Condition:
+        if "value" not in self.model_fields_set:
+            raise ValueError(f"`value` is required for op {self.op}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _keep_null(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The stored form drops nulls, but `eq: null` is a real comparison and must survive a round trip.
+        out: dict[str, Any] = handler(self)
+        if self.op in ("eq", "ne") and self.value is None:
+            out["value"] = None
+        return out
 
 
 class Approval(_Section):
+    """A rule that holds matching tool calls for a human's approval; every `when` condition must hold."""
+
     name: Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
     tool: Annotated[str, Field(min_length=1, max_length=200)]
     when: list[Condition] = Field(default_factory=list)
@@ -198,20 +288,6 @@ def json_schema() -> dict[str, Any]:
 
 # --- the compiled form -------------------------------------------------------------------------------
 
-_SEPARATORS = re.compile(r"[\s\-_.]+")
-
-
-def canonical_tool(name: str) -> str:
-    """A tool name reduced so variant spellings compare equal: case, surrounding space, `-`/`_`/`.`
-    separators and MCP-style server prefixes (`mcp__server__tool`, `server/tool`, `server:tool`) ignored."""
-    stripped = name.strip()
-    if stripped.lower().startswith("mcp__"):
-        stripped = stripped.split("__", 2)[-1]
-    else:
-        stripped = re.sub(r"^[^/:]+[/:]", "", stripped)
-    return _SEPARATORS.sub("", stripped.lower())
-
-
 class _Matcher:
     """Glob patterns over `provider/model` and bare model names (case-insensitive)."""
 
@@ -230,21 +306,6 @@ class _Matcher:
         if base is not None:
             names.append(base)
         return any(self._regex.match(name) or self._regex.match(f"{provider.lower()}/{name}") for name in names)
-
-
-class _ToolMatcher:
-    """Blocked tool patterns compared on canonical names (globs allowed: `delete_*`)."""
-
-    def __init__(self, patterns: list[str]) -> None:
-        self.patterns = list(patterns)
-        self._exact = {canonical_tool(p) for p in patterns if not any(c in p for c in "*?[")}
-        globs = [canonical_tool(p.replace("*", "\x00").replace("?", "\x01")).replace("\x00", "*").replace(
-            "\x01", "?") for p in patterns if any(c in p for c in "*?[")]
-        self._regex = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)) if globs else None
-
-    def blocked(self, tool: str) -> bool:
-        name = canonical_tool(tool)
-        return name in self._exact or bool(self._regex and self._regex.match(name))
 
 
 class CompiledPolicy:
@@ -271,7 +332,7 @@ class CompiledPolicy:
         self.models_blocked = _Matcher(models.blocked)
         self.models_mode = models.mode or doc.mode
         tools = doc.tools or Tools()
-        self.tools_blocked = _ToolMatcher(tools.blocked)
+        self.tools_blocked = ToolMatcher(tools.blocked)
         self.tools_mode = tools.mode or doc.mode
         runaway = doc.runaway or Runaway()
         self.max_steps, self.max_repeats = runaway.max_steps, runaway.max_repeats
@@ -280,6 +341,7 @@ class CompiledPolicy:
         self.agent_rate, self.run_rate = rates.agent, rates.run
         self.rates_mode = rates.mode or doc.mode
         self.idle_timeout_s = doc.runs.idle_timeout_s if doc.runs else None
+        self.approvals = ApprovalRules([a.model_dump(mode="json") for a in doc.approvals], doc.mode)
 
     @property
     def ref(self) -> dict[str, Any]:

@@ -242,6 +242,111 @@ class ToolStepLogged(Event):
     policy: dict[str, Any] | None = None  # the policy version that admitted it (`id`, `name`, `version`)
 
 
+class AnswerHeld(Event):
+    """An answer called a tool that needs a human's approval: it is held, not delivered (SPEC §5).
+
+    `origin` is `answer` (a model answer: `body` is exactly what the client would have received, JSON or
+    SSE text, and `step_id` the step that produced it, already settled and charged) or `step` (a tool step
+    the agent logged: `body` is the step to record once approved). Retries of the same request — the same
+    run and `fingerprint` — are answered from it: 202 while a gate is pending, the held answer once every
+    gate is approved, 403 once one is rejected. `expires_at` is the earliest gate's expiry, and `on_expiry`
+    what it then becomes (`approve` only when every gate says so).
+    """
+
+    hold_id: str
+    run_id: str
+    agent_id: str
+    step_id: str
+    origin: str
+    endpoint: str
+    fingerprint: str
+    stream: bool = False
+    http_status: int = 200
+    headers: dict[str, str] = {}
+    body: str
+    body_encoding: str = "utf-8"  # or "base64", for an answer that is not valid UTF-8
+    gate_ids: list[str]
+    rule: str  # the first gate's rule (a refusal names the rejected gate's)
+    expires_at: str
+    on_expiry: str = "reject"
+    mode: str = "202"  # how a pending retry is answered: "202", or "hold" (the connection waits)
+    policy: dict[str, Any] | None = None
+
+
+class ApprovalRequested(Event):
+    """A gate (`gate_…`) opened on one tool call of a held answer, by the approval rule `rule`."""
+
+    gate_id: str
+    hold_id: str
+    run_id: str
+    agent_id: str
+    rule: str
+    tool: str
+    tool_call_id: str | None = None
+    args: Any = None  # the call's arguments as the model sent them (None when they could not be read)
+    args_text: str | None = None  # the raw arguments text, when they could not be read as JSON
+    channel: str = "webhook"
+    expires_at: str
+    on_expiry: str = "reject"
+    policy: dict[str, Any] | None = None
+
+
+class ApprovalGranted(Event):
+    """An operator approved the gate, optionally replacing the call's arguments (`edited_args`)."""
+
+    gate_id: str
+    hold_id: str
+    run_id: str
+    decided_by: str
+    reason: str | None = None
+    edited_args: dict[str, Any] | None = None
+
+
+class ApprovalRejected(Event):
+    """An operator rejected the gate: the held answer is never delivered."""
+
+    gate_id: str
+    hold_id: str
+    run_id: str
+    decided_by: str
+    reason: str | None = None
+
+
+class ApprovalExpired(Event):
+    """The gate was not decided in time; `outcome` is what its rule's `on_expiry` made of it."""
+
+    gate_id: str
+    hold_id: str
+    run_id: str
+    outcome: str  # "rejected" | "approved"
+
+
+class HeldAnswerRetried(Event):
+    """The agent sent a held request again: still pending (202), `released` (the held answer, no upstream
+    call), or `rejected` (403 `approval_rejected`). Not a step: not charged, not rate-limited."""
+
+    hold_id: str
+    run_id: str
+    outcome: str
+
+
+class ApprovalShadowed(Event):
+    """A rule in shadow mode would have held this answer; it was delivered (and the agent warned)."""
+
+    run_id: str
+    step_id: str
+    rule: str
+    tool: str
+
+
+class ApprovalDecisionRefused(Event):
+    """Someone not entitled to decide a gate tried to (an agent's token, say); nothing changed."""
+
+    gate_id: str
+    agent_id: str | None = None
+    reason: str
+
+
 ALL_EVENTS: tuple[type[Event], ...] = (
     AgentCreated,
     AgentTokenRotated,
@@ -264,4 +369,12 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     RunBlocked,
     RunResumed,
     ToolStepLogged,
+    AnswerHeld,
+    ApprovalRequested,
+    ApprovalGranted,
+    ApprovalRejected,
+    ApprovalExpired,
+    HeldAnswerRetried,
+    ApprovalShadowed,
+    ApprovalDecisionRefused,
 )

@@ -12,6 +12,7 @@ from aiohttp import web
 from rungate import queries
 from rungate.admin import open_keyring
 from rungate.api.routes import routes as api_routes
+from rungate.approvals import ExpireGate
 from rungate.clock import iso_minus, now_iso
 from rungate.config import Settings
 from rungate.errors import ConfigError
@@ -89,7 +90,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _sweep_idle_runs(app: web.Application) -> None:
-    """Close auto-runs idle past the window, and settle steps no process will settle any more.
+    """Close auto-runs idle past the window, settle steps no process will settle any more, and record the
+    expiry of approval gates nobody decided in time.
 
     A step still open long after the upstream could have answered belonged to a process that stopped (or
     a caller that vanished): it is settled as abandoned and charged its reservation.
@@ -103,6 +105,8 @@ async def _sweep_idle_runs(app: web.Application) -> None:
             stale = iso_minus(now, settings.upstream_timeout_s + ORPHAN_GRACE_S)
             for step_id in await queries.open_steps_started_before(store, stale):
                 await store.execute(SettleStep(step_id, budget_from_run=True))
+            for gate_id in await queries.expired_gates(store, now):  # undecided in time: on_expiry applies
+                await store.execute(ExpireGate(gate_id))
         except Exception as exc:  # the sweeper must outlive a transient database error
             log.warning("sweep_failed", error=str(exc))
         await asyncio.sleep(min(SWEEP_INTERVAL_S, settings.idle_timeout_s))

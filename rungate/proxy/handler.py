@@ -23,12 +23,16 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from rungate import queries
+from rungate.approvals import RETRY_AFTER_S, DeliverHold, ExpireHold, Hold, hold_answer, hold_state
 from rungate.auth import authenticate_agent
+from rungate.clock import now_iso
 from rungate.enforce.policy import CompiledPolicy
 from rungate.enforce.rules import RunState, budget_limit_pusd
 from rungate.enforce.tools import offered_tools
 from rungate.errors import BadRequest, GovernanceRefusal, ProviderError, StoreError
-from rungate.events.catalogue import StepCompleted
+from rungate.events import NewEvent
+from rungate.events.catalogue import ApprovalShadowed, StepCompleted
 from rungate.ids import is_valid_client_id
 from rungate.log import get_logger
 from rungate.prices import PriceTable, format_usd
@@ -36,9 +40,26 @@ from rungate.providers.metering import ToolCall, estimate_input_tokens, prepare_
 from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
+from rungate.proxy.gating import (
+    APPROVAL_MODE_HEADER,
+    APPROVAL_MODES,
+    awaiting_body,
+    buffers_stream,
+    gate_matches,
+    refusal_answer,
+    released_answer,
+)
 from rungate.proxy.keys import AGENTS, HTTP, INFLIGHT, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
 from rungate.proxy.upstream import Target, relayed_headers, upstream_headers
-from rungate.runs import AdmitCall, CallFacts, SettleStep, force_stopped, policy_fields
+from rungate.runs import (
+    AdmitCall,
+    CallFacts,
+    SettleStep,
+    approval_rejected,
+    force_stopped,
+    policy_fields,
+    run_stream,
+)
 from rungate.store import EventStore
 from rungate.usage import Usage
 
@@ -47,6 +68,8 @@ _TRUE = {"1", "true", "yes"}
 _MAX_MODEL_CHARS = 256
 _POLICY_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 SETTLE_ATTEMPTS = 3
+HOLD_POLL_S = 0.25  # how often a held (hold-mode) call looks at its gates
+HOLD_KEEPALIVE_S = 1.0  # how often it writes a keep-alive (read timeouts reset on any byte)
 
 
 class ClientGone(Exception):
@@ -102,6 +125,9 @@ class Call:
     warnings: list[str] = field(default_factory=list)
     budget: Budget | None = None
     policy: CompiledPolicy | None = None  # the run's policy version (None: no policy)
+    fingerprint: str = ""  # of the forwarded body: a retry of a held request is the same run and fingerprint
+    offered: tuple[str, ...] = ()  # tools the request offers the model
+    approval_mode: str | None = None  # `x-rungate-approval-mode`: "202" or "hold" (None: the rule's)
     # The kill switch (`stop`): the handler's task while it waits for the provider's answer to begin, and
     # the provider's response once it has.
     task: asyncio.Task[Any] | None = None
@@ -175,6 +201,18 @@ def _run_options(request: web.Request, body: dict[str, Any]) -> RunOptions:
     return RunOptions(run_id, new_run, name, version)
 
 
+def _approval_mode(request: web.Request) -> str | None:
+    """`x-rungate-approval-mode: 202 | hold`, how a held answer is waited for (absent: as its rule says)."""
+    raw = request.headers.get(APPROVAL_MODE_HEADER)
+    if raw is None:
+        return None
+    mode = raw.strip().lower()
+    if mode not in APPROVAL_MODES:
+        raise BadRequest(f"{APPROVAL_MODE_HEADER} must be one of {', '.join(APPROVAL_MODES)}.",
+                         code="invalid_approval_mode")
+    return mode
+
+
 def _validate(body: dict[str, Any], fmt: WireFormat) -> str:
     model = body.get("model")
     if (not isinstance(model, str) or not model.strip() or len(model) > _MAX_MODEL_CHARS
@@ -201,6 +239,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     _, body = await read_json_object(request, settings.max_body_bytes)
     model = _validate(body, fmt)
     options = _run_options(request, body)
+    approval_mode = _approval_mode(request)
     stream = body.get("stream") is True and fmt.meter is not None
     client_wants_usage = False
     if fmt is CHAT and stream:
@@ -216,18 +255,26 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     choices = _choices(body, fmt)
     # Every choice may use the whole output limit; with no limit known the worst case has no bound.
     worst = prices.max_cost_pico(model, input_estimate, (out_limit or 0) * choices)
+    # The request's fingerprint is canonical (keys sorted): a retry is the same request whatever the key order.
+    fingerprint = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    offered = offered_tools(body)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
         endpoint=fmt.name, provider=target.provider, model=model, stream=stream,
-        fingerprint=hashlib.sha256(forward).hexdigest(), reserved_pusd=worst or 0,
+        fingerprint=fingerprint, reserved_pusd=worst or 0,
         idle_timeout_s=settings.idle_timeout_s, reserved_tokens=input_estimate + (out_limit or 0) * choices,
-        priced=worst is not None, tools=offered_tools(body), policy_name=options.policy_name,
+        priced=worst is not None, tools=offered, policy_name=options.policy_name,
         policy_version=options.policy_version, input_tokens=input_estimate, price=price,
         embedding=fmt.meter is None, choices=choices, output_bounded=out_limit is not None or fmt.meter is None))
-    call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0)
+    call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0,
+                fingerprint=fingerprint, offered=offered, approval_mode=approval_mode)
     await _admit(store, admit, call)
     call.reserved_pusd = admit.reserved_pusd
     call.policy = admit.policy
+    if admit.hold is not None:  # a retry of a held request: answered from the hold, nothing goes upstream
+        call.settled = True
+        call.warnings.extend(admit.warnings)
+        return await _from_hold(request, call, admit)
     call.warnings.extend(admit.warnings)
     if admit.max_output is not None:  # `on_exceed: shrink`: forward the lowered output limit
         key = next((k for k in fmt.max_tokens_keys if k in body), fmt.max_tokens_keys[0])
@@ -330,15 +377,134 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             usage = call.fmt.usage(parsed)
             tool_calls = call.fmt.tool_calls(parsed)
             blocked = _blocked_tool(call, tool_calls)
-            await _settle(store, prices, call, status="ok" if blocked is None else "blocked",
-                          http_status=upstream.status,
+            gated, then = _gates(call, tool_calls, upstream.status, headers, payload) if blocked is None \
+                else (None, ())
+            status = "blocked" if blocked is not None else "held" if gated is not None else "ok"
+            await _settle(store, prices, call, status=status, http_status=upstream.status,
                           usage=usage if usage is not None else Usage(input=call.input_estimate),
                           estimated=usage is None, error=None if usage else "usage missing from the answer",
-                          tool_calls=tool_calls)
+                          tool_calls=tool_calls, then=then)
             if blocked is not None:  # the answer calls a blocked tool: it is paid for, but not delivered
                 raise _tool_refusal(call, blocked)
+            if gated is not None:  # the answer calls a gated tool: paid for, held until approved
+                return await _awaiting(request, call, gated)
         headers.update(rungate_headers(call))
         return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+def _gates(call: Call, tool_calls: Sequence[ToolCall], http_status: int, headers: CIMultiDict[str],
+           body: bytes) -> tuple[Hold | None, tuple[NewEvent, ...]]:
+    """The hold for an answer that calls a gated tool (None: deliver it), and the events to append with the
+    step's settlement: the hold's, and a record of each call a shadow rule would have held."""
+    enforced, shadowed = gate_matches(call.policy, tool_calls)
+    then: list[NewEvent] = []
+    for match in shadowed:
+        then.append(NewEvent(run_stream(call.run_id), ApprovalShadowed(
+            run_id=call.run_id, step_id=call.step_id, rule=match.rule, tool=match.tool)))
+        call.warnings.append(f"shadow: tool_approval_required (approvals.{match.rule}): {match.tool} would wait"
+                             " for approval")
+    if not enforced:
+        return None, tuple(then)
+    assert call.policy is not None
+    kept = {k: v for k, v in headers.items() if k.lower() not in ("content-length", "content-encoding")}
+    hold = hold_answer(run_id=call.run_id, agent_id=call.agent_id, step_id=call.step_id, origin="answer",
+                       endpoint=call.fmt.name, fingerprint=call.fingerprint, stream=call.stream,
+                       http_status=http_status, headers=kept, body=body, matches=enforced, policy=call.policy,
+                       now=now_iso())
+    return hold, (*then, *hold.events)
+
+
+def _awaiting_response(call: Call, hold_id: str, gates: Sequence[Any]) -> web.Response:
+    """202: the answer is held until a human approves (SPEC §5); the agent retries the same request."""
+    headers = rungate_headers(call)
+    headers["Retry-After"] = str(RETRY_AFTER_S)
+    return web.json_response(awaiting_body(call.run_id, hold_id, gates), status=202, headers=headers,
+                             dumps=lambda v: orjson.dumps(v).decode())
+
+
+async def _awaiting(request: web.Request, call: Call, hold: Hold) -> web.StreamResponse:
+    if (call.approval_mode or hold.mode) == "hold":
+        return await _wait_for_decision(request, call, hold.hold_id)
+    return _awaiting_response(call, hold.hold_id, [gate.model_dump() for gate in hold.gates])
+
+
+async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> web.StreamResponse:
+    """Hold mode (for stock SDKs, which take any 2xx for success): answer 200 at once, keep the connection
+    alive — SSE comments on a stream, whitespace before a JSON body otherwise — until the gates are decided
+    or `RUNGATE_MAX_HOLD_S` has passed (then the rules' `on_expiry` applies), then send the held answer, or a
+    refusal: an in-stream error event the SDK raises, or for a plain call an answer that refuses
+    (`refusal_answer`). A client that leaves loses nothing: the hold stays, and a retry finds it."""
+    store, settings = request.app[STORE], request.app[SETTINGS]
+    headers = rungate_headers(call)
+    headers["Content-Type"] = "text/event-stream" if call.stream else "application/json"
+    headers["Cache-Control"] = "no-cache"
+    response = web.StreamResponse(status=200, headers=headers)
+    request[STREAM_STARTED] = True
+    await response.prepare(request)
+    keepalive = b": awaiting approval\n\n" if call.stream else b" \n"
+    deadline = time.monotonic() + settings.max_hold_s
+    written = time.monotonic()
+    try:
+        await response.write(keepalive)
+        while True:
+            hold = await queries.get_hold(store, hold_id)
+            if hold is None or hold_state(hold, now_iso()) != "pending":
+                break
+            if time.monotonic() >= deadline:
+                await store.execute(ExpireHold(hold_id))  # waited its longest: `on_expiry` decides now
+                continue
+            if time.monotonic() - written >= HOLD_KEEPALIVE_S:
+                await response.write(keepalive)
+                written = time.monotonic()
+            await asyncio.sleep(HOLD_POLL_S)
+        delivery = DeliverHold(hold_id)
+        await store.execute(delivery)
+        assert delivery.hold is not None
+        if delivery.outcome == "released":
+            full = await queries.get_hold(store, hold_id)
+            assert full is not None
+            body = released_answer(call.fmt.name, full, await queries.hold_gates(store, hold_id))
+            await response.write_eof(body + _trailer(call) if call.stream else body)
+            return response
+        message = approval_rejected(call.run_id, delivery.hold, now_iso(), call.policy).message
+        if call.stream:
+            await response.write_eof(stream_error_event(call.fmt, message, code="approval_rejected"))
+        else:
+            await response.write_eof(refusal_answer(call.fmt.name, call.target.model, hold_id, message))
+    except ConnectionError:
+        pass  # the agent left: the hold stays, and its retry is answered from it
+    return response
+
+
+async def _from_hold(request: web.Request, call: Call, admit: AdmitCall) -> web.StreamResponse:
+    """Answer a retry of a held request: 202 again while a gate is pending, else the held answer itself —
+    from the one upstream call that produced it, with any edited arguments — and the `rungate` trailer."""
+    assert admit.hold is not None
+    store = request.app[STORE]
+    hold = await queries.get_hold(store, admit.hold["id"])
+    if hold is None:  # rows are never deleted; a rebuild in progress is the only way here
+        raise StoreError("the held answer is not readable right now", status=503, code="store_unavailable")
+    gates = await queries.hold_gates(store, hold["id"])
+    call.step_id = hold["step_id"]
+    step = await queries.get_step(store, hold["step_id"])
+    if step is not None:  # the figures of the call that produced the answer (this retry costs nothing)
+        call.usage = Usage(input=step["tokens_input"], output=step["tokens_output"])
+        call.cost_pusd = step["cost_pusd"]
+    if admit.hold_outcome == "pending":
+        if (call.approval_mode or hold["mode"]) == "hold":
+            return await _wait_for_decision(request, call, hold["id"])
+        return _awaiting_response(call, hold["id"], gates)
+    body = released_answer(call.fmt.name, hold, gates)
+    headers: CIMultiDict[str] = CIMultiDict(orjson.loads(hold["headers"]))
+    headers.update(rungate_headers(call))
+    if not hold["stream"]:
+        return web.Response(body=body, status=hold["http_status"], headers=headers)
+    response = web.StreamResponse(status=hold["http_status"], headers=headers)
+    request[STREAM_STARTED] = True
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):  # nothing to settle: a client gone now loses nothing
+        await response.write_eof(body + _trailer(call))
+    return response
 
 
 class _ToolBlocked(Exception):
@@ -405,10 +571,14 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     store, prices = request.app[STORE], request.app[PRICES]
     assert call.fmt.meter is not None
     meter = call.meter = call.fmt.meter(client_wants_usage)
-    response = web.StreamResponse(status=upstream.status, headers=relayed_headers(upstream.headers))
+    answer_headers = relayed_headers(upstream.headers)
+    response = web.StreamResponse(status=upstream.status, headers=answer_headers)
     response.headers.update(rungate_headers(call, final=False))
-    request[STREAM_STARTED] = True
-    await response.prepare(request)
+    # A stream that may call a gated tool is held back whole: its 202 must come before any SSE byte.
+    buffered: list[bytes] | None = [] if buffers_stream(call.policy, call.offered) else None
+    if buffered is None:
+        request[STREAM_STARTED] = True
+        await response.prepare(request)
     parser = SSEParser()
     held_done: bytes | None = None
     status, error = "ok", None
@@ -425,14 +595,20 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             blocked = _blocked_tool(call, meter.tool_calls) if watch_tools else None
             if blocked is not None:
                 if out:
-                    await _send(response, b"".join(out))
+                    await emit(b"".join(out))
                 raise _ToolBlocked(blocked)  # this event names a blocked tool: it is not relayed
             if call.fmt is CHAT and event.data.strip() == "[DONE]":
                 held_done = event.raw  # written after settlement, with the trailer
                 continue
             out.append(event.raw)
         if out:
-            await _send(response, b"".join(out))
+            await emit(b"".join(out))
+
+    async def emit(data: bytes) -> None:
+        if buffered is not None:
+            buffered.append(data)
+        else:
+            await _send(response, data)
 
     try:
         try:
@@ -455,11 +631,22 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         if meter.error is not None and status == "ok":
             status, error = "error", "the provider sent an error event"
         usage, estimated = call.seen_usage()
+        gated: Hold | None = None
+        then: tuple[NewEvent, ...] = ()
+        if buffered is not None and status == "ok":
+            gated, then = _gates(call, meter.tool_calls, upstream.status, answer_headers,
+                                 b"".join(buffered) + (held_done or b""))
+            if gated is not None:
+                status, error = "held", None
         try:
             await _settle(store, prices, call, status=status, http_status=upstream.status, usage=usage,
-                          estimated=estimated, error=error, tool_calls=meter.tool_calls)
+                          estimated=estimated, error=error, tool_calls=meter.tool_calls, then=then)
         except StoreError:
+            if gated is not None:  # not recorded, so not held: the gated call must not go out either
+                raise
             status, error = "cut", "the step could not be recorded"
+        if gated is not None:
+            return await _awaiting(request, call, gated)
         # The ending goes out in one write with the end of the body (one send, not three).
         tail: list[bytes] = []
         if status == "cut":
@@ -477,6 +664,11 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         if call.settled:
             tail.append(_trailer(call))
         with contextlib.suppress(ConnectionError):  # the step is settled: a client gone now loses nothing
+            if buffered is not None:  # held back in case it called a gated tool; it did not: it goes out now
+                response.headers.update(rungate_headers(call, final=False))
+                request[STREAM_STARTED] = True
+                await response.prepare(request)
+                tail[:0] = buffered
             await response.write_eof(b"".join(tail))
     except ClientGone:
         usage, estimated = call.seen_usage()
@@ -528,7 +720,7 @@ def warning_header(warnings: Sequence[str]) -> str:
 
 async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: str, http_status: int | None,
                   usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = (),
-                  charge: int | None = None) -> None:
+                  charge: int | None = None, then: Sequence[NewEvent] = ()) -> None:
     """Record the step's `StepCompleted` once (retrying a store hiccup); a no-op when already settled.
 
     The cost is the real one, or for an estimate the larger of estimate and reservation (never a silent $0),
@@ -552,7 +744,8 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
     for attempt in range(SETTLE_ATTEMPTS):
         try:
             # Under a policy the run is read with the settlement: exact budget headers, the caps' alerts.
-            settle = SettleStep(call.step_id, event, run_id=call.run_id if call.policy is not None else None)
+            settle = SettleStep(call.step_id, event, run_id=call.run_id if call.policy is not None else None,
+                                then=tuple(then))
             await store.execute(settle, metadata={"agent_id": call.agent_id})
             if settle.run_after is not None and call.budget is not None:
                 call.budget.settled(settle.run_after)

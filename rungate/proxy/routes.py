@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from rungate import queries
+from rungate.approvals import RETRY_AFTER_S
 from rungate.auth import authenticate_agent
 from rungate.errors import BadRequest
+from rungate.events import canonical_json
 from rungate.events.catalogue import ToolStepLogged
 from rungate.ids import is_valid_client_id, new_id
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
+from rungate.proxy.gating import awaiting_body
 from rungate.proxy.handler import proxy_call, warning_header
 from rungate.proxy.keys import PRICES, SETTINGS, STORE
 from rungate.runs import CompleteRun, LogToolStep
@@ -136,9 +141,22 @@ async def log_step(request: web.Request) -> web.Response:
                           args=args, result=result, usage=_tokens(body.get("tokens")),
                           cost_pusd=_money(body.get("cost_usd"), "cost_usd"), latency_ms=int(latency),
                           error=error if isinstance(error, str) else None)
-    command = LogToolStep(agent["id"], run_id, step)
+    # The same step sent again is a retry of it (approval gates): the run and this fingerprint find its hold.
+    fingerprint = "step:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
+    command = LogToolStep(agent["id"], run_id, step, fingerprint=fingerprint)
     await store.execute(command)
-    row = await queries.get_step(store, step.step_id)
+    headers = {"x-rungate-warning": warning_header(command.warnings)} if command.warnings else {}
+    if command.held is not None:  # an approval rule gates this tool call: 202 until a human decides
+        gates = [gate.model_dump() for gate in command.held.gates]
+        return _awaiting(run_id, command.held.hold_id, gates, headers)
+    if command.hold is not None and command.hold_outcome == "pending":
+        return _awaiting(run_id, command.hold["id"], await queries.hold_gates(store, command.hold["id"]), headers)
+    step_id = command.hold["step_id"] if command.hold is not None else step.step_id
+    row = await queries.get_step(store, step_id)
     assert row is not None
-    headers = {"x-rungate-warning": warning_header(command.warnings)} if command.warnings else None
-    return web.json_response({"data": step_view(row)}, status=201, headers=headers)
+    return web.json_response({"data": step_view(row)}, status=201, headers=headers or None)
+
+
+def _awaiting(run_id: str, hold_id: str, gates: Sequence[Any], headers: dict[str, str]) -> web.Response:
+    return web.json_response(awaiting_body(run_id, hold_id, gates), status=202,
+                             headers={**headers, "Retry-After": str(RETRY_AFTER_S), "x-rungate-run-id": run_id})
