@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from rungate import queries
+from rungate.clock import now_iso
 from rungate.proxy.keys import STORE
 from tests.conftest import Gateway
 from tests.openapi_check import validate_response
@@ -349,3 +350,52 @@ async def test_a_bad_approval_mode_is_refused(gateway: Gateway) -> None:
     status, _, body = await post(gateway, token, refund_chat(700), **{"x-rungate-approval-mode": "later"})
     assert status == 400 and body["error"]["code"] == "invalid_approval_mode"
     assert upstream_calls(gateway) == 0
+
+
+async def test_an_auto_run_waiting_for_approval_is_not_closed_as_idle(make_gateway: Any) -> None:
+    gateway = await make_gateway(RUNGATE_IDLE_TIMEOUT_S="1")
+    token = await setup(gateway)
+    status, _, held = await post(gateway, token, refund_chat(900))  # no run id: the agent's auto-run
+    assert status == 202
+    run_id = held["run_id"]
+    await asyncio.sleep(1.2)  # past the idle window
+    store = gateway.app[STORE]
+    assert run_id not in await queries.idle_auto_runs(store, now_iso(), 1)  # the sweeper leaves it open
+    again = await post(gateway, token, refund_chat(900))
+    assert again[0] == 202 and again[2]["run_id"] == run_id  # the same run, the same gate
+    assert again[2]["context"]["gate_id"] == held["context"]["gate_id"]
+
+    assert (await decide(gateway, held["context"]["gate_id"], "approve"))[0] == 200
+    await asyncio.sleep(1.2)  # approved but not delivered: still the agent's run
+    released = await post(gateway, token, refund_chat(900))
+    assert released[0] == 200 and released[1]["x-rungate-run-id"] == run_id
+    await asyncio.sleep(1.2)  # delivered: now it may go idle (the sweeper runs every second here)
+    closed = (await gateway.admin("GET", f"/api/runs/{run_id}"))[1]["data"]
+    assert closed["status"] == "completed" or run_id in await queries.idle_auto_runs(store, now_iso(), 1)
+    fresh = await post(gateway, token, {"model": "mock-gpt", "messages": [{"role": "user", "content": "next"}]})
+    assert fresh[0] == 200 and fresh[1]["x-rungate-run-id"] != run_id
+
+
+async def test_another_agent_cannot_retry_into_a_held_run(gateway: Gateway) -> None:
+    token = await setup(gateway)
+    other = await agent_with_policy(gateway, "other-agent", "gated")
+    held = await post(gateway, token, refund_chat(900), **{"x-rungate-run-id": "ticket-10"})
+    assert (await decide(gateway, held[2]["context"]["gate_id"], "approve"))[0] == 200
+    status, _, refused = await post(gateway, other, refund_chat(900), **{"x-rungate-run-id": "ticket-10"})
+    assert status == 409 and refused["error"]["code"] == "run_unavailable"
+    refusals = await gateway.app[STORE].fetch("SELECT data FROM events WHERE type = 'CallRefused'")
+    assert [orjson.loads(r["data"])["code"] for r in refusals] == ["run_unavailable"]
+    assert upstream_calls(gateway) == 1
+
+
+async def test_the_kill_switch_ends_a_call_waiting_in_hold_mode(gateway: Gateway) -> None:
+    token = await setup(gateway)
+    client = openai.AsyncOpenAI(api_key=token, base_url=gateway.url + "/v1", max_retries=0, timeout=30,
+                                default_headers={"x-rungate-run-id": "hold-5", "x-rungate-approval-mode": "hold"})
+    waiting = asyncio.create_task(client.chat.completions.create(**refund_chat(1500)))
+    await pending_gate(gateway, "hold-5")
+    code, _ = await gateway.admin("POST", "/api/runs/hold-5/stop", {"reason": "enough"})
+    assert code == 200
+    answer = await asyncio.wait_for(waiting, 10)
+    assert answer.choices[0].finish_reason == "content_filter"
+    assert answer.model_extra is not None and answer.model_extra["rungate"]["code"] == "run_force_stopped"

@@ -80,12 +80,12 @@ def released_answer(fmt: str, hold: Row, gates: Sequence[Row]) -> bytes:
     return rewrite_stream(fmt, body, edits) if hold["stream"] else rewrite_answer(fmt, body, edits)
 
 
-def refusal_answer(fmt: str, model: str, hold_id: str, message: str) -> bytes:
+def refusal_answer(fmt: str, model: str, hold_id: str, message: str, code: str = "approval_rejected") -> bytes:
     """What a hold-mode call gets when its gate is rejected, in a 200 the stock SDKs parse (their status line
     went out long ago): a normal answer that refuses — OpenAI chat `finish_reason: "content_filter"` with
     `message.refusal`, Anthropic `stop_reason: "refusal"`, Responses `status: "incomplete"` with a refusal
     part — plus a `rungate` key naming the outcome for clients that look."""
-    outcome = {"code": "approval_rejected", "hold_id": hold_id, "message": message}
+    outcome = {"code": code, "hold_id": hold_id, "message": message}
     if fmt == "messages":
         body: dict[str, Any] = {
             "id": f"msg_{hold_id}", "type": "message", "role": "assistant", "model": model,

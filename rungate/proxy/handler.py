@@ -134,12 +134,17 @@ class Call:
     awaiting_upstream: bool = False
     upstream: aiohttp.ClientResponse | None = None
     stopped: bool = False
+    holding: bool = False  # waiting for an approval with the connection open (hold mode)
 
     def __hash__(self) -> int:  # registered in a set while in flight
         return id(self)
 
     def stop(self) -> None:
-        """Cut this call: close the provider's connection (or stop waiting for it) so the relay ends now."""
+        """Cut this call: close the provider's connection (or stop waiting for it) so the relay ends now; a
+        call waiting for an approval (hold mode) ends its wait."""
+        if self.holding:
+            self.stopped = True
+            return
         if self.stopped or self.settled:
             return
         self.stopped = True
@@ -444,19 +449,30 @@ async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> 
     keepalive = b": awaiting approval\n\n" if call.stream else b" \n"
     deadline = time.monotonic() + settings.max_hold_s
     written = time.monotonic()
+    expired = False
+    inflight = request.app[INFLIGHT]
+    call.holding = True
+    inflight.add(call)  # the kill switch ends the wait too
     try:
         await response.write(keepalive)
-        while True:
+        while not call.stopped:
             hold = await queries.get_hold(store, hold_id)
-            if hold is None or hold_state(hold, now_iso()) != "pending":
+            if hold is None or hold_state(hold, now_iso()) != "pending" or expired:
                 break
             if time.monotonic() >= deadline:
                 await store.execute(ExpireHold(hold_id))  # waited its longest: `on_expiry` decides now
+                expired = True  # one more look, then whatever the hold says (still pending: refused)
                 continue
             if time.monotonic() - written >= HOLD_KEEPALIVE_S:
                 await response.write(keepalive)
                 written = time.monotonic()
             await asyncio.sleep(HOLD_POLL_S)
+        if call.stopped:  # the kill switch: the run's calls end now, this one too
+            message = force_stopped(call.run_id, call.policy).message
+            await response.write_eof(stream_error_event(call.fmt, message, code="run_force_stopped") if call.stream
+                                     else refusal_answer(call.fmt.name, call.target.model, hold_id, message,
+                                                         code="run_force_stopped"))
+            return response
         delivery = DeliverHold(hold_id)
         await store.execute(delivery)
         assert delivery.hold is not None
@@ -473,6 +489,8 @@ async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> 
             await response.write_eof(refusal_answer(call.fmt.name, call.target.model, hold_id, message))
     except ConnectionError:
         pass  # the agent left: the hold stays, and its retry is answered from it
+    finally:
+        inflight.discard(call)
     return response
 
 
