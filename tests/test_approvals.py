@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from rungate import queries
+from rungate.approvals import ExpireGate
 from rungate.clock import now_iso
 from rungate.proxy.keys import STORE
 from tests.conftest import Gateway
@@ -399,3 +400,31 @@ async def test_the_kill_switch_ends_a_call_waiting_in_hold_mode(gateway: Gateway
     answer = await asyncio.wait_for(waiting, 10)
     assert answer.choices[0].finish_reason == "content_filter"
     assert answer.model_extra is not None and answer.model_extra["rungate"]["code"] == "run_force_stopped"
+
+
+async def test_gates_and_holds_rebuild_identically_from_the_log(gateway: Gateway) -> None:
+    token = await setup(gateway, {"approvals": [{**GATED["approvals"][0], "expires_in": 1},
+                                                {"name": "any-wire", "tool": "wire_*"}]})
+    store = gateway.app[STORE]
+    approved = await post(gateway, token, refund_chat(900), **{"x-rungate-run-id": "rb-1"})
+    await decide(gateway, approved[2]["context"]["gate_id"], "approve", {"edited_args": {"amount_usd": 1}})
+    assert (await post(gateway, token, refund_chat(900), **{"x-rungate-run-id": "rb-1"}))[0] == 200
+    rejected = await post(gateway, token, refund_chat(901), **{"x-rungate-run-id": "rb-2"})
+    await decide(gateway, rejected[2]["context"]["gate_id"], "reject", {"reason": "no"})
+    two = {"model": "mock-gpt", "tools": [REFUND_TOOL], "messages": [{"role": "user", "content":
+           'both [tool:issue_refund {"amount_usd": 990}] [tool:wire_money {"to": "x"}]'}]}
+    both = await post(gateway, token, two, **{"x-rungate-run-id": "rb-3"})
+    assert both[0] == 202 and len(both[2]["approval_requests"]) == 2
+    await post(gateway, token, {"tool": "wire_money", "args": {"to": "y"}}, "/v1/runs/rb-3/steps")
+    await asyncio.sleep(1.1)
+    for gate_id in await queries.expired_gates(store, now_iso()):
+        await store.execute(ExpireGate(gate_id))
+
+    async def rows() -> dict[str, list[tuple[Any, ...]]]:
+        return {table: [tuple(r.values()) for r in await store.fetch(f"SELECT * FROM {table} ORDER BY id")]
+                for table in ("gates", "holds", "runs", "steps")}
+
+    before = await rows()
+    assert {row[10] for row in before["gates"]} >= {"approved", "rejected", "expired", "pending"}
+    await store.rebuild()
+    assert await rows() == before
