@@ -428,3 +428,66 @@ async def test_gates_and_holds_rebuild_identically_from_the_log(gateway: Gateway
     assert {row[10] for row in before["gates"]} >= {"approved", "rejected", "expired", "pending"}
     await store.rebuild()
     assert await rows() == before
+
+
+RESPONSES_REFUND_TOOL = {"type": "function", "name": "issue_refund", "parameters": {
+    "type": "object", "properties": {"amount_usd": {"type": "number"}}}}
+
+
+def _request(fmt: str, stream: bool) -> tuple[str, dict[str, Any]]:
+    """The request an SDK sends for this format (`stream` only when true, as the SDKs do)."""
+    text = 'refund [tool:issue_refund {"amount_usd": 650}]'
+    flag = {"stream": True} if stream else {}
+    if fmt == "chat":
+        return CHAT, {"model": "mock-gpt", "tools": [REFUND_TOOL], **flag,
+                      "messages": [{"role": "user", "content": text}]}
+    if fmt == "responses":
+        return "/v1/responses", {"model": "mock-gpt", "tools": [RESPONSES_REFUND_TOOL], **flag, "input": text}
+    return "/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 100, "tools": [ANTHROPIC_REFUND_TOOL],
+                            **flag, "messages": [{"role": "user", "content": text}]}
+
+
+async def _released_args(gateway: Gateway, token: str, fmt: str, stream: bool, run_id: str) -> Any:
+    """The refund call's arguments as the real SDK reads them from the released answer."""
+    headers = {"x-rungate-run-id": run_id}
+    _, body = _request(fmt, stream)
+    body.pop("stream", None)
+    if fmt == "messages":
+        client = anthropic.AsyncAnthropic(api_key=token, base_url=gateway.url, max_retries=0, default_headers=headers)
+        if stream:
+            async with client.messages.stream(**body) as events:
+                message = await events.get_final_message()
+        else:
+            message = await client.messages.create(**body)
+        return next(b.input for b in message.content if b.type == "tool_use")
+    oa = openai.AsyncOpenAI(api_key=token, base_url=gateway.url + "/v1", max_retries=0, default_headers=headers)
+    if fmt == "responses":
+        if stream:
+            async with oa.responses.stream(**body) as events:
+                response = await events.get_final_response()
+        else:
+            response = await oa.responses.create(**body)
+        return json.loads(next(i.arguments for i in response.output if i.type == "function_call"))
+    if stream:
+        async with oa.chat.completions.stream(**body) as events:
+            completion = await events.get_final_completion()
+    else:
+        completion = await oa.chat.completions.create(**body)
+    return json.loads(completion.choices[0].message.tool_calls[0].function.arguments)  # type: ignore[index,union-attr]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fmt", ["chat", "responses", "messages"])
+async def test_every_format_is_held_and_released_with_the_edited_arguments(gateway: Gateway, fmt: str,
+                                                                           stream: bool) -> None:
+    token = await setup(gateway)
+    run_id = f"fmt-{fmt}-{int(stream)}"
+    path, body = _request(fmt, stream)
+    status, headers, held = await post(gateway, token, body, path, **{"x-rungate-run-id": run_id})
+    assert status == 202, held  # before any SSE byte, for streams too
+    assert headers["Content-Type"].startswith("application/json")
+    assert held["context"]["proposed_action"] == {"tool": "issue_refund", "args": {"amount_usd": 650}}
+    assert (await decide(gateway, held["context"]["gate_id"], "approve", {"edited_args": {"amount_usd": 65}}))[0] \
+        == 200
+    assert await _released_args(gateway, token, fmt, stream, run_id) == {"amount_usd": 65}
+    assert upstream_calls(gateway) == 1
