@@ -491,3 +491,21 @@ async def test_every_format_is_held_and_released_with_the_edited_arguments(gatew
         == 200
     assert await _released_args(gateway, token, fmt, stream, run_id) == {"amount_usd": 65}
     assert upstream_calls(gateway) == 1
+
+
+async def test_a_gated_call_the_request_did_not_offer_is_never_delivered(gateway: Gateway) -> None:
+    token = await setup(gateway)
+    unoffered = {"model": "mock-gpt", "messages": [{"role": "user", "content":
+                 'go [tool:issue_refund {"amount_usd": 900}]'}]}  # no `tools`: the stream is not held back
+    client = openai.AsyncOpenAI(api_key=token, base_url=gateway.url + "/v1", max_retries=0,
+                                default_headers={"x-rungate-run-id": "unoffered"})
+    stream = await client.chat.completions.create(**unoffered, stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            assert not (chunk.choices and chunk.choices[0].delta.tool_calls), "a gated call went out"
+    assert "needs approval" in str(caught.value)
+    steps = await queries.run_steps(gateway.app[STORE], "unoffered")
+    assert [s["status"] for s in steps] == ["blocked"]
+    # Not streamed, the answer is held as usual.
+    status, _, held = await post(gateway, token, unoffered, **{"x-rungate-run-id": "unoffered"})
+    assert status == 202 and held["context"]["proposed_action"]["tool"] == "issue_refund"

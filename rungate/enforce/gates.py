@@ -305,6 +305,10 @@ class ApprovalRules:
         held until its tool calls are known)."""
         return any(self._any_tool.matches(tool) for tool in tools)
 
+    def enforces(self, tool: str) -> bool:
+        """Whether a rule that is not in shadow mode may gate calls of this tool (whatever their arguments)."""
+        return any(rule.mode != "shadow" and rule.tools.matches(tool) for rule in self._rules)
+
     def gate(self, tool: str, arguments: str | Mapping[str, Any] | None,
              tool_call_id: str | None = None) -> GateMatch | None:
         """The first rule, in document order, that gates this tool call; None when no rule does.

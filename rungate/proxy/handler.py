@@ -526,11 +526,21 @@ async def _from_hold(request: web.Request, call: Call, admit: AdmitCall) -> web.
 
 
 class _ToolBlocked(Exception):
-    """A streamed answer named `tool`, which the run's policy blocks."""
+    """A streamed answer named `tool`, which the run's policy blocks — or, `gated`, which needs approval
+    although the request did not offer it (so its stream was not held back): it is cut, never relayed."""
 
-    def __init__(self, tool: str) -> None:
+    def __init__(self, tool: str, gated: bool = False) -> None:
         super().__init__(tool)
         self.tool = tool
+        self.gated = gated
+
+
+def _unoffered_gated_tool(call: Call, tool_calls: Sequence[ToolCall]) -> str | None:
+    """The first tool an answer calls that an approval rule (enforced) may gate, when the stream was not held
+    back for it (the request did not offer it)."""
+    assert call.policy is not None
+    rules = call.policy.approvals
+    return next((t.name for t in tool_calls if t.name and rules.enforces(t.name)), None)
 
 
 def _blocks_tools(policy: CompiledPolicy | None) -> bool:
@@ -600,8 +610,11 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     parser = SSEParser()
     held_done: bytes | None = None
     status, error = "ok", None
-    # Only a call under a policy that blocks tools (enforced) pays for watching the tool calls of a stream.
+    # Only a call under a policy that blocks tools (enforced) pays for watching the tool calls of a stream;
+    # one under approval rules whose stream was relayed as it came (it offered no gated tool) watches for a
+    # gated tool all the same: a model that calls one anyway is cut before the call goes out.
     watch_tools = _blocks_tools(call.policy)
+    watch_gates = buffered is None and call.policy is not None and bool(call.policy.approvals)
 
     async def relay(events: Sequence[Any]) -> None:
         """Forward the complete events of one upstream read in one write (nothing waits for more)."""
@@ -615,6 +628,11 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                 if out:
                     await emit(b"".join(out))
                 raise _ToolBlocked(blocked)  # this event names a blocked tool: it is not relayed
+            gated = _unoffered_gated_tool(call, meter.tool_calls) if watch_gates else None
+            if gated is not None:
+                if out:
+                    await emit(b"".join(out))
+                raise _ToolBlocked(gated, gated=True)
             if call.fmt is CHAT and event.data.strip() == "[DONE]":
                 held_done = event.raw  # written after settlement, with the trailer
                 continue
@@ -640,7 +658,9 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         except ValueError as exc:  # an SSE event beyond the parser's size bound
             status, error = "cut", f"upstream stream unreadable: {exc}"
         except _ToolBlocked as exc:
-            status, error = "blocked", f"the answer called a blocked tool ({exc.tool})"
+            status, error = "blocked", (f"the answer called {exc.tool}, which needs approval, without the request"
+                                        " offering it" if exc.gated else f"the answer called a blocked tool"
+                                                                          f" ({exc.tool})")
             upstream.close()
         if status == "ok" and call.stopped:
             status, error = "stopped", "the run was stopped by an operator"
@@ -671,6 +691,10 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             tail.append(stream_error_event(call.fmt, "The stream broke off before the end."))
         elif status == "stopped":
             tail.append(stream_error_event(call.fmt, "An operator stopped this run; the stream ends here."))
+        elif status == "blocked" and error is not None and "needs approval" in error:
+            tail.append(stream_error_event(call.fmt, "The answer called a tool that needs approval, which the"
+                                                     " request did not offer; the stream ends here.",
+                                           code="tool_approval_required"))
         elif status == "blocked":
             tail.append(stream_error_event(call.fmt, "The answer called a tool this run's policy blocks"
                                                      " (tool_blocked); the stream ends here."))
