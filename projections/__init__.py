@@ -10,8 +10,10 @@ from projections.approvals import ApprovalsProjection
 from projections.base import Projection
 from projections.policies import PoliciesProjection
 from projections.runs import RunsProjection
+from projections.webhooks import WebhooksProjection
 from rungate.store.base import Statement
 
-ALL: tuple[Projection, ...] = (AgentsProjection(), PoliciesProjection(), RunsProjection(), ApprovalsProjection())
+ALL: tuple[Projection, ...] = (AgentsProjection(), PoliciesProjection(), RunsProjection(), ApprovalsProjection(),
+                              WebhooksProjection())
 
 __all__ = ["ALL", "Projection", "Statement"]

@@ -46,6 +46,14 @@ SETTINGS_DOC: tuple[tuple[str, str, str, str], ...] = (
      "Seconds the provider may stay silent (before answering or between stream chunks)."),
     ("max_hold_s", "RUNGATE_MAX_HOLD_S", "540",
      "Longest a hold-mode call waits for its approval before its rule's `on_expiry` applies."),
+    ("webhook_allow_private", "RUNGATE_WEBHOOK_ALLOW_PRIVATE", "false",
+     "`true` lets webhooks target loopback, private, link-local and other non-public addresses."),
+    ("webhook_rotation_grace_s", "RUNGATE_WEBHOOK_ROTATION_GRACE_S", "86400",
+     "Seconds a webhook's previous secret keeps signing (a second signature) after a rotation."),
+    ("webhook_dead_letter_s", "RUNGATE_WEBHOOK_DEAD_LETTER_S", "510",
+     "Seconds after its first attempt at which a failing webhook delivery is dead-lettered."),
+    ("webhook_retry_base_s", "RUNGATE_WEBHOOK_RETRY_BASE_S", "1",
+     "First retry delay of a failing webhook delivery; doubled each time (with jitter), at most 60 s."),
     ("config", "RUNGATE_CONFIG", "(none)", "Path of an optional YAML configuration file."),
 )
 
@@ -74,6 +82,10 @@ class Settings:
     upstream_timeout_s: float = 600.0
     # Below the stock SDKs' 600 s read timeout, so a held call is answered before the client gives up.
     max_hold_s: float = 540.0
+    webhook_allow_private: bool = False
+    webhook_rotation_grace_s: int = 86400
+    webhook_dead_letter_s: float = 510.0  # 8.5 minutes (SPEC §8)
+    webhook_retry_base_s: float = 1.0
     openai_api_key: SecretStr | None = None
     anthropic_api_key: SecretStr | None = None
     price_overrides: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
@@ -280,6 +292,16 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
                                                  0, 3600)
     if "max_hold_s" in raw:
         values["max_hold_s"] = _as_float(var("max_hold_s"), raw["max_hold_s"], 0.1, 86400)
+    if "webhook_allow_private" in raw:
+        values["webhook_allow_private"] = _as_bool(var("webhook_allow_private"), raw["webhook_allow_private"])
+    if "webhook_rotation_grace_s" in raw:
+        values["webhook_rotation_grace_s"] = _as_int(var("webhook_rotation_grace_s"),
+                                                     raw["webhook_rotation_grace_s"], 0, 86400 * 30)
+    if "webhook_dead_letter_s" in raw:
+        values["webhook_dead_letter_s"] = _as_float(var("webhook_dead_letter_s"), raw["webhook_dead_letter_s"],
+                                                    0, 86400 * 7)
+    if "webhook_retry_base_s" in raw:
+        values["webhook_retry_base_s"] = _as_float(var("webhook_retry_base_s"), raw["webhook_retry_base_s"], 0, 60)
     if env.get("OPENAI_API_KEY"):
         values["openai_api_key"] = SecretStr(env["OPENAI_API_KEY"])
     if env.get("ANTHROPIC_API_KEY"):

@@ -30,7 +30,12 @@ PROJECTION_TABLES: tuple[tuple[str, str], ...] = (
     ("steps", "id"),
     ("agent_spend", "agent_id, minute"),
     ("rate_buckets", "scope, second"),
+    ("gates", "id"),
+    ("holds", "id"),
+    ("webhooks", "id"),
+    ("webhook_deliveries", "webhook_id, event_position"),
 )
+_SCHEMA_TABLES = ", ".join(f"'{table}'" for table, _ in PROJECTION_TABLES)
 
 
 @asynccontextmanager
@@ -80,10 +85,7 @@ async def snapshot(store: SQLiteEventStore) -> dict[str, list[tuple[Any, ...]]]:
     for table, order in PROJECTION_TABLES:
         out[table] = [tuple(row.values()) for row in await store.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
     out["schema"] = [tuple(row.values()) for row in await store.fetch(
-        "SELECT type, name, tbl_name, sql FROM sqlite_master"
-        " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps',"
-        " 'agent_spend', 'rate_buckets')"
-        " ORDER BY name")]
+        f"SELECT type, name, tbl_name, sql FROM sqlite_master WHERE tbl_name IN ({_SCHEMA_TABLES}) ORDER BY name")]
     return out
 
 
@@ -95,9 +97,7 @@ def snapshot_file(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         for table, order in PROJECTION_TABLES:
             out[table] = conn.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
         out["schema"] = conn.execute(
-            "SELECT type, name, tbl_name, sql FROM sqlite_master"
-            " WHERE tbl_name IN ('agents', 'provider_keys', 'policies', 'policy_versions', 'runs', 'steps',"
-        " 'agent_spend', 'rate_buckets')"
+            f"SELECT type, name, tbl_name, sql FROM sqlite_master WHERE tbl_name IN ({_SCHEMA_TABLES})"
             " ORDER BY name").fetchall()
         return out
     finally:

@@ -30,6 +30,9 @@ from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.store import Append
 from rungate.views import agent_view, approval_view, budgeted_run_view, provider_key_view, step_view
+from rungate.webhooks.admin import create_webhook, delete_webhook, rotate_webhook_secret, update_webhook
+from rungate.webhooks.deliver import WEBHOOKS
+from rungate.webhooks.views import delivery_view, get_webhook, list_deliveries, list_webhooks, webhook_view
 
 routes = web.RouteTableDef()
 
@@ -437,3 +440,73 @@ async def approvals_approve(request: web.Request) -> web.Response:
 async def approvals_reject(request: web.Request) -> web.Response:
     """Reject the gate (`{"reason": …}`): every retry of the held request is refused with 403."""
     return await _decide(request, approve=False)
+
+
+# --- webhooks ---------------------------------------------------------------------------------------
+
+async def _webhook_or_404(request: web.Request) -> dict[str, Any]:
+    webhook_id = request.match_info["webhook_id"]
+    return _found(await get_webhook(request.app[STORE], webhook_id), f"Webhook {webhook_id}")
+
+
+@routes.post("/api/webhooks")
+async def webhooks_create(request: web.Request) -> web.Response:
+    """Register a webhook; its signing secret is in this answer and never again."""
+    body = await _body(request)
+    row, secret = await create_webhook(request.app[STORE], request.app[KEYRING], body,
+                                       allow_private=request.app[SETTINGS].webhook_allow_private)
+    return _data(webhook_view(row, secret), status=201)
+
+
+@routes.get("/api/webhooks")
+async def webhooks_list(request: web.Request) -> web.Response:
+    _admin(request)
+    return _data([webhook_view(r) for r in await list_webhooks(request.app[STORE])], next=None)
+
+
+@routes.get("/api/webhooks/{webhook_id}")
+async def webhooks_get(request: web.Request) -> web.Response:
+    _admin(request)
+    return _data(webhook_view(await _webhook_or_404(request)))
+
+
+@routes.patch("/api/webhooks/{webhook_id}")
+async def webhooks_update(request: web.Request) -> web.Response:
+    body = await _body(request)
+    row = await update_webhook(request.app[STORE], request.match_info["webhook_id"], body,
+                               allow_private=request.app[SETTINGS].webhook_allow_private)
+    return _data(webhook_view(row))
+
+
+@routes.delete("/api/webhooks/{webhook_id}")
+async def webhooks_delete(request: web.Request) -> web.Response:
+    _admin(request)
+    await delete_webhook(request.app[STORE], request.match_info["webhook_id"])
+    return _data({"id": request.match_info["webhook_id"], "deleted": True})
+
+
+@routes.post("/api/webhooks/{webhook_id}/rotate-secret")
+async def webhooks_rotate(request: web.Request) -> web.Response:
+    """A new secret, shown once; the previous one keeps signing (a second signature) for the grace period."""
+    await _body(request)
+    row, secret = await rotate_webhook_secret(request.app[STORE], request.app[KEYRING],
+                                              request.match_info["webhook_id"],
+                                              request.app[SETTINGS].webhook_rotation_grace_s)
+    return _data(webhook_view(row, secret))
+
+
+@routes.get("/api/webhooks/{webhook_id}/deliveries")
+async def webhooks_deliveries(request: web.Request) -> web.Response:
+    _admin(request)
+    row = await _webhook_or_404(request)
+    rows = await list_deliveries(request.app[STORE], row["id"], status=request.query.get("status"),
+                                 limit=_int_param(request, "limit", 100, 1, 500))
+    return _data([delivery_view(r) for r in rows], next=None)
+
+
+@routes.post("/api/webhooks/{webhook_id}/test")
+async def webhooks_test(request: web.Request) -> web.Response:
+    """Send one `webhook.test` envelope now (no retries) and answer how the receiver took it."""
+    await _body(request)
+    row = await _webhook_or_404(request)
+    return _data(await request.app[WEBHOOKS].send_test(row))

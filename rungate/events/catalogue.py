@@ -347,6 +347,87 @@ class ApprovalDecisionRefused(Event):
     reason: str
 
 
+class WebhookCreated(Event):
+    """A webhook endpoint was registered; its signing secret is stored only AES-256-GCM encrypted (the
+    webhook's id as associated data). It is sent the events recorded after this one (no backfill)."""
+
+    webhook_id: str
+    url: str
+    events: list[str]
+    description: str | None = None
+    enabled: bool = True
+    nonce: str
+    ciphertext: str
+
+
+class WebhookUpdated(Event):
+    """The webhook's URL, event filter, description or enabled flag changed (None: unchanged). Enabling a
+    disabled webhook starts it at this event: what happened while it was disabled is not sent."""
+
+    webhook_id: str
+    url: str | None = None
+    events: list[str] | None = None
+    description: str | None = None
+    enabled: bool | None = None
+
+
+class WebhookSecretRotated(Event):
+    """The webhook got a new signing secret (encrypted like the first); the previous one keeps signing too,
+    as a second signature, until `previous_valid_until`."""
+
+    webhook_id: str
+    nonce: str
+    ciphertext: str
+    previous_valid_until: str
+
+
+class WebhookDeleted(Event):
+    """The webhook was deleted: nothing more is sent to it."""
+
+    webhook_id: str
+
+
+class WebhookDelivered(Event):
+    """The receiver answered 2xx to the event at `event_position` (after `attempts` tries). `cursor` is the
+    webhook's new low-water mark: every event it wants up to that position has reached a final outcome."""
+
+    webhook_id: str
+    delivery_id: str
+    event_id: str
+    event_position: int
+    event: str
+    attempts: int
+    status_code: int | None = None
+    first_attempt_at: str
+    last_attempt_at: str
+    cursor: int
+
+
+class WebhookDeadLettered(Event):
+    """The event at `event_position` was given up on: every attempt failed until the dead-letter horizon.
+    `status_code` and `error` describe the last attempt; `cursor` as in `WebhookDelivered`."""
+
+    webhook_id: str
+    delivery_id: str
+    event_id: str
+    event_position: int
+    event: str
+    attempts: int
+    status_code: int | None = None
+    error: str | None = None
+    first_attempt_at: str
+    last_attempt_at: str
+    cursor: int
+
+
+class WebhookCursorAdvanced(Event):
+    """The webhook's low-water mark moved past a long stretch of events it does not want, so a restart
+    need not read them again."""
+
+    webhook_id: str
+    cursor: int
+
+
 ALL_EVENTS: tuple[type[Event], ...] = (
     AgentCreated,
     AgentTokenRotated,
@@ -377,4 +458,11 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     HeldAnswerRetried,
     ApprovalShadowed,
     ApprovalDecisionRefused,
+    WebhookCreated,
+    WebhookUpdated,
+    WebhookSecretRotated,
+    WebhookDeleted,
+    WebhookDelivered,
+    WebhookDeadLettered,
+    WebhookCursorAdvanced,
 )

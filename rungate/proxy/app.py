@@ -28,6 +28,7 @@ from rungate.readcache import ReadCache
 from rungate.runs import CloseIdleRun, SettleStep
 from rungate.storage import open_store
 from rungate.store import EventStore
+from rungate.webhooks.deliver import WEBHOOKS, Deliverer
 
 log = get_logger("rungate.app")
 SWEEP_INTERVAL_S = 30.0
@@ -77,9 +78,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[AGENTS] = ReadCache(store, "agents", keep_missing=False)  # unknown tokens are not remembered
     app[INFLIGHT] = Inflight()
     sweeper = asyncio.create_task(_sweep_idle_runs(app), name="rungate-idle-sweeper")
+    # Webhooks are sent from the event log by their own task and HTTP session, never on the request path.
+    app[WEBHOOKS] = Deliverer(settings, store, app[KEYRING])
+    await app[WEBHOOKS].start()
     try:
         yield
     finally:
+        await app[WEBHOOKS].stop()  # before the store closes: deliveries cut here are sent again next start
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
