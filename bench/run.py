@@ -58,7 +58,8 @@ DISTINCT_BODIES = 1000
 
 # `--governed`: every rule kind admission enforces, with limits no benchmark call reaches, so each call pays
 # for every check (models, offered tools, steps, repeats, rate windows, run USD and token budgets, the
-# agent's hourly cap) and none is refused.
+# agent's hourly cap, the look-up of a held answer an approval rule makes every call of its runs pay) and
+# none is refused or held.
 GOVERNED_POLICY: dict[str, Any] = {
     "name": "bench-governed",
     "budget": {"hard_limit_usd": "1000000", "hard_limit_tokens": 10**12, "agent_hourly_usd": "1000000"},
@@ -67,6 +68,8 @@ GOVERNED_POLICY: dict[str, Any] = {
     "runaway": {"max_steps": 10**9, "max_repeats": 1000},  # each of the 1000 bodies recurs ~40 times per run
     "rate_limits": {"agent": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12},
                     "run": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12}},
+    "approvals": [{"name": "bench-gate", "tool": "wire_money",
+                   "when": [{"path": "$.amount_usd", "op": "gt", "value": 500}]}],
 }
 
 UPSTREAM = web.AppKey("UPSTREAM", str)
