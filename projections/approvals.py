@@ -1,9 +1,11 @@
 """Approval gates: every gate (`gate_…`) with its decision, and every held answer (`hold_…`) with its state.
 
 A hold is `pending` until each of its gates is approved (then `approved`) or one is rejected or expires as
-rejected (then `rejected`). `open` is 1 while the hold still keeps its run from going idle: pending, or
-approved but not delivered yet. Enforcement reads these rows inside the write transaction (retries of a
-held request, operators' decisions), so they are folded inline like the run state.
+rejected (then `rejected`, and its other pending gates with it: the answer will never be delivered).
+`open` is 1 while the hold is pending: it keeps its run from going idle. A hold's `position` is that of
+the event that held it and never moves, so "the newest hold of a request" is the newest held. Enforcement
+reads these rows inside the write transaction (retries of a held request, operators' decisions), so they
+are folded inline like the run state.
 """
 
 from __future__ import annotations
@@ -84,12 +86,13 @@ class ApprovalsProjection(Projection):
             ("UPDATE gates SET status = ?, decided_by = ?, decided_at = ?, reason = ?, edited_args = ?, position = ?"
              " WHERE id = ? AND status = 'pending'",
              (status, by, rec.recorded_at, reason, edited, rec.position, d["gate_id"])),
-            # The hold is approved once every gate is: still open until the answer is delivered.
+            # The hold is approved once every gate is.
             ("UPDATE holds SET gates_approved = gates_approved + 1,"
              " status = CASE WHEN gates_approved + 1 >= gates_total THEN 'approved' ELSE status END,"
-             " decided_at = CASE WHEN gates_approved + 1 >= gates_total THEN ? ELSE decided_at END, position = ?"
+             " open = CASE WHEN gates_approved + 1 >= gates_total THEN 0 ELSE open END,"
+             " decided_at = CASE WHEN gates_approved + 1 >= gates_total THEN ? ELSE decided_at END"
              " WHERE id = ? AND status = 'pending'",
-             (rec.recorded_at, rec.position, d["hold_id"])),
+             (rec.recorded_at, d["hold_id"])),
         ]
 
     def _reject(self, rec: Recorded, status: str, by: str | None, reason: str | None) -> list[Statement]:
@@ -100,9 +103,13 @@ class ApprovalsProjection(Projection):
              (status, by, rec.recorded_at, reason, rec.position, d["gate_id"])),
             # One rejected gate rejects the whole answer; the first decision names who and why.
             ("UPDATE holds SET status = 'rejected', open = 0, decided_by = ?, reason = ?,"
-             " rule = (SELECT rule FROM gates WHERE id = ?), decided_at = ?, position = ?"
+             " rule = (SELECT rule FROM gates WHERE id = ?), decided_at = ?"
              " WHERE id = ? AND status = 'pending'",
-             (by, reason, d["gate_id"], rec.recorded_at, rec.position, d["hold_id"])),
+             (by, reason, d["gate_id"], rec.recorded_at, d["hold_id"])),
+            # Its other gates are moot: closed with it, so no one is asked to decide them any more.
+            ("UPDATE gates SET status = 'rejected', decided_at = ?, reason = ?, position = ?"
+             " WHERE hold_id = ? AND status = 'pending'",
+             (rec.recorded_at, "another tool call of the same answer was rejected", rec.position, d["hold_id"])),
         ]
 
     def _granted(self, rec: Recorded) -> list[Statement]:
@@ -122,5 +129,4 @@ class ApprovalsProjection(Projection):
     def _retried(self, rec: Recorded) -> list[Statement]:
         if rec.data["outcome"] != "released":
             return []
-        return [("UPDATE holds SET released = released + 1, open = 0, position = ? WHERE id = ?",
-                 (rec.position, rec.data["hold_id"]))]
+        return [("UPDATE holds SET released = released + 1, open = 0 WHERE id = ?", (rec.data["hold_id"],))]

@@ -74,6 +74,11 @@ class RunsProjection(Projection):
             "StepStarted": self._step_started,
             "StepCompleted": self._step_completed,
             "ToolStepLogged": self._tool_step,
+            # A retry of a held request, and a decision on one of its gates, are the run's activity: an
+            # approved answer waits a whole idle window for the agent's retry.
+            "HeldAnswerRetried": self._touched,
+            "ApprovalGranted": self._touched,
+            "ApprovalRejected": self._touched,
         })
 
     def _run_started(self, rec: Recorded) -> list[Statement]:
@@ -83,6 +88,10 @@ class RunsProjection(Projection):
                  " started_at, last_activity_at, position) VALUES (?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)",
                  (d["run_id"], d["agent_id"], int(d["auto"]), _json(ref) if ref else None, ref.get("id"),
                   ref.get("version"), d.get("idle_timeout_s"), rec.recorded_at, rec.recorded_at, rec.position))]
+
+    def _touched(self, rec: Recorded) -> list[Statement]:
+        return [("UPDATE runs SET last_activity_at = ?, position = ? WHERE id = ?",
+                 (rec.recorded_at, rec.position, rec.data["run_id"]))]
 
     def _run_stopped(self, rec: Recorded) -> list[Statement]:
         return [("UPDATE runs SET status = 'stopped', ended_reason = ?, last_activity_at = ?, position = ?"

@@ -54,14 +54,14 @@ class Hold:
 def hold_answer(*, run_id: str, agent_id: str, step_id: str, origin: str, endpoint: str, fingerprint: str,
                 stream: bool, http_status: int, headers: Mapping[str, str], body: bytes,
                 matches: Sequence[GateMatch], policy: CompiledPolicy, now: str) -> Hold:
-    """Hold `body` behind one gate per match (at least one). Expiry: each gate's own; the hold's is the
-    earliest, and it is approved at expiry only when every gate's rule says `on_expiry: approve`."""
+    """Hold `body` behind one gate per match (at least one). Each gate expires by its own rule; the hold's
+    `expires_at` (the earliest) and `on_expiry` are for display: its state is read off its gates."""
     if not matches:
         raise ValueError("a hold needs at least one gate")
     hold_id = new_id("hold")
     gates = tuple(ApprovalRequested(
         gate_id=new_id("gate"), hold_id=hold_id, run_id=run_id, agent_id=agent_id, rule=m.rule, tool=m.tool,
-        tool_call_id=m.tool_call_id, args=m.args, args_text=getattr(m, "args_text", None),
+        tool_call_id=m.tool_call_id, args=m.args, args_text=m.args_text,
         channel=m.channel, expires_at=iso_plus(now, m.expires_in), on_expiry=m.on_expiry, policy=policy.ref)
         for m in matches)
     try:
@@ -86,9 +86,10 @@ def held_body(row: Row) -> bytes:
     return str(row["body"]).encode("utf-8")
 
 
-def _gate_lookup(gate_id: str) -> Lookup:
+def gate_lookup(gate_id: str) -> Lookup:
+    """One gate, as decisions and hold states read it."""
     return Lookup.of("gates", "id", "hold_id", "run_id", "agent_id", "status", "expires_at", "on_expiry",
-                     id=gate_id)
+                     "tool_call_id", "edited_args", id=gate_id)
 
 
 def _expired(gate: Row) -> NewEvent:
@@ -119,6 +120,9 @@ class DecideApproval:
 
     Unknown gate: 404. Already decided: 409 `approval_decided`. Past its expiry: 409 `approval_expired`,
     and the expiry is recorded (what the rule's `on_expiry` makes of it), so a late decision changes nothing.
+    Edited arguments need a call the answer names by id, and a model answer (a logged step is the agent's
+    own call: it is approved or rejected as it is): else 409 `edit_not_applicable`. Whether the edit fits
+    the held answer itself is checked by the caller beforehand (`rungate.proxy.gating.check_edit`).
     """
 
     gate_id: str
@@ -129,12 +133,21 @@ class DecideApproval:
     gate: Row | None = field(default=None, repr=False)
 
     def lookups(self) -> Sequence[Lookup]:
-        return (_gate_lookup(self.gate_id),)
+        return (gate_lookup(self.gate_id),)
+
+    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
+        gate = found[gate_lookup(self.gate_id)]
+        return [] if gate is None or self.edited_args is None else [hold_row_lookup(gate["hold_id"])]
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        gate = self.gate = found[_gate_lookup(self.gate_id)]
+        gate = self.gate = found[gate_lookup(self.gate_id)]
         if gate is None:
             raise NotFound(f"Approval request {self.gate_id} not found.")
+        if self.approve and self.edited_args is not None:
+            hold = found.get(hold_row_lookup(gate["hold_id"]))
+            if gate["tool_call_id"] is None or hold is None or hold["origin"] != "answer":
+                raise Conflict("This call's arguments cannot be edited (a logged step, or a call without an id):"
+                               " approve or reject it as it is.", code="edit_not_applicable")
         if gate["status"] != "pending":
             raise Conflict(f"Approval request {self.gate_id} is already {gate['status']}.", code="approval_decided",
                            extra={"status": gate["status"]})
@@ -156,40 +169,51 @@ class ExpireGate:
     gate_id: str
 
     def lookups(self) -> Sequence[Lookup]:
-        return (_gate_lookup(self.gate_id),)
+        return (gate_lookup(self.gate_id),)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        gate = found[_gate_lookup(self.gate_id)]
+        gate = found[gate_lookup(self.gate_id)]
         if gate is None or gate["status"] != "pending" or gate["expires_at"] > now:
             return ()
         return (_expired(gate),)
 
 
-def _hold_lookup(hold_id: str) -> Lookup:
-    return Lookup.of("holds", "id", "run_id", "status", "expires_at", "on_expiry", "rule", "decided_by", "reason",
-                     "gate_ids", id=hold_id)
+def hold_row_lookup(hold_id: str) -> Lookup:
+    """A hold's state by its id (what a waiting call and its delivery read)."""
+    return Lookup.of("holds", "id", "run_id", "status", "rule", "decided_by", "reason", "gate_ids", "origin",
+                     id=hold_id)
 
 
-@dataclass
-class ExpireHold:
-    """A hold-mode call waited its longest (`RUNGATE_MAX_HOLD_S`): every gate of the hold still pending
-    expires now, with its rule's `on_expiry` outcome, as if its own expiry had come."""
+def gate_lookups(hold: Row) -> list[Lookup]:
+    """The look-ups of every gate of `hold` (a row with `gate_ids`)."""
+    return [gate_lookup(gate_id) for gate_id in orjson.loads(hold["gate_ids"])]
 
-    hold_id: str
 
-    def lookups(self) -> Sequence[Lookup]:
-        return (_hold_lookup(self.hold_id),)
+def gate_state(gate: Row, now: str) -> str:
+    """`pending`, `approved` or `rejected`: one gate as it stands, a gate past its expiry (recorded or not)
+    being what its rule's `on_expiry` makes of it."""
+    status = str(gate["status"])
+    if status == "expired" or (status == "pending" and gate["expires_at"] <= now):
+        return "approved" if gate["on_expiry"] == "approve" else "rejected"
+    return status
 
-    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
-        hold = found[_hold_lookup(self.hold_id)]
-        return [] if hold is None else [_gate_lookup(g) for g in orjson.loads(hold["gate_ids"])]
 
-    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        hold = found[_hold_lookup(self.hold_id)]
-        if hold is None or hold["status"] != "pending":
-            return ()
-        gates = [found.get(_gate_lookup(g)) for g in orjson.loads(hold["gate_ids"])]
-        return tuple(_expired(g) for g in gates if g is not None and g["status"] == "pending")
+def hold_state(hold: Row, gates: Sequence[Row | None], now: str) -> str:
+    """`pending`, `approved` or `rejected`: a held answer is approved once every one of its gates is
+    (each by its own expiry too), rejected as soon as one is. Read off the gates themselves, so an expiry
+    the sweeper has not recorded yet counts at once, and one gate's expiry never decides another's."""
+    if hold["status"] != "pending":
+        return str(hold["status"])
+    states = [gate_state(g, now) for g in gates if g is not None]
+    if len(states) < len(orjson.loads(hold["gate_ids"])):
+        return "pending"  # a gate not read (never the case inside a command that asked for them all)
+    if "rejected" in states:
+        return "rejected"
+    return "approved" if all(state == "approved" for state in states) else "pending"
+
+
+def found_gates(found: Mapping[Lookup, Row | None], hold: Row) -> list[Row | None]:
+    return [found.get(lookup) for lookup in gate_lookups(hold)]
 
 
 @dataclass
@@ -202,26 +226,22 @@ class DeliverHold:
     hold: Row | None = field(default=None, repr=False)
 
     def lookups(self) -> Sequence[Lookup]:
-        return (_hold_lookup(self.hold_id),)
+        return (hold_row_lookup(self.hold_id),)
+
+    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
+        hold = found[hold_row_lookup(self.hold_id)]
+        return [] if hold is None else gate_lookups(hold)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        hold = self.hold = found[_hold_lookup(self.hold_id)]
+        hold = self.hold = found[hold_row_lookup(self.hold_id)]
         if hold is None:
             raise NotFound(f"Hold {self.hold_id} not found.")
-        state = hold_state(hold, now)
+        state = hold_state(hold, found_gates(found, hold), now)
         if state == "pending":
             return ()
         self.outcome = "released" if state == "approved" else "rejected"
         return (NewEvent(_run_stream(hold["run_id"]), HeldAnswerRetried(
             hold_id=self.hold_id, run_id=hold["run_id"], outcome=self.outcome)),)
-
-
-def hold_state(hold: Row, now: str) -> str:
-    """`pending`, `approved` or `rejected`: the hold's state, with an expired pending hold read as its
-    `on_expiry` makes it (the sweeper records the expiry itself)."""
-    if hold["status"] == "pending" and hold["expires_at"] <= now:
-        return "approved" if hold["on_expiry"] == "approve" else "rejected"
-    return str(hold["status"])
 
 
 def refused_decision(gate_id: str, agent_id: str | None, reason: str) -> tuple[NewEvent, ...]:

@@ -26,6 +26,7 @@ from rungate.errors import BadRequest, ConfigError, NotFound, RungateError
 from rungate.log import configure
 from rungate.policy_admin import apply_policy, policy_view
 from rungate.prices import parse_usd
+from rungate.proxy.gating import checked_edit
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.storage import open_store
 from rungate.store import EventStore
@@ -204,6 +205,7 @@ async def _approvals_decide(store: EventStore, gate_id: str, approve: bool, reas
             print("error: --args must be a JSON object: the tool call's new arguments", file=sys.stderr)
             return 2
     decided_by, reason = check_decision(decided_by or "cli", reason, edited)
+    await checked_edit(store, gate_id, edited)
     await store.execute(DecideApproval(gate_id, approve, decided_by, reason, edited))
     return await _approvals_show(store, gate_id)
 

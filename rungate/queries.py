@@ -225,6 +225,14 @@ async def get_hold(store: EventStore, hold_id: str) -> Row | None:
     return await store.fetchone("SELECT * FROM holds WHERE id = ?", (hold_id,))
 
 
+async def hold_progress(store: EventStore, hold_id: str) -> tuple[Row | None, list[Row]]:
+    """What a waiting call polls: its hold's state and its gates' (not the held answer itself)."""
+    hold = await store.fetchone("SELECT id, run_id, status, rule, decided_by, reason, gate_ids, origin FROM holds"
+                                " WHERE id = ?", (hold_id,))
+    gates = await store.fetch("SELECT status, expires_at, on_expiry FROM gates WHERE hold_id = ?", (hold_id,))
+    return hold, gates
+
+
 async def expired_gates(store: EventStore, now: str, limit: int = 500) -> list[str]:
     """Pending gates past their expiry (the sweeper records each one's expiry)."""
     rows = await store.fetch("SELECT id FROM gates WHERE status = 'pending' AND expires_at <= ? LIMIT ?", (now, limit))

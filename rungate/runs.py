@@ -12,11 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
-
 from projections.runs import ALERT_LEVEL, EXCEEDED
 from rungate import budgets
-from rungate.approvals import Hold, hold_answer, hold_state
+from rungate.approvals import Hold, found_gates, gate_lookups, hold_answer, hold_state
 from rungate.clock import iso_minus, parse_iso
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
 from rungate.enforce.rules import (
@@ -110,13 +108,32 @@ def _held_up(found: Mapping[Lookup, Row | None], run_id: str) -> bool | None:
 
 def hold_lookup(run_id: str, fingerprint: str) -> Lookup:
     """The newest held answer of this run for this request fingerprint."""
-    return Lookup.of("holds", "id", "status", "expires_at", "on_expiry", "rule", "decided_by", "reason", "released",
-                     "step_id", "mode", run_id=run_id, fingerprint=fingerprint)
+    return Lookup.of("holds", "id", "status", "rule", "decided_by", "reason", "released", "step_id", "mode",
+                     "gate_ids", run_id=run_id, fingerprint=fingerprint)
+
+
+def _hold_and_gates(found: Mapping[Lookup, Row | None], run_id: str, fingerprint: str,
+                    wanted: list[Lookup]) -> Row | None:
+    """For `more_lookups`: the request's hold, once read, with its gates added to `wanted`."""
+    lookup = hold_lookup(run_id, fingerprint)
+    wanted.append(lookup)
+    hold = found.get(lookup)
+    if hold is not None:
+        wanted.extend(gate_lookups(hold))
+    return hold
+
+
+def held_retry(found: Mapping[Lookup, Row | None], hold: Row, run_id: str, now: str) -> tuple[str, NewEvent]:
+    """A retry of a held request: its hold's state (`pending`, `approved`, `rejected`, read off its gates)
+    and the `HeldAnswerRetried` that records what the retry got."""
+    state = hold_state(hold, found_gates(found, hold), now)
+    return state, NewEvent(run_stream(run_id), HeldAnswerRetried(
+        hold_id=hold["id"], run_id=run_id, outcome="released" if state == "approved" else state))
 
 
 def approval_rejected(run_id: str, hold: Row, now: str, policy: CompiledPolicy | None) -> GovernanceRefusal:
     """The SPEC §4 refusal of a request whose held answer was rejected, or expired unapproved."""
-    expired = hold["status"] == "pending" or (hold["decided_by"] is None and hold["status"] == "rejected")
+    expired = hold["status"] != "rejected" or hold["decided_by"] is None
     reason = "The approval expired before anyone decided." if expired else (hold["reason"] or "No reason given.")
     return GovernanceRefusal(
         f"The tool call this request produced was {'not approved in time' if expired else 'rejected'}: {reason}",
@@ -230,7 +247,7 @@ class AdmitCall:
         if agent["disabled"]:  # refused: only the policy its refusal names is needed
             return wanted
         if policy is not None and policy.approvals and not starting and run is not None:
-            wanted.append(hold_lookup(run["id"], self.facts.fingerprint))
+            _hold_and_gates(found, run["id"], self.facts.fingerprint, wanted)
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
             wanted.append(self._repeats(run["id"], policy.max_repeats))
         if policy is not None:
@@ -361,7 +378,7 @@ class AdmitCall:
         if not starting and self.policy is not None and self.policy.approvals:
             hold = found.get(hold_lookup(self.run_id, f.fingerprint))
             if hold is not None:  # a retry of a held request: neither a step nor a repeat, not charged
-                return self._retry_held(hold, now)
+                return self._retry_held(found, hold, now)
         repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
                    if not starting and self.policy is not None and self.policy.max_repeats is not None else None)
         state = _state(self.run_id, None if starting else run, repeats)
@@ -423,10 +440,8 @@ class AdmitCall:
             policy=None if self.policy is None else self.policy.ref)))
         return events
 
-    def _retry_held(self, hold: Row, now: str) -> list[NewEvent]:
-        outcome = hold_state(hold, now)
-        retried = NewEvent(run_stream(self.run_id), HeldAnswerRetried(
-            hold_id=hold["id"], run_id=self.run_id, outcome="released" if outcome == "approved" else outcome))
+    def _retry_held(self, found: Mapping[Lookup, Row | None], hold: Row, now: str) -> list[NewEvent]:
+        outcome, retried = held_retry(found, hold, self.run_id, now)
         if outcome == "rejected":
             self._refuse(approval_rejected(self.run_id, hold, now, self.policy), rule=f"approvals.{hold['rule']}",
                          extra=[retried])
@@ -567,6 +582,7 @@ class SettleStep:
     budget_from_run: bool = False
     run_after: RunState | None = None
     then: tuple[NewEvent, ...] = ()  # appended with the settlement, only if it happens (a held answer's)
+    settled_now: bool = False  # after `execute`: this command closed the step (and appended `then`)
 
     def __post_init__(self) -> None:
         self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", "reserved_tokens",
@@ -605,6 +621,7 @@ class SettleStep:
             status="abandoned" if self.charge_reservation else "cancelled", provider=step["provider"],
             model=step["model"], usage={}, cost_pusd=step["reserved_pusd"] if self.charge_reservation else 0,
             estimated=self.charge_reservation, latency_ms=0, error=self.reason)
+        self.settled_now = True
         events = [NewEvent(run_stream(step["run_id"]), event), *self.then]
         run = found[self._run] if self._run is not None else None
         if run is None:
@@ -712,7 +729,7 @@ class LogToolStep:
     recorded — it was spent — and a run over its budget refuses the next model call instead.
     A step whose tool call an approval rule gates is held instead of recorded (`held`); the same request
     sent again (`fingerprint`) gets the hold's state (`hold`, `hold_outcome`), and once approved the step is
-    recorded once, under the held step's id, with the approver's edited arguments if any.
+    recorded once, under the held step's id (a logged step is approved or rejected as it is, not edited).
     """
 
     agent_id: str
@@ -752,11 +769,7 @@ class LogToolStep:
         if policy is not None and found[self._run] is not None and budgets.hour_alerts(policy) and self.step.cost_pusd:
             wanted.append(budgets.hour_spend(self.agent_id, now))
         if policy is not None and policy.approvals and found[self._run] is not None and self.fingerprint:
-            held = hold_lookup(self.run_id, self.fingerprint)
-            wanted.append(held)
-            hold = found.get(held)
-            if hold is not None and hold_state(hold, now) == "approved" and not hold["released"]:
-                wanted.append(_step_gate(hold["id"]))
+            _hold_and_gates(found, self.run_id, self.fingerprint, wanted)
         return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
@@ -832,9 +845,7 @@ class LogToolStep:
         return events
 
     def _retry_held(self, hold: Row, run: Row, found: Mapping[Lookup, Row | None], now: str) -> list[NewEvent]:
-        outcome = hold_state(hold, now)
-        retried = NewEvent(run_stream(self.run_id), HeldAnswerRetried(
-            hold_id=hold["id"], run_id=self.run_id, outcome="released" if outcome == "approved" else outcome))
+        outcome, retried = held_retry(found, hold, self.run_id, now)
         if outcome == "rejected":
             raise refusal(self.agent_id, self.run_id, "steps", None,
                           approval_rejected(self.run_id, hold, now, self.policy), rule=f"approvals.{hold['rule']}",
@@ -842,20 +853,12 @@ class LogToolStep:
         self.hold, self.hold_outcome = hold, "pending" if outcome == "pending" else "released"
         if outcome == "pending" or hold["released"]:
             return [retried]
-        # Approved: the held step is recorded now, under its own id, with the arguments the operator left.
-        gate = found.get(_step_gate(hold["id"]))
+        # Approved: the held step is recorded now, once, under its own id (a step's arguments are not edited).
         update: dict[str, Any] = {"step_id": hold["step_id"]}
-        if gate is not None and gate["edited_args"] is not None:
-            update["args"] = orjson.loads(gate["edited_args"])
         if self.policy is not None:
             update["policy"] = self.policy.ref
         self.step = self.step.model_copy(update=update)
         return [*self._logged(run, found, now), retried]
-
-
-def _step_gate(hold_id: str) -> Lookup:
-    """The one gate of a held tool step (its edited arguments)."""
-    return Lookup.of("gates", "edited_args", hold_id=hold_id)
 
 
 @dataclass

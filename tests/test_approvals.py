@@ -261,8 +261,11 @@ async def test_logged_tool_steps_are_gated_the_same_way(gateway: Gateway) -> Non
     assert status == 202 and held["context"]["proposed_action"]["tool"] == "issue_refund"
     validate_response("POST", "/v1/runs/{run_id}/steps", 202, held)
     assert (await post(gateway, token, step, path))[0] == 202
-    assert (await decide(gateway, held["context"]["gate_id"], "approve",
-                         {"edited_args": {"amount_usd": 1500}}))[0] == 200
+    # A logged step is the agent's own call: approved or rejected as it is, never edited behind its back.
+    code, refused = await gateway.admin("POST", f"/api/approval-requests/{held['context']['gate_id']}/approve",
+                                        {"edited_args": {"amount_usd": 1500}})
+    assert code == 409 and refused["error"]["code"] == "edit_not_applicable"
+    assert (await decide(gateway, held["context"]["gate_id"], "approve"))[0] == 200
     status, _, logged = await post(gateway, token, step, path)
     assert status == 201 and logged["data"]["tool"] == "issue_refund"
     again = await post(gateway, token, step, path)
@@ -270,7 +273,7 @@ async def test_logged_tool_steps_are_gated_the_same_way(gateway: Gateway) -> Non
     steps = await queries.run_steps(gateway.app[STORE], "ticket-9")
     assert [s["tool"] for s in steps] == ["lookup", "issue_refund"]
     recorded = await gateway.app[STORE].fetch("SELECT data FROM events WHERE type = 'ToolStepLogged'")
-    assert orjson.loads(recorded[-1]["data"])["args"] == {"amount_usd": 1500}
+    assert orjson.loads(recorded[-1]["data"])["args"] == {"amount_usd": 2000}
 
 
 # --- hold mode: for stock SDKs, which take any 2xx for success ------------------------------------------
@@ -333,17 +336,33 @@ async def test_hold_mode_rejection_is_a_refusal_the_sdks_see(gateway: Gateway) -
     assert "rejected" in str(caught.value)
 
 
-async def test_hold_mode_ends_in_on_expiry_after_the_longest_hold(make_gateway: Any) -> None:
-    gateway = await make_gateway(RUNGATE_MAX_HOLD_S="0.5")
-    token = await setup(gateway, {"approvals": [{**GATED["approvals"][0], "on_expiry": "approve"}]})
+async def test_hold_mode_wait_ends_at_the_gates_own_expiry_with_its_outcome(make_gateway: Any) -> None:
+    gateway = await make_gateway(RUNGATE_MAX_HOLD_S="30")
+    token = await setup(gateway, {"approvals": [{**GATED["approvals"][0], "on_expiry": "approve",
+                                                 "expires_in": 1}]})
     client = openai.AsyncOpenAI(api_key=token, base_url=gateway.url + "/v1", max_retries=0, timeout=30,
                                 default_headers={"x-rungate-run-id": "hold-4", "x-rungate-approval-mode": "hold"})
     answer = await asyncio.wait_for(client.chat.completions.create(**refund_chat(700)), 10)
     assert answer.choices[0].message.tool_calls[0].function.name == "issue_refund"  # type: ignore[index,union-attr]
     code, listing = await gateway.admin("GET", "/api/approval-requests?run_id=hold-4")
     assert [g["status"] for g in listing["data"]] == ["expired"]
-    types = [e["type"] for e in await run_events(gateway, "hold-4")]
-    assert "ApprovalExpired" in types
+
+
+async def test_the_longest_hold_ends_the_wait_not_the_gate(make_gateway: Any) -> None:
+    # An agent's wait must not decide for the operator: the gate stays open past RUNGATE_MAX_HOLD_S.
+    gateway = await make_gateway(RUNGATE_MAX_HOLD_S="0.5")
+    token = await setup(gateway, {"approvals": [{**GATED["approvals"][0], "on_expiry": "approve"}]})
+    client = openai.AsyncOpenAI(api_key=token, base_url=gateway.url + "/v1", max_retries=0, timeout=30,
+                                default_headers={"x-rungate-run-id": "hold-6", "x-rungate-approval-mode": "hold"})
+    answer = await asyncio.wait_for(client.chat.completions.create(**refund_chat(700)), 10)
+    assert answer.choices[0].finish_reason == "content_filter"
+    assert answer.model_extra is not None and answer.model_extra["rungate"]["code"] == "tool_approval_required"
+    code, listing = await gateway.admin("GET", "/api/approval-requests?run_id=hold-6")
+    assert [g["status"] for g in listing["data"]] == ["pending"]
+    types = [e["type"] for e in await run_events(gateway, "hold-6")]
+    assert "ApprovalExpired" not in types and "HeldAnswerRetried" not in types
+    status, _, again = await post(gateway, token, refund_chat(700), **{"x-rungate-run-id": "hold-6"})
+    assert status == 202 and again["context"]["gate_id"] == listing["data"][0]["id"]
 
 
 async def test_a_bad_approval_mode_is_refused(gateway: Gateway) -> None:
@@ -367,8 +386,7 @@ async def test_an_auto_run_waiting_for_approval_is_not_closed_as_idle(make_gatew
     assert again[2]["context"]["gate_id"] == held["context"]["gate_id"]
 
     assert (await decide(gateway, held["context"]["gate_id"], "approve"))[0] == 200
-    await asyncio.sleep(1.2)  # approved but not delivered: still the agent's run
-    released = await post(gateway, token, refund_chat(900))
+    released = await post(gateway, token, refund_chat(900))  # the retry that follows the approval
     assert released[0] == 200 and released[1]["x-rungate-run-id"] == run_id
     await asyncio.sleep(1.2)  # delivered: now it may go idle (the sweeper runs every second here)
     closed = (await gateway.admin("GET", f"/api/runs/{run_id}"))[1]["data"]
@@ -509,3 +527,54 @@ async def test_a_gated_call_the_request_did_not_offer_is_never_delivered(gateway
     # Not streamed, the answer is held as usual.
     status, _, held = await post(gateway, token, unoffered, **{"x-rungate-run-id": "unoffered"})
     assert status == 202 and held["context"]["proposed_action"]["tool"] == "issue_refund"
+
+
+async def test_a_held_back_stream_that_breaks_never_lets_its_gated_call_out(gateway: Gateway) -> None:
+    token = await setup(gateway, {"tools": {"blocked": ["shell_exec"]}})
+    cut = {"model": "mock-gpt", "tools": [REFUND_TOOL], "stream": True, "messages": [{"role": "user", "content":
+           'go [tool:issue_refund {"amount_usd": 1240, "note": "a long note to spread the arguments"}] [cut:40]'}]}
+    status, headers, body = await post(gateway, token, cut, **{"x-rungate-run-id": "leak-1"})
+    assert status == 502 and headers["Content-Type"].startswith("application/json"), body
+    assert b"issue_refund" not in orjson.dumps(body)
+    mixed = {"model": "mock-gpt", "tools": [REFUND_TOOL, {"type": "function", "function": {"name": "shell_exec"}}],
+             "stream": True, "messages": [{"role": "user", "content":
+                                           'go [tool:issue_refund {"amount_usd": 1240}] [tool:shell_exec {}]'}]}
+    status, _, body = await post(gateway, token, mixed, **{"x-rungate-run-id": "leak-2"})
+    assert status == 403 and body["error"]["code"] == "tool_blocked"
+    assert "1240" not in orjson.dumps(body).decode()
+    steps = await queries.run_steps(gateway.app[STORE], "leak-1")
+    assert [s["status"] for s in steps] == ["cut"]
+    # the cut came after the whole call had streamed in: it was there to leak
+    assert [(c["name"], json.loads(c["arguments"])["amount_usd"]) for c in orjson.loads(steps[0]["tool_calls"])] \
+        == [("issue_refund", 1240)]
+
+
+async def test_each_gate_expires_by_its_own_rule(gateway: Gateway) -> None:
+    token = await setup(gateway, {"approvals": [
+        {"name": "quick", "tool": "issue_refund", "expires_in": 1, "on_expiry": "approve"},
+        {"name": "slow", "tool": "wire_money", "expires_in": 3600, "on_expiry": "approve"}]})
+    two = {"model": "mock-gpt", "tools": [REFUND_TOOL], "messages": [{"role": "user", "content":
+           'both [tool:issue_refund {"amount_usd": 1}] [tool:wire_money {"to": "x"}]'}]}
+    held = await post(gateway, token, two, **{"x-rungate-run-id": "own-expiry"})
+    assert held[0] == 202 and len(held[2]["approval_requests"]) == 2
+    await asyncio.sleep(1.1)  # the quick gate expired (approve); the slow one is still someone's to decide
+    again = await post(gateway, token, two, **{"x-rungate-run-id": "own-expiry"})
+    assert again[0] == 202
+    slow = next(r["id"] for r in held[2]["approval_requests"] if r["rule"] == "slow")
+    assert (await decide(gateway, slow, "reject", {"reason": "no wire"}))[0] == 200
+    refused = await post(gateway, token, two, **{"x-rungate-run-id": "own-expiry"})
+    assert refused[0] == 403 and refused[2]["error"]["context"]["reason"] == "no wire"
+    assert upstream_calls(gateway) == 1
+
+
+async def test_the_same_body_on_another_endpoint_is_another_request(gateway: Gateway) -> None:
+    token = await setup(gateway)
+    body = {"model": "claude-haiku-4-5", "max_tokens": 100, "tools": [ANTHROPIC_REFUND_TOOL], "messages": [
+        {"role": "user", "content": 'refund [tool:issue_refund {"amount_usd": 900}]'}]}
+    held = await post(gateway, token, body, **{"x-rungate-run-id": "endpoints"})
+    assert held[0] == 202
+    assert (await decide(gateway, held[2]["context"]["gate_id"], "approve", {"edited_args": {"amount_usd": 9}}))[0] \
+        == 200
+    other = await post(gateway, token, body, "/v1/messages", **{"x-rungate-run-id": "endpoints"})
+    assert other[0] == 202 and other[2]["context"]["gate_id"] != held[2]["context"]["gate_id"]
+    assert upstream_calls(gateway) == 2

@@ -52,7 +52,8 @@ def test_a_refund_over_the_threshold_is_gated_with_the_rules_settings() -> None:
     match = rules.gate("issue_refund", '{"amount_usd": 1240.0, "order": "A-1"}', "call_1")
     # Then the rule gates it and carries everything the gate record needs
     assert match == GateMatch(rule="refund-over-500", tool="issue_refund", tool_call_id="call_1",
-                              args={"amount_usd": 1240.0, "order": "A-1"}, channel="webhook", expires_in=60,
+                              args={"amount_usd": 1240.0, "order": "A-1"}, args_text=None, channel="webhook",
+                              expires_in=60,
                               on_expiry="approve", mode="hold")
 
 
@@ -388,3 +389,20 @@ def test_gate_never_raises_and_always_answers_for_the_tool(arguments: Any) -> No
     match = ALL_OPS.gate("t", arguments)
     assert match is not None and match.rule in ("every-op", "fallback")
     assert ALL_OPS.gate("other", arguments) is None
+
+
+def test_a_shadow_rule_never_hides_an_enforced_rule_after_it() -> None:
+    rules = ApprovalRules([{"name": "watch", "tool": "issue_refund", "mode": "shadow"},
+                           {"name": "refund-over-500", "tool": "issue_refund",
+                            "when": [{"path": "$.amount_usd", "op": "gt", "value": 500}]}])
+    big = rules.gate("issue_refund", '{"amount_usd": 100000}')
+    assert big is not None and (big.rule, big.mode) == ("refund-over-500", "202")
+    small = rules.gate("issue_refund", '{"amount_usd": 5}')
+    assert small is not None and (small.rule, small.mode) == ("watch", "shadow")
+
+
+def test_unreadable_arguments_are_kept_as_text_for_the_approver() -> None:
+    rules = ApprovalRules([{"name": "refund-over-500", "tool": "issue_refund",
+                            "when": [{"path": "$.amount_usd", "op": "gt", "value": 500}]}])
+    match = rules.gate("issue_refund", '{"amount_usd": 9000,')
+    assert match is not None and match.args is None and match.args_text == '{"amount_usd": 9000,'

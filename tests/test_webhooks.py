@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import ipaddress
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -275,6 +276,20 @@ def test_addresses_are_classified_with_embedded_ipv4_judged_as_ipv4(address: str
     assert (reason is None) == (blocked is None), (address, reason)
     if blocked is not None:
         assert reason is not None and blocked in reason
+
+
+async def test_webhook_hosts_are_resolved_on_threads_of_their_own() -> None:
+    # Given the loop's default executor taken up entirely (as a receiver with slow DNS could)
+    loop = asyncio.get_running_loop()
+    gate = threading.Event()
+    busy = [loop.run_in_executor(None, gate.wait, 5) for _ in range(64)]
+    try:
+        # Then a webhook host still resolves, and is still judged
+        with pytest.raises(BlockedAddress):
+            await asyncio.wait_for(GuardedResolver().resolve("localhost", 80), 3)
+    finally:
+        gate.set()
+        await asyncio.gather(*busy)
 
 
 async def test_the_delivery_resolver_refuses_a_name_that_resolves_to_loopback() -> None:

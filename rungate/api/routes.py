@@ -26,6 +26,7 @@ from rungate.openapi import load_spec
 from rungate.policy_admin import DeletePolicy, apply_policy, policy_view
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
+from rungate.proxy.gating import checked_edit
 from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.store import Append
@@ -409,8 +410,9 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
                                         body.get("edited_args") if approve else None)
     if not approve and "edited_args" in body:
         raise BadRequest("edited_args only applies to an approval.", code="invalid_edited_args")
-    await request.app[STORE].execute(DecideApproval(gate_id, approve, decided_by, reason,
-                                                    body.get("edited_args") if approve else None))
+    edited = body.get("edited_args") if approve else None
+    await checked_edit(request.app[STORE], gate_id, edited)
+    await request.app[STORE].execute(DecideApproval(gate_id, approve, decided_by, reason, edited))
     return _data(approval_view(await _approval_or_404(request, gate_id), now_iso()))
 
 

@@ -155,6 +155,7 @@ class GateMatch:
     tool: str                  # the tool name as the model/agent called it
     tool_call_id: str | None
     args: Any                  # the parsed arguments (usually a dict); None when they could not be parsed
+    args_text: str | None      # the arguments as sent, when they could not be parsed (for the approver to see)
     channel: str
     expires_in: int
     on_expiry: str             # "reject" | "approve"
@@ -311,7 +312,8 @@ class ApprovalRules:
 
     def gate(self, tool: str, arguments: str | Mapping[str, Any] | None,
              tool_call_id: str | None = None) -> GateMatch | None:
-        """The first rule, in document order, that gates this tool call; None when no rule does.
+        """The first rule, in document order, that gates this tool call — the first enforced one, else the
+        first shadow one (a shadow rule never hides an enforced rule after it); None when no rule does.
 
         `arguments` as the model sent them: JSON text (OpenAI `function.arguments`; empty or blank text is
         `{}`) or a decoded object (Anthropic `input`); None is `{}`. A rule gates when its tool pattern
@@ -322,10 +324,21 @@ class ApprovalRules:
         if not rules:
             return None
         args, readable = _decode(arguments)
+        text = None if readable else (arguments.decode(errors="replace") if isinstance(arguments, bytes | bytearray)
+                                      else arguments if isinstance(arguments, str) else None)
         deadline = _Deadline()
+        shadowed: _Rule | None = None
         for rule in rules:
-            if not readable or all(condition.holds(args, deadline) for condition in rule.when):
-                return GateMatch(rule=rule.name, tool=tool, tool_call_id=tool_call_id, args=args,
-                                 channel=rule.channel, expires_in=rule.expires_in, on_expiry=rule.on_expiry,
-                                 mode=rule.mode)
-        return None
+            if shadowed is not None and rule.mode == "shadow":
+                continue
+            if readable and not all(condition.holds(args, deadline) for condition in rule.when):
+                continue
+            if rule.mode != "shadow":  # an enforced rule wins over any shadow rule before it
+                return self._match(rule, tool, tool_call_id, args, text)
+            shadowed = rule
+        return None if shadowed is None else self._match(shadowed, tool, tool_call_id, args, text)
+
+    @staticmethod
+    def _match(rule: _Rule, tool: str, tool_call_id: str | None, args: Any, text: str | None) -> GateMatch:
+        return GateMatch(rule=rule.name, tool=tool, tool_call_id=tool_call_id, args=args, args_text=text,
+                         channel=rule.channel, expires_in=rule.expires_in, on_expiry=rule.on_expiry, mode=rule.mode)

@@ -12,6 +12,7 @@ Contracts shared by everything here:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,6 +381,15 @@ class _StreamMeter:
         """Tool calls accumulated so far (a new list each time)."""
         return []
 
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        """The names of the tool calls seen so far, in order: cheap (no arguments are joined), for watching a
+        stream event by event."""
+        return tuple(acc.name for acc in self._accumulators())
+
+    def _accumulators(self) -> Iterable[_CallAcc]:
+        return ()
+
     def feed(self, event: SSEEvent) -> bool:
         """Meter one event; return True to forward it to the client."""
         raise NotImplementedError
@@ -430,6 +440,9 @@ class ChatStreamMeter(_StreamMeter):
     @property
     def tool_calls(self) -> list[ToolCall]:
         return [self._calls[key].to_call() for key in sorted(self._calls)]
+
+    def _accumulators(self) -> Iterable[_CallAcc]:
+        return (self._calls[key] for key in sorted(self._calls))
 
     def feed(self, event: SSEEvent) -> bool:
         if event.is_comment:
@@ -521,6 +534,9 @@ class ResponsesStreamMeter(_StreamMeter):
     def tool_calls(self) -> list[ToolCall]:
         return [acc.to_call() for acc in self._calls.values()]
 
+    def _accumulators(self) -> Iterable[_CallAcc]:
+        return self._calls.values()
+
     def feed(self, event: SSEEvent) -> bool:
         if event.is_comment:
             return True
@@ -610,6 +626,9 @@ class MessagesStreamMeter(_StreamMeter):
     @property
     def tool_calls(self) -> list[ToolCall]:
         return [self._calls[i].to_call(self._start_inputs.get(i, "{}")) for i in sorted(self._calls)]
+
+    def _accumulators(self) -> Iterable[_CallAcc]:
+        return (self._calls[i] for i in sorted(self._calls))
 
     def estimated_usage(self, input_estimate: int) -> Usage:
         usage = self._usage

@@ -11,12 +11,14 @@ from typing import Any
 
 import orjson
 
+from rungate import queries
 from rungate.approvals import RETRY_AFTER_S, held_body
 from rungate.enforce.gates import GateMatch
 from rungate.enforce.policy import CompiledPolicy
+from rungate.errors import Conflict, StoreError
 from rungate.providers.metering import ToolCall
 from rungate.proxy.held import rewrite_answer, rewrite_stream
-from rungate.store import Row
+from rungate.store import EventStore, Row
 
 APPROVAL_MODE_HEADER = "x-rungate-approval-mode"
 APPROVAL_MODES = ("202", "hold")
@@ -70,14 +72,39 @@ def awaiting_body(run_id: str, hold_id: str, gates: Sequence[Mapping[str, Any]])
     }
 
 
-def released_answer(fmt: str, hold: Row, gates: Sequence[Row]) -> bytes:
-    """The held answer's bytes, with each approved gate's `edited_args` in place of what the model sent."""
+def _rewritten(hold: Row, edits: Mapping[str, Any]) -> bytes:
     body = held_body(hold)
-    edits = {g["tool_call_id"]: orjson.loads(g["edited_args"]) for g in gates
-             if g["edited_args"] is not None and g["tool_call_id"] is not None}
     if not edits:
         return body
+    fmt = str(hold["endpoint"])
     return rewrite_stream(fmt, body, edits) if hold["stream"] else rewrite_answer(fmt, body, edits)
+
+
+def released_answer(hold: Row, gates: Sequence[Row]) -> bytes:
+    """The held answer's bytes, with each approved gate's `edited_args` in place of what the model sent
+    (in the format it was held in; `check_edit` made sure at approval that each edit applies)."""
+    edits = {g["tool_call_id"]: orjson.loads(g["edited_args"]) for g in gates
+             if g["edited_args"] is not None and g["tool_call_id"] is not None}
+    try:
+        return _rewritten(hold, edits)
+    except ValueError as exc:
+        raise StoreError(f"the held answer cannot be released: {exc}", status=500, code="held_answer_unreadable") \
+            from None
+
+
+def check_edit(hold: Row, gate: Row, edited: Mapping[str, Any]) -> None:
+    """409 `edit_not_applicable` unless replacing this gate's call arguments with `edited` changes the held
+    answer exactly there (a call the answer names by id, in a format the rewriter reads)."""
+    if gate["tool_call_id"] is None or hold["origin"] != "answer":
+        raise Conflict("This call's arguments cannot be edited (a logged step, or a call without an id): approve"
+                       " or reject it as it is.", code="edit_not_applicable")
+    try:
+        changed = _rewritten(hold, {gate["tool_call_id"]: dict(edited)})
+    except ValueError as exc:
+        raise Conflict(f"The edited arguments cannot be put into the held answer: {exc}",
+                       code="edit_not_applicable") from None
+    if changed == held_body(hold) and gate["args"] != orjson.dumps(dict(edited), option=orjson.OPT_SORT_KEYS).decode():
+        raise Conflict("The held answer has no call with this id to edit.", code="edit_not_applicable")
 
 
 def refusal_answer(fmt: str, model: str, hold_id: str, message: str, code: str = "approval_rejected") -> bytes:
@@ -108,3 +135,14 @@ def refusal_answer(fmt: str, model: str, hold_id: str, message: str, code: str =
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
     body["rungate"] = outcome
     return orjson.dumps(body)
+
+
+async def checked_edit(store: EventStore, gate_id: str, edited: Mapping[str, Any] | None) -> None:
+    """`check_edit` for an operator's decision, reading the gate and its hold (a held answer never changes,
+    so reading it outside the decision's transaction is sound). Unknown gate: left to the decision (404)."""
+    if edited is None:
+        return
+    gate = await queries.get_approval_request(store, gate_id)
+    hold = None if gate is None else await queries.get_hold(store, gate["hold_id"])
+    if gate is not None and hold is not None:
+        check_edit(hold, gate, edited)

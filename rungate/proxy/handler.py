@@ -24,13 +24,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from rungate import queries
-from rungate.approvals import RETRY_AFTER_S, DeliverHold, ExpireHold, Hold, hold_answer, hold_state
+from rungate.approvals import RETRY_AFTER_S, DeliverHold, Hold, hold_answer, hold_state
 from rungate.auth import authenticate_agent
 from rungate.clock import now_iso
 from rungate.enforce.policy import CompiledPolicy
 from rungate.enforce.rules import RunState, budget_limit_pusd
 from rungate.enforce.tools import offered_tools
-from rungate.errors import BadRequest, GovernanceRefusal, ProviderError, StoreError
+from rungate.errors import BadRequest, GovernanceRefusal, ProviderError, RungateError, StoreError
 from rungate.events import NewEvent
 from rungate.events.catalogue import ApprovalShadowed, StepCompleted
 from rungate.ids import is_valid_client_id
@@ -68,6 +68,8 @@ _TRUE = {"1", "true", "yes"}
 _MAX_MODEL_CHARS = 256
 _POLICY_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 SETTLE_ATTEMPTS = 3
+_ANSWERED = ("ok", "held", "blocked")  # the provider answered in full: its usage should have come with it
+MAX_HELD_BYTES = 16 * 1024 * 1024  # the most of a streamed answer held back while its tool calls are unknown
 HOLD_POLL_S = 0.25  # how often a held (hold-mode) call looks at its gates
 HOLD_KEEPALIVE_S = 1.0  # how often it writes a keep-alive (read timeouts reset on any byte)
 
@@ -260,8 +262,10 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     choices = _choices(body, fmt)
     # Every choice may use the whole output limit; with no limit known the worst case has no bound.
     worst = prices.max_cost_pico(model, input_estimate, (out_limit or 0) * choices)
-    # The request's fingerprint is canonical (keys sorted): a retry is the same request whatever the key order.
-    fingerprint = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    # The request's fingerprint: its endpoint and its canonical body (keys sorted), so a retry is the same
+    # request whatever its key order, and the same body sent to another endpoint is another request.
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    fingerprint = hashlib.sha256(fmt.name.encode() + b"\n" + canonical).hexdigest()
     offered = offered_tools(body)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
@@ -382,8 +386,8 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             usage = call.fmt.usage(parsed)
             tool_calls = call.fmt.tool_calls(parsed)
             blocked = _blocked_tool(call, tool_calls)
-            gated, then = _gates(call, tool_calls, upstream.status, headers, payload) if blocked is None \
-                else (None, ())
+            gated, then = _gates(call, tool_calls, upstream.status, headers, payload, stream=False) \
+                if blocked is None else (None, ())
             status = "blocked" if blocked is not None else "held" if gated is not None else "ok"
             await _settle(store, prices, call, status=status, http_status=upstream.status,
                           usage=usage if usage is not None else Usage(input=call.input_estimate),
@@ -398,7 +402,7 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
 
 
 def _gates(call: Call, tool_calls: Sequence[ToolCall], http_status: int, headers: CIMultiDict[str],
-           body: bytes) -> tuple[Hold | None, tuple[NewEvent, ...]]:
+           body: bytes, *, stream: bool) -> tuple[Hold | None, tuple[NewEvent, ...]]:
     """The hold for an answer that calls a gated tool (None: deliver it), and the events to append with the
     step's settlement: the hold's, and a record of each call a shadow rule would have held."""
     enforced, shadowed = gate_matches(call.policy, tool_calls)
@@ -413,7 +417,7 @@ def _gates(call: Call, tool_calls: Sequence[ToolCall], http_status: int, headers
     assert call.policy is not None
     kept = {k: v for k, v in headers.items() if k.lower() not in ("content-length", "content-encoding")}
     hold = hold_answer(run_id=call.run_id, agent_id=call.agent_id, step_id=call.step_id, origin="answer",
-                       endpoint=call.fmt.name, fingerprint=call.fingerprint, stream=call.stream,
+                       endpoint=call.fmt.name, fingerprint=call.fingerprint, stream=stream,
                        http_status=http_status, headers=kept, body=body, matches=enforced, policy=call.policy,
                        now=now_iso())
     return hold, (*then, *hold.events)
@@ -436,9 +440,11 @@ async def _awaiting(request: web.Request, call: Call, hold: Hold) -> web.StreamR
 async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> web.StreamResponse:
     """Hold mode (for stock SDKs, which take any 2xx for success): answer 200 at once, keep the connection
     alive — SSE comments on a stream, whitespace before a JSON body otherwise — until the gates are decided
-    or `RUNGATE_MAX_HOLD_S` has passed (then the rules' `on_expiry` applies), then send the held answer, or a
+    (a gate's own expiry decides it as its rule's `on_expiry` says), then send the held answer, or a
     refusal: an in-stream error event the SDK raises, or for a plain call an answer that refuses
-    (`refusal_answer`). A client that leaves loses nothing: the hold stays, and a retry finds it."""
+    (`refusal_answer`). After `RUNGATE_MAX_HOLD_S` the wait ends with a refusal saying the approval is still
+    pending — the gate stays open (a client's timeout must not decide it), and a retry finds it. A client
+    that leaves loses nothing either. The kill switch ends the wait with its own refusal."""
     store, settings = request.app[STORE], request.app[SETTINGS]
     headers = rungate_headers(call)
     headers["Content-Type"] = "text/event-stream" if call.stream else "application/json"
@@ -449,39 +455,40 @@ async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> 
     keepalive = b": awaiting approval\n\n" if call.stream else b" \n"
     deadline = time.monotonic() + settings.max_hold_s
     written = time.monotonic()
-    expired = False
     inflight = request.app[INFLIGHT]
     call.holding = True
     inflight.add(call)  # the kill switch ends the wait too
     try:
         await response.write(keepalive)
-        while not call.stopped:
-            hold = await queries.get_hold(store, hold_id)
-            if hold is None or hold_state(hold, now_iso()) != "pending" or expired:
+        state = "pending"
+        while not call.stopped and time.monotonic() < deadline:
+            hold, gates = await queries.hold_progress(store, hold_id)
+            state = "pending" if hold is None else hold_state(hold, gates, now_iso())
+            if state != "pending":
                 break
-            if time.monotonic() >= deadline:
-                await store.execute(ExpireHold(hold_id))  # waited its longest: `on_expiry` decides now
-                expired = True  # one more look, then whatever the hold says (still pending: refused)
-                continue
             if time.monotonic() - written >= HOLD_KEEPALIVE_S:
                 await response.write(keepalive)
                 written = time.monotonic()
             await asyncio.sleep(HOLD_POLL_S)
-        if call.stopped:  # the kill switch: the run's calls end now, this one too
-            message = force_stopped(call.run_id, call.policy).message
-            await response.write_eof(stream_error_event(call.fmt, message, code="run_force_stopped") if call.stream
-                                     else refusal_answer(call.fmt.name, call.target.model, hold_id, message,
-                                                         code="run_force_stopped"))
+        if call.stopped or state == "pending":
+            code = "run_force_stopped" if call.stopped else "tool_approval_required"
+            message = (force_stopped(call.run_id, call.policy).message if call.stopped else
+                       f"The tool call still awaits approval after {settings.max_hold_s:g} s; send the same"
+                       " request again to go on waiting, or to get the answer once approved.")
+            await response.write_eof(stream_error_event(call.fmt, message, code=code) if call.stream
+                                     else refusal_answer(call.fmt.name, call.target.model, hold_id, message, code))
             return response
         delivery = DeliverHold(hold_id)
         await store.execute(delivery)
-        assert delivery.hold is not None
         if delivery.outcome == "released":
             full = await queries.get_hold(store, hold_id)
-            assert full is not None
-            body = released_answer(call.fmt.name, full, await queries.hold_gates(store, hold_id))
+            if full is None:
+                raise StoreError("the held answer is not readable right now", status=503, code="store_unavailable")
+            body = released_answer(full, await queries.hold_gates(store, hold_id))
             await response.write_eof(body + _trailer(call) if call.stream else body)
             return response
+        if delivery.hold is None:  # DeliverHold read it, or raised
+            raise StoreError("the hold is not readable right now", status=503, code="store_unavailable")
         message = approval_rejected(call.run_id, delivery.hold, now_iso(), call.policy).message
         if call.stream:
             await response.write_eof(stream_error_event(call.fmt, message, code="approval_rejected"))
@@ -512,7 +519,7 @@ async def _from_hold(request: web.Request, call: Call, admit: AdmitCall) -> web.
         if (call.approval_mode or hold["mode"]) == "hold":
             return await _wait_for_decision(request, call, hold["id"])
         return _awaiting_response(call, hold["id"], gates)
-    body = released_answer(call.fmt.name, hold, gates)
+    body = released_answer(hold, gates)
     headers: CIMultiDict[str] = CIMultiDict(orjson.loads(hold["headers"]))
     headers.update(rungate_headers(call))
     if not hold["stream"]:
@@ -535,12 +542,33 @@ class _ToolBlocked(Exception):
         self.gated = gated
 
 
-def _unoffered_gated_tool(call: Call, tool_calls: Sequence[ToolCall]) -> str | None:
+def _withheld_refusal(call: Call, status: str, withheld: _ToolBlocked | None, http_status: int,
+                      error: str | None) -> RungateError:
+    """The error for a held-back stream that did not end cleanly: what a plain call would have got."""
+    if status == "stopped":
+        refusal = force_stopped(call.run_id, call.policy)
+        refusal.headers.update(rungate_headers(call))
+        return refusal
+    if status == "blocked" and withheld is not None and not withheld.gated:
+        return _tool_refusal(call, withheld.tool)
+    return _provider_error(call, "The provider's answer broke off before it was complete.", http_status,
+                           error or status)
+
+
+def _unoffered_gated_name(call: Call, names: Sequence[str]) -> str | None:
     """The first tool an answer calls that an approval rule (enforced) may gate, when the stream was not held
     back for it (the request did not offer it)."""
-    assert call.policy is not None
-    rules = call.policy.approvals
-    return next((t.name for t in tool_calls if t.name and rules.enforces(t.name)), None)
+    if call.policy is None:
+        return None
+    return next((name for name in names if name and call.policy.approvals.enforces(name)), None)
+
+
+def _blocked_name(call: Call, names: Sequence[str]) -> str | None:
+    """The first of these tool names the run's policy blocks (enforced), if any."""
+    policy = call.policy
+    if policy is None or not _blocks_tools(policy):
+        return None
+    return next((name for name in names if name and policy.tools_blocked.blocked(name)), None)
 
 
 def _blocks_tools(policy: CompiledPolicy | None) -> bool:
@@ -550,10 +578,7 @@ def _blocks_tools(policy: CompiledPolicy | None) -> bool:
 
 def _blocked_tool(call: Call, tool_calls: Sequence[ToolCall]) -> str | None:
     """The first tool the answer calls that the run's policy blocks (enforced), if any."""
-    policy = call.policy
-    if policy is None or not _blocks_tools(policy):
-        return None
-    return next((t.name for t in tool_calls if t.name and policy.tools_blocked.blocked(t.name)), None)
+    return _blocked_name(call, [t.name for t in tool_calls])
 
 
 def _tool_refusal(call: Call, tool: str) -> GovernanceRefusal:
@@ -612,27 +637,32 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     status, error = "ok", None
     # Only a call under a policy that blocks tools (enforced) pays for watching the tool calls of a stream;
     # one under approval rules whose stream was relayed as it came (it offered no gated tool) watches for a
-    # gated tool all the same: a model that calls one anyway is cut before the call goes out.
+    # gated tool all the same: a model that calls one anyway is cut before the call goes out. Names are
+    # looked at only when a new one appears.
     watch_tools = _blocks_tools(call.policy)
     watch_gates = buffered is None and call.policy is not None and bool(call.policy.approvals)
+    seen_names: tuple[str, ...] = ()
+    held_bytes = 0
+    withheld: _ToolBlocked | None = None
 
     async def relay(events: Sequence[Any]) -> None:
         """Forward the complete events of one upstream read in one write (nothing waits for more)."""
-        nonlocal held_done
+        nonlocal held_done, seen_names
         out: list[bytes] = []
         for event in events:
             if not meter.feed(event):
                 continue
-            blocked = _blocked_tool(call, meter.tool_calls) if watch_tools else None
-            if blocked is not None:
-                if out:
-                    await emit(b"".join(out))
-                raise _ToolBlocked(blocked)  # this event names a blocked tool: it is not relayed
-            gated = _unoffered_gated_tool(call, meter.tool_calls) if watch_gates else None
-            if gated is not None:
-                if out:
-                    await emit(b"".join(out))
-                raise _ToolBlocked(gated, gated=True)
+            if watch_tools or watch_gates:
+                names = meter.tool_names
+                if names != seen_names:
+                    seen_names = names
+                    blocked = _blocked_name(call, names) if watch_tools else None
+                    gated = _unoffered_gated_name(call, names) if watch_gates and blocked is None else None
+                    if blocked is not None or gated is not None:
+                        if out:
+                            await emit(b"".join(out))
+                        # this event names a blocked (or unoffered gated) tool: it is not relayed
+                        raise _ToolBlocked(blocked or gated or "", gated=gated is not None)
             if call.fmt is CHAT and event.data.strip() == "[DONE]":
                 held_done = event.raw  # written after settlement, with the trailer
                 continue
@@ -641,10 +671,14 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             await emit(b"".join(out))
 
     async def emit(data: bytes) -> None:
-        if buffered is not None:
-            buffered.append(data)
-        else:
+        nonlocal held_bytes
+        if buffered is None:
             await _send(response, data)
+            return
+        held_bytes += len(data)
+        if held_bytes > MAX_HELD_BYTES:
+            raise ValueError(f"the answer is over {MAX_HELD_BYTES} bytes, more than can be held for approval")
+        buffered.append(data)
 
     try:
         try:
@@ -658,6 +692,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         except ValueError as exc:  # an SSE event beyond the parser's size bound
             status, error = "cut", f"upstream stream unreadable: {exc}"
         except _ToolBlocked as exc:
+            withheld = exc
             status, error = "blocked", (f"the answer called {exc.tool}, which needs approval, without the request"
                                         " offering it" if exc.gated else f"the answer called a blocked tool"
                                                                           f" ({exc.tool})")
@@ -673,7 +708,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         then: tuple[NewEvent, ...] = ()
         if buffered is not None and status == "ok":
             gated, then = _gates(call, meter.tool_calls, upstream.status, answer_headers,
-                                 b"".join(buffered) + (held_done or b""))
+                                 b"".join(buffered) + (held_done or b""), stream=True)
             if gated is not None:
                 status, error = "held", None
         try:
@@ -685,13 +720,17 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             status, error = "cut", "the step could not be recorded"
         if gated is not None:
             return await _awaiting(request, call, gated)
+        if buffered is not None and status != "ok":
+            # Held back in case it called a gated tool, and it did not end cleanly: none of it goes out (its
+            # tool calls were never judged whole); nothing was sent yet, so the agent gets a plain error.
+            raise _withheld_refusal(call, status, withheld, upstream.status, error)
         # The ending goes out in one write with the end of the body (one send, not three).
         tail: list[bytes] = []
         if status == "cut":
             tail.append(stream_error_event(call.fmt, "The stream broke off before the end."))
         elif status == "stopped":
             tail.append(stream_error_event(call.fmt, "An operator stopped this run; the stream ends here."))
-        elif status == "blocked" and error is not None and "needs approval" in error:
+        elif withheld is not None and withheld.gated:
             tail.append(stream_error_event(call.fmt, "The answer called a tool that needs approval, which the"
                                                      " request did not offer; the stream ends here.",
                                            code="tool_approval_required"))
@@ -773,8 +812,8 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
         return
     cost = prices.cost_pico(call.target.model, usage)
     unpriced = cost is None
-    if estimated and status == "ok" and call.reserved_pusd:
-        # Usage missing from a successful answer: charge the reservation.
+    if estimated and status in _ANSWERED and call.reserved_pusd:
+        # Usage missing from a complete answer (delivered, held or withheld): charge the reservation.
         cost = max(cost or 0, call.reserved_pusd)
     if charge is not None:
         cost = max(cost or 0, charge)
@@ -789,6 +828,11 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
             settle = SettleStep(call.step_id, event, run_id=call.run_id if call.policy is not None else None,
                                 then=tuple(then))
             await store.execute(settle, metadata={"agent_id": call.agent_id})
+            if then and not settle.settled_now:
+                # Someone else closed the step first (the sweeper, after a very long call): what was to be
+                # recorded with it (a hold) was not, so it must not be acted on.
+                raise StoreError("the step was closed before its answer could be recorded", status=503,
+                                 code="store_unavailable")
             if settle.run_after is not None and call.budget is not None:
                 call.budget.settled(settle.run_after)
             break

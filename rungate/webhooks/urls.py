@@ -19,8 +19,10 @@ read one URL two ways.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp.abc import ResolveResult
@@ -114,8 +116,7 @@ async def check_webhook_url(raw: Any, *, allow_private: bool) -> str:
         addresses = [literal]
     else:
         try:
-            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
-                host, url.port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S)
+            infos = await asyncio.wait_for(_getaddrinfo(host, url.port or 0), RESOLVE_TIMEOUT_S)
         except (OSError, TimeoutError, UnicodeError):
             raise _invalid(f"`url`: the host {host} does not resolve.") from None
         addresses = [a for a in (_address(str(info[4][0])) for info in infos) if a is not None]
@@ -134,12 +135,33 @@ def _invalid(message: str) -> BadRequest:
     return BadRequest(message, code="invalid_webhook_url")
 
 
+# Webhook hosts are resolved on threads of their own: a receiver's slow DNS must not take the threads the
+# proxy's own upstream look-ups run on (the loop's default executor).
+_DNS_THREADS = 4
+_dns_pool: ThreadPoolExecutor | None = None
+
+
+async def _getaddrinfo(host: str, port: int, family: int = socket.AF_UNSPEC,
+                       flags: int = 0) -> list[tuple[Any, ...]]:
+    global _dns_pool
+    if _dns_pool is None:
+        _dns_pool = ThreadPoolExecutor(max_workers=_DNS_THREADS, thread_name_prefix="rungate-webhook-dns")
+    lookup = functools.partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, flags)
+    return await asyncio.get_running_loop().run_in_executor(_dns_pool, lookup)
+
+
 class GuardedResolver(ThreadedResolver):
-    """The deliverer's resolver: the loop's `getaddrinfo`, refusing a host with any non-public address."""
+    """The deliverer's resolver: its own threads' `getaddrinfo`, refusing a host with any non-public address."""
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await super().resolve(host, port, family)
+        infos = await _getaddrinfo(host, port, family, socket.AI_ADDRCONFIG)
+        results: list[ResolveResult] = []
+        for fam, _, proto, _, address in infos:
+            results.append(ResolveResult(hostname=host, host=str(address[0]), port=int(address[1]), family=fam,
+                                         proto=proto, flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+        if not results:
+            raise OSError(f"{host} does not resolve")
         for result in results:
             address = _address(result["host"])
             reason = "an address that cannot be read" if address is None else blocked_reason(address)
