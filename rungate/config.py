@@ -45,7 +45,7 @@ SETTINGS_DOC: tuple[tuple[str, str, str, str], ...] = (
     ("upstream_timeout_s", "RUNGATE_UPSTREAM_TIMEOUT_S", "600",
      "Seconds the provider may stay silent (before answering or between stream chunks)."),
     ("max_hold_s", "RUNGATE_MAX_HOLD_S", "540",
-     "Longest a hold-mode call waits for its approval before its rule's `on_expiry` applies."),
+     "Longest a hold-mode call waits for its approval (then it is told the approval is still pending)."),
     ("webhook_allow_private", "RUNGATE_WEBHOOK_ALLOW_PRIVATE", "false",
      "`true` lets webhooks target loopback, private, link-local and other non-public addresses."),
     ("webhook_rotation_grace_s", "RUNGATE_WEBHOOK_ROTATION_GRACE_S", "86400",

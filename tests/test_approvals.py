@@ -126,13 +126,16 @@ async def test_gated_answer_is_held_then_released_once_approved(gateway: Gateway
 async def test_ten_concurrent_retries_after_approval_make_no_upstream_call(gateway: Gateway) -> None:
     token = await setup(gateway)
     body = refund_chat(900)
-    status, _, held = await post(gateway, token, body, **{"x-rungate-run-id": "ticket-2"})
-    assert status == 202
+    status, held_headers, held = await post(gateway, token, body, **{"x-rungate-run-id": "ticket-2"})
+    assert status == 202 and held_headers["x-rungate-cost-usd"] != "0"
     assert (await decide(gateway, held["context"]["gate_id"], "approve"))[0] == 200
 
     answers = await asyncio.gather(*(post(gateway, token, body, **{"x-rungate-run-id": "ticket-2"})
                                      for _ in range(10)))
     assert [a[0] for a in answers] == [200] * 10
+    # each retry names the step that produced the answer, and adds no cost of its own
+    assert {(a[1]["x-rungate-step-id"], a[1]["x-rungate-cost-usd"], a[1]["x-rungate-tokens-used"])
+            for a in answers} == {(held_headers["x-rungate-step-id"], "0", "0")}
     assert len({orjson.dumps(a[2]) for a in answers}) == 1  # the same held answer, ten times
     assert upstream_calls(gateway) == 1
 

@@ -406,3 +406,43 @@ def test_unreadable_arguments_are_kept_as_text_for_the_approver() -> None:
                             "when": [{"path": "$.amount_usd", "op": "gt", "value": 500}]}])
     match = rules.gate("issue_refund", '{"amount_usd": 9000,')
     assert match is not None and match.args is None and match.args_text == '{"amount_usd": 9000,'
+
+
+def test_custom_tool_calls_are_read_and_gated_fail_closed() -> None:
+    from rungate.enforce.tools import offered_tools
+    from rungate.providers.metering import (
+        ChatStreamMeter,
+        ResponsesStreamMeter,
+        tool_calls_from_chat,
+        tool_calls_from_responses,
+    )
+    from rungate.providers.sse import SSEParser
+
+    rules = ApprovalRules([{"name": "refund-over-500", "tool": "issue_refund",
+                            "when": [{"path": "$.amount_usd", "op": "gt", "value": 500}]}])
+    # Given custom tools (free-form input, not JSON arguments), offered and called in chat and Responses
+    assert offered_tools({"tools": [{"type": "custom", "custom": {"name": "issue_refund"}}]}) == ("issue_refund",)
+    chat = {"choices": [{"message": {"tool_calls": [
+        {"id": "call_c", "type": "custom", "custom": {"name": "issue_refund", "input": "refund 9000 USD"}}]}}]}
+    responses = {"output": [{"type": "custom_tool_call", "call_id": "call_r", "name": "issue_refund",
+                             "input": "refund 9000 USD"}]}
+    stream = (b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_s","type":"custom",'
+              b'"custom":{"name":"issue_refund","input":"refund "}}]}}]}\n\n'
+              b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"custom":{"input":"9000"}}]}}]}\n\n'
+              b"data: [DONE]\n\n")
+    meter = ChatStreamMeter(False)
+    for event in SSEParser().feed(stream):
+        meter.feed(event)
+    responses_meter = ResponsesStreamMeter()
+    for event in SSEParser().feed(b'event: response.output_item.done\ndata: {"type":"response.output_item.done",'
+                                  b'"output_index":0,"item":{"type":"custom_tool_call","id":"ctc_1",'
+                                  b'"call_id":"call_t","name":"issue_refund","input":"refund 9000"}}\n\n'):
+        responses_meter.feed(event)
+    calls = [*tool_calls_from_chat(chat), *tool_calls_from_responses(responses), *meter.tool_calls,
+             *responses_meter.tool_calls]
+    # Then each is read, and gated: its input cannot be judged by the rule's conditions, so the rule applies
+    assert [(c.id, c.name, c.arguments) for c in calls] == [
+        ("call_c", "issue_refund", "refund 9000 USD"), ("call_r", "issue_refund", "refund 9000 USD"),
+        ("call_s", "issue_refund", "refund 9000"), ("call_t", "issue_refund", "refund 9000")]
+    assert all(rules.gate(c.name, c.arguments, c.id) is not None for c in calls)
+    assert meter.tool_names == ("issue_refund",)

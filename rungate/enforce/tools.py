@@ -6,8 +6,9 @@ from typing import Any
 
 
 def offered_tools(body: dict[str, Any]) -> tuple[str, ...]:
-    """The names of the tools a request offers: `tools[].function.name` (chat), `tools[].name` (Responses,
-    Anthropic), a built-in tool's `type`, and legacy `functions[].name`; in order, without repeats."""
+    """The names of the tools a request offers: `tools[].function.name` or `.custom.name` (chat),
+    `tools[].name` (Responses, Anthropic), a built-in tool's `type`, and legacy `functions[].name`; in order,
+    without repeats."""
     names: list[str] = []
     for key in ("tools", "functions"):
         items = body.get(key)
@@ -16,7 +17,7 @@ def offered_tools(body: dict[str, Any]) -> tuple[str, ...]:
         for item in items:
             if not isinstance(item, dict):
                 continue
-            function = item.get("function")
+            function = item.get("function", item.get("custom"))  # chat: a function or a custom tool
             name = function.get("name") if isinstance(function, dict) else None
             if not isinstance(name, str):
                 name = item.get("name")

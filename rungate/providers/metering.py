@@ -251,13 +251,12 @@ def tool_calls_from_chat(body: Any) -> list[ToolCall]:
             continue
         for call in _list(message, "tool_calls"):
             function = _dict(call, "function")
-            if function is None:
-                continue
-            calls.append(
-                ToolCall(
-                    _str(call, "id"), _str(function, "name") or "", _arguments(function.get("arguments"))
-                )
-            )
+            custom = _dict(call, "custom")  # a custom tool: free-form `input` text instead of JSON arguments
+            if function is not None:
+                calls.append(ToolCall(_str(call, "id"), _str(function, "name") or "",
+                                      _arguments(function.get("arguments"))))
+            elif custom is not None:
+                calls.append(ToolCall(_str(call, "id"), _str(custom, "name") or "", _str(custom, "input") or ""))
         legacy = _dict(message, "function_call")
         if legacy is not None:
             calls.append(ToolCall(None, _str(legacy, "name") or "", _arguments(legacy.get("arguments"))))
@@ -268,9 +267,11 @@ def tool_calls_from_responses(body: Any) -> list[ToolCall]:
     """`function_call` items of a Responses API `response` object; `id` is the item's `call_id`."""
     calls: list[ToolCall] = []
     for item in _list(body, "output"):
-        if _str(item, "type") == "function_call":
+        kind = _str(item, "type")
+        if kind in ("function_call", "custom_tool_call"):
             call_id = _str(item, "call_id") or _str(item, "id")
-            calls.append(ToolCall(call_id, _str(item, "name") or "", _arguments(item.get("arguments"))))
+            arguments = _arguments(item.get("arguments")) if kind == "function_call" else _str(item, "input") or ""
+            calls.append(ToolCall(call_id, _str(item, "name") or "", arguments))
     return calls
 
 
@@ -492,13 +493,13 @@ class ChatStreamMeter(_StreamMeter):
         call_id = _str(call, "id")
         if call_id and acc.id is None:
             acc.id = call_id
-        function = _dict(call, "function")
+        function = _dict(call, "function") or _dict(call, "custom")  # a custom tool: `input` pieces
         if function is None:
             return
         name = _str(function, "name")
         if name and not acc.name:
             acc.name = name
-        arguments = function.get("arguments")
+        arguments = function.get("arguments", function.get("input"))
         if isinstance(arguments, str):
             acc.parts.append(arguments)
             self._delta(arguments)
@@ -566,13 +567,13 @@ class ResponsesStreamMeter(_StreamMeter):
             self._delta(payload.get("delta"))
         elif kind in ("response.output_item.added", "response.output_item.done"):
             self._item(_index(payload.get("output_index")), payload.get("item"), kind.endswith(".done"))
-        elif kind == "response.function_call_arguments.delta":
+        elif kind in ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta"):
             delta = payload.get("delta")
             self._delta(delta)
             if isinstance(delta, str):
                 self._acc(payload.get("item_id"), _index(payload.get("output_index"))).parts.append(delta)
-        elif kind == "response.function_call_arguments.done":
-            arguments = payload.get("arguments")
+        elif kind in ("response.function_call_arguments.done", "response.custom_tool_call_input.done"):
+            arguments = payload.get("arguments", payload.get("input"))
             if isinstance(arguments, str):
                 self._acc(payload.get("item_id"), _index(payload.get("output_index"))).final = arguments
         return True
@@ -591,7 +592,8 @@ class ResponsesStreamMeter(_StreamMeter):
         return acc
 
     def _item(self, output_index: int | None, item: Any, final: bool) -> None:
-        if _str(item, "type") != "function_call":
+        kind = _str(item, "type")
+        if kind not in ("function_call", "custom_tool_call"):
             return
         acc = self._acc(item.get("id"), output_index)
         call_id = _str(item, "call_id")
@@ -600,7 +602,7 @@ class ResponsesStreamMeter(_StreamMeter):
         name = _str(item, "name")
         if name:
             acc.name = name
-        arguments = item.get("arguments")
+        arguments = item.get("arguments" if kind == "function_call" else "input")
         if final and isinstance(arguments, str):
             acc.final = arguments
 

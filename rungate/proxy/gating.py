@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from rungate import queries
 from rungate.approvals import RETRY_AFTER_S, held_body
@@ -78,6 +79,15 @@ def _rewritten(hold: Row, edits: Mapping[str, Any]) -> bytes:
         return body
     fmt = str(hold["endpoint"])
     return rewrite_stream(fmt, body, edits) if hold["stream"] else rewrite_answer(fmt, body, edits)
+
+
+def awaiting_response(run_id: str, hold_id: str, gates: Sequence[Mapping[str, Any]],
+                      headers: Mapping[str, str]) -> web.Response:
+    """202 (SPEC §5): the answer is held until a human decides; the agent retries the same request after
+    `Retry-After`. `headers` are the route's own (`x-rungate-*`)."""
+    return web.json_response(awaiting_body(run_id, hold_id, gates), status=202,
+                             headers={**headers, "Retry-After": str(RETRY_AFTER_S)},
+                             dumps=lambda v: orjson.dumps(v).decode())
 
 
 def released_answer(hold: Row, gates: Sequence[Row]) -> bytes:

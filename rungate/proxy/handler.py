@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from rungate import queries
-from rungate.approvals import RETRY_AFTER_S, DeliverHold, Hold, hold_answer, hold_state
+from rungate.approvals import DeliverHold, Hold, hold_answer, hold_state
 from rungate.auth import authenticate_agent
 from rungate.clock import now_iso
 from rungate.enforce.policy import CompiledPolicy
@@ -43,7 +43,7 @@ from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_ev
 from rungate.proxy.gating import (
     APPROVAL_MODE_HEADER,
     APPROVAL_MODES,
-    awaiting_body,
+    awaiting_response,
     buffers_stream,
     gate_matches,
     refusal_answer,
@@ -424,11 +424,7 @@ def _gates(call: Call, tool_calls: Sequence[ToolCall], http_status: int, headers
 
 
 def _awaiting_response(call: Call, hold_id: str, gates: Sequence[Any]) -> web.Response:
-    """202: the answer is held until a human approves (SPEC §5); the agent retries the same request."""
-    headers = rungate_headers(call)
-    headers["Retry-After"] = str(RETRY_AFTER_S)
-    return web.json_response(awaiting_body(call.run_id, hold_id, gates), status=202, headers=headers,
-                             dumps=lambda v: orjson.dumps(v).decode())
+    return awaiting_response(call.run_id, hold_id, gates, rungate_headers(call))
 
 
 async def _awaiting(request: web.Request, call: Call, hold: Hold) -> web.StreamResponse:
@@ -510,11 +506,10 @@ async def _from_hold(request: web.Request, call: Call, admit: AdmitCall) -> web.
     if hold is None:  # rows are never deleted; a rebuild in progress is the only way here
         raise StoreError("the held answer is not readable right now", status=503, code="store_unavailable")
     gates = await queries.hold_gates(store, hold["id"])
+    # The step is the one whose upstream call produced the answer; this retry itself used nothing and cost
+    # nothing (its headers and trailer say so, so a client adding them up counts the call once).
     call.step_id = hold["step_id"]
-    step = await queries.get_step(store, hold["step_id"])
-    if step is not None:  # the figures of the call that produced the answer (this retry costs nothing)
-        call.usage = Usage(input=step["tokens_input"], output=step["tokens_output"])
-        call.cost_pusd = step["cost_pusd"]
+    call.usage, call.cost_pusd = Usage(), 0
     if admit.hold_outcome == "pending":
         if (call.approval_mode or hold["mode"]) == "hold":
             return await _wait_for_decision(request, call, hold["id"])

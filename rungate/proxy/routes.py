@@ -9,7 +9,6 @@ from typing import Any
 from aiohttp import web
 
 from rungate import queries
-from rungate.approvals import RETRY_AFTER_S
 from rungate.auth import authenticate_agent
 from rungate.errors import BadRequest
 from rungate.events import canonical_json
@@ -18,7 +17,7 @@ from rungate.ids import is_valid_client_id, new_id
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
-from rungate.proxy.gating import awaiting_body
+from rungate.proxy.gating import awaiting_response
 from rungate.proxy.handler import proxy_call, warning_header
 from rungate.proxy.keys import PRICES, SETTINGS, STORE
 from rungate.runs import CompleteRun, LogToolStep
@@ -158,5 +157,4 @@ async def log_step(request: web.Request) -> web.Response:
 
 
 def _awaiting(run_id: str, hold_id: str, gates: Sequence[Any], headers: dict[str, str]) -> web.Response:
-    return web.json_response(awaiting_body(run_id, hold_id, gates), status=202,
-                             headers={**headers, "Retry-After": str(RETRY_AFTER_S), "x-rungate-run-id": run_id})
+    return awaiting_response(run_id, hold_id, gates, {**headers, "x-rungate-run-id": run_id})
