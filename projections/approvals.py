@@ -1,7 +1,7 @@
 """Approval gates: every gate (`gate_…`) with its decision, and every held answer (`hold_…`) with its state.
 
 A hold is `pending` until each of its gates is approved (then `approved`) or one is rejected or expires as
-rejected (then `rejected`, and its other pending gates with it: the answer will never be delivered).
+rejected (then `rejected`; the decision rejects its other pending gates too, each with its own event).
 `open` is 1 while the hold is pending: it keeps its run from going idle. A hold's `position` is that of
 the event that held it and never moves, so "the newest hold of a request" is the newest held. Enforcement
 reads these rows inside the write transaction (retries of a held request, operators' decisions), so they
@@ -106,10 +106,6 @@ class ApprovalsProjection(Projection):
              " rule = (SELECT rule FROM gates WHERE id = ?), decided_at = ?"
              " WHERE id = ? AND status = 'pending'",
              (by, reason, d["gate_id"], rec.recorded_at, d["hold_id"])),
-            # Its other gates are moot: closed with it, so no one is asked to decide them any more.
-            ("UPDATE gates SET status = 'rejected', decided_at = ?, reason = ?, position = ?"
-             " WHERE hold_id = ? AND status = 'pending'",
-             (rec.recorded_at, "another tool call of the same answer was rejected", rec.position, d["hold_id"])),
         ]
 
     def _granted(self, rec: Recorded) -> list[Statement]:

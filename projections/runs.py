@@ -74,11 +74,12 @@ class RunsProjection(Projection):
             "StepStarted": self._step_started,
             "StepCompleted": self._step_completed,
             "ToolStepLogged": self._tool_step,
-            # A retry of a held request, and a decision on one of its gates, are the run's activity: an
-            # approved answer waits a whole idle window for the agent's retry.
+            # A retry of a held request, and a decision on one of its gates (an expiry too), are the run's
+            # activity: a decided answer waits a whole idle window for the agent's retry.
             "HeldAnswerRetried": self._touched,
             "ApprovalGranted": self._touched,
             "ApprovalRejected": self._touched,
+            "ApprovalExpired": self._touched,
         })
 
     def _run_started(self, rec: Recorded) -> list[Statement]:

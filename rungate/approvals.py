@@ -136,8 +136,7 @@ class DecideApproval:
         return (gate_lookup(self.gate_id),)
 
     def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
-        gate = found[gate_lookup(self.gate_id)]
-        return [] if gate is None or self.edited_args is None else [hold_row_lookup(gate["hold_id"])]
+        return _hold_and_siblings(found, self.gate_id)
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         gate = self.gate = found[gate_lookup(self.gate_id)]
@@ -157,9 +156,10 @@ class DecideApproval:
                           [_expired(gate)])
         common = {"gate_id": gate["id"], "hold_id": gate["hold_id"], "run_id": gate["run_id"],
                   "decided_by": self.decided_by, "reason": self.reason}
-        event = (ApprovalGranted(**common, edited_args=self.edited_args) if self.approve
-                 else ApprovalRejected(**common))
-        return (NewEvent(_run_stream(gate["run_id"]), event),)
+        if self.approve:
+            return (NewEvent(_run_stream(gate["run_id"]), ApprovalGranted(**common, edited_args=self.edited_args)),)
+        return (NewEvent(_run_stream(gate["run_id"]), ApprovalRejected(**common)),
+                *_close_siblings(found, gate, self.decided_by, now))
 
 
 @dataclass
@@ -171,11 +171,38 @@ class ExpireGate:
     def lookups(self) -> Sequence[Lookup]:
         return (gate_lookup(self.gate_id),)
 
+    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
+        return _hold_and_siblings(found, self.gate_id)
+
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
         gate = found[gate_lookup(self.gate_id)]
         if gate is None or gate["status"] != "pending" or gate["expires_at"] > now:
             return ()
-        return (_expired(gate),)
+        if gate["on_expiry"] == "approve":
+            return (_expired(gate),)
+        return (_expired(gate), *_close_siblings(found, gate, "rungate", now))
+
+
+def _hold_and_siblings(found: Mapping[Lookup, Row | None], gate_id: str) -> list[Lookup]:
+    """For `more_lookups`: the gate's hold, then every gate of that hold."""
+    gate = found.get(gate_lookup(gate_id))
+    if gate is None:
+        return []
+    hold = found.get(hold_row_lookup(gate["hold_id"]))
+    return [hold_row_lookup(gate["hold_id"]), *(gate_lookups(hold) if hold is not None else ())]
+
+
+def _close_siblings(found: Mapping[Lookup, Row | None], gate: Row, decided_by: str, now: str) -> list[NewEvent]:
+    """`gate` rejects its answer: the answer's other gates still pending are rejected with it, each its own
+    event (and webhook), so no one is left asked to decide a call that will never be delivered."""
+    hold = found.get(hold_row_lookup(gate["hold_id"]))
+    if hold is None:
+        return []
+    return [NewEvent(_run_stream(gate["run_id"]), ApprovalRejected(
+        gate_id=other["id"], hold_id=other["hold_id"], run_id=other["run_id"], decided_by=decided_by,
+        reason=f"another tool call of the same answer ({gate['id']}) was rejected"))
+        for other in found_gates(found, hold)
+        if other is not None and other["id"] != gate["id"] and other["status"] == "pending"]
 
 
 def hold_row_lookup(hold_id: str) -> Lookup:

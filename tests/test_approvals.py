@@ -581,3 +581,18 @@ async def test_the_same_body_on_another_endpoint_is_another_request(gateway: Gat
     other = await post(gateway, token, body, "/v1/messages", **{"x-rungate-run-id": "endpoints"})
     assert other[0] == 202 and other[2]["context"]["gate_id"] != held[2]["context"]["gate_id"]
     assert upstream_calls(gateway) == 2
+
+
+async def test_rejecting_one_call_rejects_the_answers_other_gates_each_with_its_event(gateway: Gateway) -> None:
+    token = await setup(gateway, {"approvals": [GATED["approvals"][0], {"name": "any-wire", "tool": "wire_*"}]})
+    two = {"model": "mock-gpt", "tools": [REFUND_TOOL], "messages": [{"role": "user", "content":
+           'both [tool:issue_refund {"amount_usd": 990}] [tool:wire_money {"to": "x"}]'}]}
+    held = await post(gateway, token, two, **{"x-rungate-run-id": "siblings"})
+    refund, wire = (r["id"] for r in held[2]["approval_requests"])
+    assert (await decide(gateway, wire, "reject", {"reason": "no wires", "decided_by": "bob"}))[0] == 200
+    code, shown = await gateway.admin("GET", f"/api/approval-requests/{refund}")
+    assert shown["data"]["status"] == "rejected" and shown["data"]["decided_by"] == "bob"
+    assert wire in shown["data"]["reason"]
+    assert (await decide(gateway, refund, "approve"))[0] == 409  # nothing left to decide
+    rejected = [e["data"]["gate_id"] for e in await run_events(gateway, "siblings") if e["type"] == "ApprovalRejected"]
+    assert sorted(rejected) == sorted([refund, wire])

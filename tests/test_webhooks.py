@@ -8,7 +8,11 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -513,7 +517,11 @@ async def test_deliveries_survive_a_restart_from_the_event_log(
     await third.new_agent("after-restarts")
     await until(lambda: len(receiver.calls) == sent + 1, what="the new event")
     assert receiver.calls[-1].payload["data"]["name"] == "after-restarts"
-    got = (await api(third, "GET", ONE, 200, webhook_id=hook["id"]))["data"]
+    for _ in range(100):  # the outcome (and the cursor it moves) is recorded just after the receiver answers
+        got = (await api(third, "GET", ONE, 200, webhook_id=hook["id"]))["data"]
+        if got["delivered_through"] >= max(expected.values()):
+            break
+        await asyncio.sleep(0.05)
     assert got["delivered_through"] >= max(expected.values())
 
     # and the webhook tables rebuild from the log to the same rows
@@ -581,3 +589,69 @@ async def test_webhook_admin_errors_use_the_admin_error_shape(gateway: Gateway) 
         body = await resp.json()
     validate_response("POST", HOOKS, 400, body)
     assert body["error"]["code"] == "invalid_json"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _serve(db: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """`rungate serve --mock` on a free port, once it answers /health."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve", "--mock",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env})
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(400):
+            try:
+                async with http.get(base + "/health") as resp:
+                    if resp.status == 200:
+                        return proc, base
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.kill()
+    raise AssertionError("rungate serve did not start")
+
+
+async def test_deliveries_survive_a_sigkill_of_the_server_mid_delivery(tmp_path: Path, receiver: Receiver) -> None:
+    # Given a real `rungate serve` whose webhook receiver fails every attempt for now
+    env = {**ALLOW, "RUNGATE_ADMIN_TOKEN": ADMIN_TOKEN, "RUNGATE_WEBHOOK_RETRY_BASE_S": "0.2",
+           "RUNGATE_LOG_LEVEL": "warning"}
+    db = tmp_path / "killed.db"
+    receiver.status = 500
+    proc, base = await _serve(db, env)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        async with aiohttp.ClientSession(headers=admin) as http:
+            async with http.post(base + HOOKS, json={"url": receiver.url, "events": ["agent.created"]}) as resp:
+                assert resp.status == 201
+                secret = (await resp.json())["data"]["secret"]
+            agents = []
+            for i in range(5):
+                async with http.post(base + "/api/agents", json={"name": f"killed-{i}"}) as resp:
+                    agents.append((await resp.json())["data"]["id"])
+        # When it is killed (SIGKILL) while those deliveries are being retried
+        await until(lambda: len({c.delivery for c in receiver.calls}) >= 3, what="delivery attempts")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Then a new server on the same file, its receiver now well, delivers every one of them
+    receiver.status = 200
+    proc, base = await _serve(db, env)
+    try:
+        await until(lambda: {c.payload["data"]["agent_id"] for c in receiver.delivered()} >= set(agents),
+                    timeout=20, what="every agent.created after the restart")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    for call in receiver.delivered():
+        assert_signed(call, secret)

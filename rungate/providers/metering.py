@@ -497,8 +497,8 @@ class ChatStreamMeter(_StreamMeter):
         if function is None:
             return
         name = _str(function, "name")
-        if name and not acc.name:
-            acc.name = name
+        if name:  # joined across fragments, as the SDKs accumulate them (a split name is still the name)
+            acc.name += name
         arguments = function.get("arguments", function.get("input"))
         if isinstance(arguments, str):
             acc.parts.append(arguments)

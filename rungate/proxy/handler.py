@@ -32,7 +32,7 @@ from rungate.enforce.rules import RunState, budget_limit_pusd
 from rungate.enforce.tools import offered_tools
 from rungate.errors import BadRequest, GovernanceRefusal, ProviderError, RungateError, StoreError
 from rungate.events import NewEvent
-from rungate.events.catalogue import ApprovalShadowed, StepCompleted
+from rungate.events.catalogue import AnswerHeld, ApprovalShadowed, StepCompleted
 from rungate.ids import is_valid_client_id
 from rungate.log import get_logger
 from rungate.prices import PriceTable, format_usd
@@ -68,7 +68,7 @@ _TRUE = {"1", "true", "yes"}
 _MAX_MODEL_CHARS = 256
 _POLICY_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 SETTLE_ATTEMPTS = 3
-_ANSWERED = ("ok", "held", "blocked")  # the provider answered in full: its usage should have come with it
+_ANSWERED = ("ok", "held")  # the provider's answer arrived whole: its usage should have come with it
 MAX_HELD_BYTES = 16 * 1024 * 1024  # the most of a streamed answer held back while its tool calls are unknown
 HOLD_POLL_S = 0.25  # how often a held (hold-mode) call looks at its gates
 HOLD_KEEPALIVE_S = 1.0  # how often it writes a keep-alive (read timeouts reset on any byte)
@@ -817,17 +817,15 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
         provider=call.target.provider, model=call.target.model, usage=usage.as_dict(), cost_pusd=cost,
         unpriced=unpriced, estimated=estimated, latency_ms=int((time.monotonic() - call.started) * 1000),
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls])
+    holding = any(isinstance(new.event, AnswerHeld) for new in then)
+    settled_now = False
     for attempt in range(SETTLE_ATTEMPTS):
         try:
             # Under a policy the run is read with the settlement: exact budget headers, the caps' alerts.
             settle = SettleStep(call.step_id, event, run_id=call.run_id if call.policy is not None else None,
                                 then=tuple(then))
             await store.execute(settle, metadata={"agent_id": call.agent_id})
-            if then and not settle.settled_now:
-                # Someone else closed the step first (the sweeper, after a very long call): what was to be
-                # recorded with it (a hold) was not, so it must not be acted on.
-                raise StoreError("the step was closed before its answer could be recorded", status=503,
-                                 code="store_unavailable")
+            settled_now = settle.settled_now
             if settle.run_after is not None and call.budget is not None:
                 call.budget.settled(settle.run_after)
             break
@@ -835,6 +833,11 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
             if attempt == SETTLE_ATTEMPTS - 1:
                 raise
             await asyncio.sleep(0.05 * 4**attempt)
+    if holding and not settled_now:
+        # Someone else closed the step first (the sweeper, after a very long call): the hold that was to be
+        # recorded with it was not, so the answer can be neither held nor delivered.
+        raise StoreError("the step was closed before its answer could be held", status=503,
+                         code="store_unavailable")
     call.settled = True
     call.usage, call.cost_pusd = usage, cost
     if unpriced:

@@ -350,6 +350,15 @@ class _Worker:
         self.persisted = max(self.persisted, cursor)
         del self.pending[rec.position]
         self.window.release()
+        if not self.pending and self.persisted < self.scanned:
+            # The last of deliveries that ended together: each recorded a cursor below the others, so the
+            # recorded one lags what is done; move it up now rather than with the next event.
+            try:
+                await self.deliverer.store.execute(AdvanceCursor(self.hook.webhook_id, self.scanned))
+                self.persisted = max(self.persisted, self.scanned)
+            except Exception as exc:
+                log.warning("webhook_checkpoint_failed", webhook_id=self.hook.webhook_id,
+                            error=str(exc)[:MAX_ERROR_CHARS])
 
 
 WEBHOOKS = web.AppKey("WEBHOOKS", Deliverer)
