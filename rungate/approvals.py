@@ -159,7 +159,7 @@ class DecideApproval:
         if self.approve:
             return (NewEvent(_run_stream(gate["run_id"]), ApprovalGranted(**common, edited_args=self.edited_args)),)
         return (NewEvent(_run_stream(gate["run_id"]), ApprovalRejected(**common)),
-                *_close_siblings(found, gate, self.decided_by, now))
+                *_close_siblings(found, gate, self.decided_by))
 
 
 @dataclass
@@ -180,7 +180,7 @@ class ExpireGate:
             return ()
         if gate["on_expiry"] == "approve":
             return (_expired(gate),)
-        return (_expired(gate), *_close_siblings(found, gate, "rungate", now))
+        return (_expired(gate), *_close_siblings(found, gate, "rungate"))
 
 
 def _hold_and_siblings(found: Mapping[Lookup, Row | None], gate_id: str) -> list[Lookup]:
@@ -192,7 +192,7 @@ def _hold_and_siblings(found: Mapping[Lookup, Row | None], gate_id: str) -> list
     return [hold_row_lookup(gate["hold_id"]), *(gate_lookups(hold) if hold is not None else ())]
 
 
-def _close_siblings(found: Mapping[Lookup, Row | None], gate: Row, decided_by: str, now: str) -> list[NewEvent]:
+def _close_siblings(found: Mapping[Lookup, Row | None], gate: Row, decided_by: str) -> list[NewEvent]:
     """`gate` rejects its answer: the answer's other gates still pending are rejected with it, each its own
     event (and webhook), so no one is left asked to decide a call that will never be delivered."""
     hold = found.get(hold_row_lookup(gate["hold_id"]))
