@@ -27,6 +27,7 @@ from rungate.events.catalogue import (
     ApprovalGranted,
     ApprovalRejected,
     ApprovalRequested,
+    ApprovalShadowed,
     HeldAnswerRetried,
 )
 from rungate.ids import new_id
@@ -79,6 +80,13 @@ def hold_answer(*, run_id: str, agent_id: str, step_id: str, origin: str, endpoi
     return Hold(hold_id, (NewEvent(stream_id, held), *(NewEvent(stream_id, g) for g in gates)), gates, held.mode)
 
 
+def shadowed(match: GateMatch, run_id: str, step_id: str) -> tuple[NewEvent, str]:
+    """What a shadow rule that would have held a call leaves: its event, and the agent's warning."""
+    return (NewEvent(_run_stream(run_id), ApprovalShadowed(run_id=run_id, step_id=step_id, rule=match.rule,
+                                                           tool=match.tool)),
+            f"shadow: tool_approval_required (approvals.{match.rule}): {match.tool} would wait for approval")
+
+
 def held_body(row: Row) -> bytes:
     """The held answer's bytes, as stored in a `holds` row."""
     if row["body_encoding"] == "base64":
@@ -114,6 +122,14 @@ def check_decision(decided_by: Any, reason: Any, edited_args: Any = None) -> tup
     return decided_by.strip(), reason
 
 
+def refuse_unless_editable(gate: Row, hold: Row | None) -> None:
+    """409 `edit_not_applicable` unless the gate's call can take edited arguments: a call a model answer
+    names by id (a logged step is the agent's own call, approved or rejected as it is)."""
+    if gate["tool_call_id"] is None or hold is None or hold["origin"] != "answer":
+        raise Conflict("This call's arguments cannot be edited (a logged step, or a call without an id):"
+                       " approve or reject it as it is.", code="edit_not_applicable")
+
+
 @dataclass
 class DecideApproval:
     """An operator approves (optionally with `edited_args`) or rejects a pending gate, exactly once.
@@ -143,10 +159,7 @@ class DecideApproval:
         if gate is None:
             raise NotFound(f"Approval request {self.gate_id} not found.")
         if self.approve and self.edited_args is not None:
-            hold = found.get(hold_row_lookup(gate["hold_id"]))
-            if gate["tool_call_id"] is None or hold is None or hold["origin"] != "answer":
-                raise Conflict("This call's arguments cannot be edited (a logged step, or a call without an id):"
-                               " approve or reject it as it is.", code="edit_not_applicable")
+            refuse_unless_editable(gate, found.get(hold_row_lookup(gate["hold_id"])))
         if gate["status"] != "pending":
             raise Conflict(f"Approval request {self.gate_id} is already {gate['status']}.", code="approval_decided",
                            extra={"status": gate["status"]})

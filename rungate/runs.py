@@ -14,7 +14,7 @@ from typing import Any
 
 from projections.runs import ALERT_LEVEL, EXCEEDED
 from rungate import budgets
-from rungate.approvals import Hold, found_gates, gate_lookups, hold_answer, hold_state
+from rungate.approvals import Hold, found_gates, gate_lookups, hold_answer, hold_state, shadowed
 from rungate.clock import iso_minus, parse_iso
 from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
 from rungate.enforce.rules import (
@@ -38,7 +38,6 @@ from rungate.errors import (
 )
 from rungate.events import NewEvent, canonical_json, stream_name
 from rungate.events.catalogue import (
-    ApprovalShadowed,
     CallRefused,
     HeldAnswerRetried,
     PolicyDrifted,
@@ -820,10 +819,9 @@ class LogToolStep:
         if match is None:
             return [], False
         if match.mode == "shadow":
-            self.warnings.append(f"shadow: tool_approval_required (approvals.{match.rule}): {self.step.tool}"
-                                 " would wait for approval")
-            return [NewEvent(run_stream(self.run_id), ApprovalShadowed(
-                run_id=self.run_id, step_id=self.step.step_id, rule=match.rule, tool=match.tool))], False
+            event, warning = shadowed(match, self.run_id, self.step.step_id)
+            self.warnings.append(warning)
+            return [event], False
         self.held = hold_answer(
             run_id=self.run_id, agent_id=self.agent_id, step_id=self.step.step_id, origin="step", endpoint="steps",
             fingerprint=self.fingerprint, stream=False, http_status=201, headers={},

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from rungate import queries
-from rungate.approvals import RETRY_AFTER_S, held_body
+from rungate.approvals import RETRY_AFTER_S, held_body, refuse_unless_editable
 from rungate.enforce.gates import GateMatch
 from rungate.enforce.policy import CompiledPolicy
 from rungate.errors import Conflict, StoreError
@@ -105,9 +105,7 @@ def released_answer(hold: Row, gates: Sequence[Row]) -> bytes:
 def check_edit(hold: Row, gate: Row, edited: Mapping[str, Any]) -> None:
     """409 `edit_not_applicable` unless replacing this gate's call arguments with `edited` changes the held
     answer exactly there (a call the answer names by id, in a format the rewriter reads)."""
-    if gate["tool_call_id"] is None or hold["origin"] != "answer":
-        raise Conflict("This call's arguments cannot be edited (a logged step, or a call without an id): approve"
-                       " or reject it as it is.", code="edit_not_applicable")
+    refuse_unless_editable(gate, hold)
     try:
         changed = _rewritten(hold, {gate["tool_call_id"]: dict(edited)})
     except ValueError as exc:

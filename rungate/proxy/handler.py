@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from rungate import queries
-from rungate.approvals import DeliverHold, Hold, hold_answer, hold_state
+from rungate.approvals import DeliverHold, Hold, hold_answer, hold_state, shadowed
 from rungate.auth import authenticate_agent
 from rungate.clock import now_iso
 from rungate.enforce.policy import CompiledPolicy
@@ -32,7 +32,7 @@ from rungate.enforce.rules import RunState, budget_limit_pusd
 from rungate.enforce.tools import offered_tools
 from rungate.errors import BadRequest, GovernanceRefusal, ProviderError, RungateError, StoreError
 from rungate.events import NewEvent
-from rungate.events.catalogue import AnswerHeld, ApprovalShadowed, StepCompleted
+from rungate.events.catalogue import AnswerHeld, StepCompleted
 from rungate.ids import is_valid_client_id
 from rungate.log import get_logger
 from rungate.prices import PriceTable, format_usd
@@ -58,7 +58,6 @@ from rungate.runs import (
     approval_rejected,
     force_stopped,
     policy_fields,
-    run_stream,
 )
 from rungate.store import EventStore
 from rungate.usage import Usage
@@ -280,11 +279,10 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     await _admit(store, admit, call)
     call.reserved_pusd = admit.reserved_pusd
     call.policy = admit.policy
+    call.warnings.extend(admit.warnings)
     if admit.hold is not None:  # a retry of a held request: answered from the hold, nothing goes upstream
         call.settled = True
-        call.warnings.extend(admit.warnings)
         return await _from_hold(request, call, admit)
-    call.warnings.extend(admit.warnings)
     if admit.max_output is not None:  # `on_exceed: shrink`: forward the lowered output limit
         key = next((k for k in fmt.max_tokens_keys if k in body), fmt.max_tokens_keys[0])
         body[key] = admit.max_output
@@ -405,13 +403,12 @@ def _gates(call: Call, tool_calls: Sequence[ToolCall], http_status: int, headers
            body: bytes, *, stream: bool) -> tuple[Hold | None, tuple[NewEvent, ...]]:
     """The hold for an answer that calls a gated tool (None: deliver it), and the events to append with the
     step's settlement: the hold's, and a record of each call a shadow rule would have held."""
-    enforced, shadowed = gate_matches(call.policy, tool_calls)
+    enforced, shadow_matches = gate_matches(call.policy, tool_calls)
     then: list[NewEvent] = []
-    for match in shadowed:
-        then.append(NewEvent(run_stream(call.run_id), ApprovalShadowed(
-            run_id=call.run_id, step_id=call.step_id, rule=match.rule, tool=match.tool)))
-        call.warnings.append(f"shadow: tool_approval_required (approvals.{match.rule}): {match.tool} would wait"
-                             " for approval")
+    for match in shadow_matches:
+        event, warning = shadowed(match, call.run_id, call.step_id)
+        then.append(event)
+        call.warnings.append(warning)
     if not enforced:
         return None, tuple(then)
     assert call.policy is not None
@@ -477,10 +474,7 @@ async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> 
         delivery = DeliverHold(hold_id)
         await store.execute(delivery)
         if delivery.outcome == "released":
-            full = await queries.get_hold(store, hold_id)
-            if full is None:
-                raise StoreError("the held answer is not readable right now", status=503, code="store_unavailable")
-            body = released_answer(full, await queries.hold_gates(store, hold_id))
+            body = released_answer(*await _read_hold(store, hold_id))
             await response.write_eof(body + _trailer(call) if call.stream else body)
             return response
         if delivery.hold is None:  # DeliverHold read it, or raised
@@ -497,15 +491,19 @@ async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> 
     return response
 
 
+async def _read_hold(store: EventStore, hold_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A held answer's row (its body included) and its gates' rows."""
+    hold = await queries.get_hold(store, hold_id)
+    if hold is None:  # rows are never deleted; a rebuild in progress is the only way here
+        raise StoreError("the held answer is not readable right now", status=503, code="store_unavailable")
+    return hold, await queries.hold_gates(store, hold_id)
+
+
 async def _from_hold(request: web.Request, call: Call, admit: AdmitCall) -> web.StreamResponse:
     """Answer a retry of a held request: 202 again while a gate is pending, else the held answer itself —
     from the one upstream call that produced it, with any edited arguments — and the `rungate` trailer."""
     assert admit.hold is not None
-    store = request.app[STORE]
-    hold = await queries.get_hold(store, admit.hold["id"])
-    if hold is None:  # rows are never deleted; a rebuild in progress is the only way here
-        raise StoreError("the held answer is not readable right now", status=503, code="store_unavailable")
-    gates = await queries.hold_gates(store, hold["id"])
+    hold, gates = await _read_hold(request.app[STORE], admit.hold["id"])
     # The step is the one whose upstream call produced the answer; this retry itself used nothing and cost
     # nothing (its headers and trailer say so, so a client adding them up counts the call once).
     call.step_id = hold["step_id"]

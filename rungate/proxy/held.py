@@ -28,20 +28,15 @@ from typing import Any, Literal
 
 import orjson
 
-from rungate.providers.metering import (
-    ChatStreamMeter,
-    MessagesStreamMeter,
-    ResponsesStreamMeter,
-    ToolCall,
-    tool_calls_from_chat,
-    tool_calls_from_messages,
-    tool_calls_from_responses,
-)
+from rungate.providers.metering import ToolCall
 from rungate.providers.sse import SSEEvent, SSEParser, encode_event
+from rungate.proxy.formats import CHAT, MESSAGES, RESPONSES, WireFormat
 
 __all__ = ["rewrite_answer", "rewrite_stream"]
 
-FORMATS = ("chat", "responses", "messages")
+# The formats an answer can be held in; each one's own readers check what a rewrite produced.
+_WIRE: dict[str, WireFormat] = {f.name: f for f in (CHAT, RESPONSES, MESSAGES)}
+FORMATS = tuple(_WIRE)
 
 _Action = Literal["keep", "replace", "drop"]
 
@@ -58,7 +53,7 @@ def rewrite_answer(fmt: str, body: bytes, edits: Mapping[str, Any]) -> bytes:
     except orjson.JSONDecodeError as exc:
         raise ValueError("the held answer is not JSON") from exc
     result = orjson.dumps(payload) if _BODY_REWRITERS[fmt](payload, texts) else body
-    _verify(_BODY_CALLS[fmt](payload), texts)
+    _verify(_WIRE[fmt].tool_calls(payload), texts)
     return result
 
 
@@ -71,7 +66,9 @@ def rewrite_stream(fmt: str, stream: bytes, edits: Mapping[str, Any]) -> bytes:
     for event in _events(stream):
         rewriter.feed(event)
     result = rewriter.result() if rewriter.changed else stream
-    meter = _METERS[fmt]()
+    make_meter = _WIRE[fmt].meter
+    assert make_meter is not None  # every format in _WIRE streams
+    meter = make_meter(True)
     for event in _events(result):
         meter.feed(event)
     _verify(meter.tool_calls, rewriter.texts)
@@ -174,8 +171,6 @@ def _messages_body(body: Any, texts: Mapping[str, str]) -> bool:
 
 _BODY_REWRITERS: dict[str, Callable[[Any, Mapping[str, str]], bool]] = {
     "chat": _chat_body, "responses": _responses_body, "messages": _messages_body}
-_BODY_CALLS: dict[str, Callable[[Any], list[ToolCall]]] = {
-    "chat": tool_calls_from_chat, "responses": tool_calls_from_responses, "messages": tool_calls_from_messages}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,6 +355,4 @@ def _set(obj: dict[str, Any], key: str, value: Any) -> _Action:
 
 _STREAM_REWRITERS: dict[str, Callable[[dict[str, str]], _StreamRewriter]] = {
     "chat": _ChatRewriter, "responses": _ResponsesRewriter, "messages": _MessagesRewriter}
-_METERS: dict[str, Callable[[], ChatStreamMeter | ResponsesStreamMeter | MessagesStreamMeter]] = {
-    "chat": lambda: ChatStreamMeter(client_wants_usage=True), "responses": ResponsesStreamMeter,
-    "messages": MessagesStreamMeter}
+
