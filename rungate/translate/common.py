@@ -1,0 +1,154 @@
+"""Vocabulary every translator shares: results, refusals, stop reasons, usage, tool names."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from rungate.usage import Usage
+
+__all__ = [
+    "ANTHROPIC_TO_OPENAI_FINISH",
+    "OPENAI_TO_ANTHROPIC_STOP",
+    "OPENAI_TOOL_NAME_MAX",
+    "ToolNames",
+    "Translated",
+    "Untranslatable",
+    "anthropic_stop_reason",
+    "openai_finish_reason",
+    "safe_tool_id",
+    "usage_to_chat",
+    "usage_to_messages",
+    "usage_to_responses",
+]
+
+
+class Untranslatable(ValueError):
+    """The request uses something the other format cannot carry; `feature` names it (e.g. "n > 1")."""
+
+    def __init__(self, feature: str, message: str) -> None:
+        super().__init__(message)
+        self.feature = feature
+
+
+@dataclass
+class Translated:
+    """A translated request: the target-format body, what was dropped, and how to map answers back.
+
+    `tool_names` restores tool names the target format had to shorten (OpenAI allows 64 characters,
+    Anthropic 128); answer and stream translators take it to give the agent its own names back.
+    """
+
+    body: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    tool_names: ToolNames = field(default_factory=lambda: ToolNames())
+
+
+OPENAI_TOOL_NAME_MAX = 64
+_TOOL_NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class ToolNames:
+    """Target-side tool names the translator had to change, mapped back to the agent's own names."""
+
+    restore: dict[str, str] = field(default_factory=dict)
+
+    def for_openai(self, name: str) -> str:
+        """A name OpenAI accepts (`[A-Za-z0-9_-]{1,64}`): unchanged when valid, else a stable shortened form
+        (a prefix plus 8 hex digits of its SHA-256) remembered for `original`."""
+        if _TOOL_NAME_OK.match(name):
+            return name
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        short = f"{_ID_BAD.sub('_', name)[:55]}_{digest}"
+        self.restore[short] = name
+        return short
+
+    def original(self, name: str) -> str:
+        """The agent's name for a target-side name."""
+        return self.restore.get(name, name)
+
+
+def safe_tool_id(tool_id: str) -> str:
+    """A tool-call id Anthropic accepts (`^[A-Za-z0-9_-]+$`): other characters become `_` (deterministic, so
+    the same function maps a `tool_result`'s `tool_use_id` to the same value)."""
+    cleaned = _ID_BAD.sub("_", tool_id)
+    return cleaned or "_"
+
+
+# Anthropic `stop_reason` -> OpenAI `finish_reason` (reference/provider-formats.md §3.3).
+ANTHROPIC_TO_OPENAI_FINISH: dict[str, str] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+    "model_context_window_exceeded": "length",
+    "compaction": "length",
+}
+# OpenAI `finish_reason` -> Anthropic `stop_reason`.
+OPENAI_TO_ANTHROPIC_STOP: dict[str, str] = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def openai_finish_reason(stop_reason: Any) -> str:
+    """The OpenAI finish reason for an Anthropic stop reason (unknown or missing: `stop`)."""
+    return ANTHROPIC_TO_OPENAI_FINISH.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def anthropic_stop_reason(finish_reason: Any) -> str:
+    """The Anthropic stop reason for an OpenAI finish reason (unknown or missing: `end_turn`)."""
+    return OPENAI_TO_ANTHROPIC_STOP.get(finish_reason, "end_turn") if isinstance(finish_reason, str) else "end_turn"
+
+
+def usage_to_chat(usage: Usage) -> dict[str, Any]:
+    """A Chat Completions `usage` object: `prompt_tokens` counts every input token (cache reads and writes
+    included), `cached_tokens` the cache reads, `reasoning_tokens` the reasoning part of the output."""
+    prompt = usage.total_input
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage.output,
+        "total_tokens": prompt + usage.output,
+        "prompt_tokens_details": {"cached_tokens": usage.cached},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning},
+    }
+    writes = usage.cache_write + usage.cache_write_1h
+    if writes:
+        out["prompt_tokens_details"]["cache_write_tokens"] = writes
+    return out
+
+
+def usage_to_messages(usage: Usage) -> dict[str, Any]:
+    """An Anthropic `usage` object: `input_tokens` excludes cache reads and writes, which have their own
+    fields (a complete object: the Anthropic SDK's stream helper needs every field)."""
+    out: dict[str, Any] = {
+        "input_tokens": usage.input,
+        "output_tokens": usage.output,
+        "cache_creation_input_tokens": usage.cache_write + usage.cache_write_1h,
+        "cache_read_input_tokens": usage.cached,
+    }
+    if usage.cache_write_1h:
+        out["cache_creation"] = {"ephemeral_5m_input_tokens": usage.cache_write,
+                                 "ephemeral_1h_input_tokens": usage.cache_write_1h}
+    return out
+
+
+def usage_to_responses(usage: Usage) -> dict[str, Any]:
+    """A Responses API `usage` object (`input_tokens` counts every input token, like chat's prompt_tokens)."""
+    prompt = usage.total_input
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": usage.cached},
+        "output_tokens": usage.output,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning},
+        "total_tokens": prompt + usage.output,
+    }
