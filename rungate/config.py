@@ -19,6 +19,8 @@ import yaml
 from pydantic import SecretStr
 
 from rungate.errors import ConfigError
+from rungate.routing import EMPTY as EMPTY_ROUTES
+from rungate.routing import RouteTable, parse_config_routes
 
 # (setting, variable, default, description) — the README's settings table is checked against this.
 SETTINGS_DOC: tuple[tuple[str, str, str, str], ...] = (
@@ -89,7 +91,7 @@ class Settings:
     openai_api_key: SecretStr | None = None
     anthropic_api_key: SecretStr | None = None
     price_overrides: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
-    routes: Mapping[str, Any] = field(default_factory=dict)
+    routes: RouteTable = EMPTY_ROUTES
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -309,7 +311,5 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     if "prices" in doc:
         values["price_overrides"] = _parse_prices(doc["prices"], f"RUNGATE_CONFIG {path}")
     if "routes" in doc:
-        if not isinstance(doc["routes"], dict):
-            raise ConfigError(f"RUNGATE_CONFIG {path}: routes must be a mapping")
-        values["routes"] = doc["routes"]
+        values["routes"] = parse_config_routes(doc["routes"], f"RUNGATE_CONFIG {path}")
     return Settings(**values)

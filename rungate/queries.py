@@ -87,6 +87,10 @@ async def newest_provider_key(store: EventStore, provider: str) -> Row | None:
         (provider,))
 
 
+async def provider_key_by_name(store: EventStore, name: str) -> Row | None:
+    return await store.fetchone("SELECT id, provider, nonce, ciphertext FROM provider_keys WHERE name = ?", (name,))
+
+
 async def provider_key_count(store: EventStore) -> int:
     row = await store.fetchone("SELECT count(*) AS n FROM provider_keys")
     return int(row["n"]) if row else 0

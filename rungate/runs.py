@@ -8,7 +8,7 @@ Governance rules (issue 3) plug into `AdmitCall.decide`: it is the one place a c
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from rungate.errors import (
     Conflict,
     GovernanceRefusal,
     NotFound,
+    ProviderError,
     RungateError,
     StoreError,
     Unauthorized,
@@ -46,6 +47,7 @@ from rungate.events.catalogue import (
     RunStarted,
     RunStopped,
     StepCompleted,
+    StepFailedOver,
     StepStarted,
     ToolStepLogged,
 )
@@ -168,6 +170,42 @@ class CallFacts:
     embedding: bool = False
     choices: int = 1
     output_bounded: bool = True
+    # Routes (SPEC §6.1): picks the call's targets once its run's policy is known (the policy's routes win
+    # over the configuration file's); None refuses the call (no target of its route is allowed).
+    planner: Callable[[CompiledPolicy | None], Plan | None] | None = None
+    # A failover attempt: the step that failed and why. Such an admission is checked against the budget and
+    # the model lists only (the call was already counted by its first admission) and records the failover.
+    failover: Failover | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The targets a call may go to, in order, and what its first attempt reserves at that target's price."""
+
+    targets: tuple[Any, ...]
+    provider: str
+    model: str
+    reserved_pusd: int
+    reserved_tokens: int
+    priced: bool
+    price: ModelPrice | None
+    output_bounded: bool
+    skipped: tuple[dict[str, Any], ...] = ()  # targets left out (an open circuit, a model the policy refuses)
+
+
+@dataclass(frozen=True)
+class Failover:
+    """What a failover admission records about the attempt before it."""
+
+    from_step_id: str
+    from_provider: str
+    from_model: str
+    reason: str
+    retry: bool = False
+    delay_s: float = 0.0
+
+
+_ATTEMPT_RULES = ("budget.", "models.")  # what a failover attempt is judged by
 
 
 @dataclass
@@ -194,6 +232,7 @@ class AdmitCall:
     # admitted: the proxy answers from the hold (a rejected hold is refused with 403 instead).
     hold: Row | None = None
     hold_outcome: str | None = None
+    plan: Plan | None = None  # set when the facts carry a planner
     _idle_seen: tuple[tuple[str, str], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -374,10 +413,23 @@ class AdmitCall:
                 run_id=self.run_id, agent_id=f.agent_id, auto=f.run_id is None,
                 policy=None if self.policy is None else self.policy.ref,
                 idle_timeout_s=None if self.policy is None else self.policy.idle_timeout_s)))
-        if not starting and self.policy is not None and self.policy.approvals:
+        if f.failover is not None and starting:  # the run vanished between attempts (a rebuild): refuse
+            raise StoreError("the run of this call is not readable right now", status=503, code="store_unavailable")
+        if not starting and self.policy is not None and self.policy.approvals and f.failover is None:
             hold = found.get(hold_lookup(self.run_id, f.fingerprint))
             if hold is not None:  # a retry of a held request: neither a step nor a repeat, not charged
                 return self._retry_held(found, hold, now)
+        provider, model = f.provider, f.model
+        if f.planner is not None:
+            self.plan = f.planner(self.policy)
+            if self.plan is None:
+                self._refuse(no_allowed_target(self.run_id, f.model, self.policy), rule="models.allowed")
+            if not self.plan.targets:
+                self._refuse(ProviderError("Every target of this model's route is failing (circuits open).",
+                                           list(self.plan.skipped)))
+            provider, model = self.plan.provider, self.plan.model
+            f = replace(f, reserved_pusd=self.plan.reserved_pusd, reserved_tokens=self.plan.reserved_tokens,
+                        priced=self.plan.priced, price=self.plan.price, output_bounded=self.plan.output_bounded)
         repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
                    if not starting and self.policy is not None and self.policy.max_repeats is not None else None)
         state = _state(self.run_id, None if starting else run, repeats)
@@ -393,9 +445,9 @@ class AdmitCall:
                 row = found.get(lookup)
                 windows[scope] = RateWindow(int(row["requests"]), int(row["tokens"]), row["oldest"]) if row \
                     else RateWindow()
-            if self.policy.agent_rate is not None:
+            if self.policy.agent_rate is not None and f.failover is None:
                 rate_scopes.append(f"agent:{f.agent_id}")
-            if self.policy.run_rate is not None:
+            if self.policy.run_rate is not None and f.failover is None:
                 rate_scopes.append(f"run:{self.run_id}")
             now_s = _epoch(now)
             hour = None
@@ -404,6 +456,8 @@ class AdmitCall:
                 hour = AgentHour(int(spent["spend_pusd"]) if spent else 0, int(held["reserved_pusd"]) if held else 0,
                                  spent["oldest"] if spent else None)
             verdicts = evaluate(self.policy, state, ask, windows, now_s, hour)
+            if f.failover is not None:
+                verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]
             if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts) and f.price is not None:
                 # What shrinking needs of the price, worked out only when it may happen.
                 ask = replace(ask, input_pusd=f.price.max_cost_pico(f.input_tokens, 0),
@@ -414,6 +468,8 @@ class AdmitCall:
                     self.warnings.append(f"budget: the output limit was lowered to {self.max_output} tokens so"
                                          " the call fits the run's remaining budget")
                     ask, verdicts = shrunk, evaluate(self.policy, state, shrunk, windows, now_s, hour)
+                    if f.failover is not None:
+                        verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]
             # Every request for a model outside the lists is a drift, whatever else refuses the call.
             drift = [event for v in verdicts if v.code == "model_not_allowed" for event in self._drift(v)]
             for verdict in verdicts:
@@ -432,9 +488,15 @@ class AdmitCall:
             decisions.append({"rule": "budget.on_exceed", "code": "shrunk", "mode": "enforce",
                               "message": f"output limited to {self.max_output} tokens"})
         self.reserved_pusd, self.reserved_tokens = ask.reserved_pusd, ask.reserved_tokens
+        if f.failover is not None:
+            fo = f.failover
+            events.append(NewEvent(run_stream(self.run_id), StepFailedOver(
+                run_id=self.run_id, step_id=fo.from_step_id, to_step_id=self.step_id, from_provider=fo.from_provider,
+                from_model=fo.from_model, to_provider=provider, to_model=model, reason=fo.reason, retry=fo.retry,
+                delay_s=fo.delay_s)))
         events.append(NewEvent(run_stream(self.run_id), StepStarted(
-            step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=f.provider,
-            model=f.model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=ask.reserved_pusd,
+            step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=provider,
+            model=model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=ask.reserved_pusd,
             reserved_tokens=ask.reserved_tokens, warnings=decisions, rate_scopes=rate_scopes,
             policy=None if self.policy is None else self.policy.ref)))
         return events
@@ -463,6 +525,15 @@ class AdmitCall:
         refused = refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
                           policy=None if self.policy is None else self.policy.ref)
         raise Refused(refused.error, [*refused.events, *extra])
+
+
+def no_allowed_target(run_id: str, model: str, policy: CompiledPolicy | None) -> GovernanceRefusal:
+    """403 `model_not_allowed`: the policy refuses every target of the model's route."""
+    return GovernanceRefusal(f"No target of the route for {model} is allowed by this run's policy.",
+                             code="model_not_allowed", status=403, run_id=run_id, context={
+                                 "rule": "models.allowed", "requested": model, **policy_fields(policy),
+                                 "next": "Use another model, or ask an operator to change the route or policy."},
+                             headers=dict(_NO_RETRY))
 
 
 def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step_id: str) -> GovernanceRefusal:

@@ -30,6 +30,7 @@ from rungate.enforce.gates import MAX_PATH_LENGTH, ApprovalRules, ToolMatcher, c
 from rungate.enforce.gates import canonical_tool as canonical_tool  # re-exported: its home is gates.py
 from rungate.errors import BadRequest
 from rungate.prices import format_usd, snapshot_base, to_pico
+from rungate.routing import MAX_TARGETS, RouteTable, RouteTarget
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 Mode = Literal["enforce", "shadow"]
@@ -213,11 +214,6 @@ class Approval(_Section):
     mode: Literal["202", "hold", "shadow"] = "202"
 
 
-class RouteTarget(_Section):
-    provider: Literal["openai", "anthropic"]
-    model: Annotated[str, Field(min_length=1, max_length=200)]
-
-
 class PolicyDocument(_Section):
     """The whole document; `name` is the policy's unique name."""
 
@@ -231,7 +227,10 @@ class PolicyDocument(_Section):
     runaway: Runaway | None = None
     runs: Runs | None = None
     approvals: list[Approval] = Field(default_factory=list)
-    routes: dict[str, list[RouteTarget]] | None = None
+    # Per model name or glob, the targets that serve it for runs under this policy (SPEC §6.1); a policy
+    # names providers and stored keys, never base URLs.
+    routes: dict[Annotated[str, Field(min_length=1, max_length=200)],
+                 Annotated[list[RouteTarget], Field(min_length=1, max_length=MAX_TARGETS)]] | None = None
 
     @field_validator("approvals")
     @classmethod
@@ -342,6 +341,7 @@ class CompiledPolicy:
         self.rates_mode = rates.mode or doc.mode
         self.idle_timeout_s = doc.runs.idle_timeout_s if doc.runs else None
         self.approvals = ApprovalRules([a.model_dump(mode="json") for a in doc.approvals], doc.mode)
+        self.routes = RouteTable.build(doc.routes or {})
 
     @property
     def ref(self) -> dict[str, Any]:

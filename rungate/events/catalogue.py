@@ -141,6 +141,26 @@ class StepCompleted(Event):
     tool_calls: list[dict[str, Any]] = []
 
 
+class StepFailedOver(Event):
+    """A step's target failed before anything reached the agent, and the call goes on at another attempt
+    (`to_step_id`, admitted against the budget at its own target's price in the same transaction).
+
+    `reason` is what failed (`timeout`, `status 503`, `ClientConnectorError`, `circuit_open`, …); `retry` is
+    true when the next attempt is the same target again (after `delay_s`).
+    """
+
+    run_id: str
+    step_id: str
+    to_step_id: str
+    from_provider: str
+    from_model: str
+    to_provider: str
+    to_model: str
+    reason: str
+    retry: bool = False
+    delay_s: float = 0.0
+
+
 class CallRefused(Event):
     """A call was refused before anything went upstream; recorded on the agent's stream (SPEC §4).
 

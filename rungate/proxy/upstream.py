@@ -7,7 +7,7 @@ vendor headers (`anthropic-version`, `anthropic-beta`, `openai-organization`, â€
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -16,8 +16,11 @@ from rungate import queries
 from rungate.config import Settings
 from rungate.crypto import Keyring
 from rungate.errors import ProviderError
+from rungate.proxy.breaker import TargetKey
 from rungate.readcache import ReadCache
+from rungate.routing import ConfigRouteTarget, RouteTarget
 from rungate.store import EventStore
+from rungate.store.base import Row
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
     hdrs.CONNECTION, hdrs.KEEP_ALIVE, hdrs.PROXY_AUTHENTICATE, hdrs.PROXY_AUTHORIZATION, hdrs.TE,
@@ -37,16 +40,25 @@ MOCK_KEY = "mock-provider-key"
 
 @dataclass(frozen=True)
 class Target:
-    """Where one attempt goes: provider, model, base URL and the plaintext key (never logged)."""
+    """Where one attempt goes: provider, model, base URL and the plaintext key (never logged), and how long
+    the target may take (None: the session's defaults)."""
 
     provider: str
     model: str
     base_url: str
     api_key: str
-    key_id: str  # which stored key served the call ("env" or "mock" otherwise); for the failover issue's logs
+    key_id: str  # which stored key served the call ("env" or "mock" otherwise)
+    connect_s: float | None = None
+    first_token_s: float | None = None
+    idle_s: float | None = None
+    prefill: bool = False  # can it continue an assistant prefill
 
     def __repr__(self) -> str:  # keep the key out of any traceback or log line
         return f"Target(provider={self.provider!r}, model={self.model!r}, base_url={self.base_url!r})"
+
+    @property
+    def circuit(self) -> TargetKey:
+        return (self.provider, self.base_url, self.model)
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
@@ -77,7 +89,7 @@ def relayed_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 class TargetResolver:
-    """Chooses the provider key and base URL for a call (one target per call until failover lands)."""
+    """Chooses the provider key and base URL of each target a call may go to."""
 
     def __init__(self, settings: Settings, store: EventStore, keyring: Keyring,
                  mock_base_url: str | None = None) -> None:
@@ -89,10 +101,41 @@ class TargetResolver:
         # The newest key per provider ("none stored" included), re-read when a key is added or removed.
         self._newest = ReadCache(store, "agents", keep_missing=True)
 
-    def base_url(self, provider: str) -> str:
+    def base_url(self, provider: str, spec: RouteTarget | None = None) -> str:
+        """Where `provider` is: the mock under `--mock`, else a route target's own base URL (configuration
+        file only), else the provider's `RUNGATE_*_BASE_URL`."""
         if self._mock_base_url is not None:
             return self._mock_base_url + ("/v1" if provider == "openai" else "")
+        if isinstance(spec, ConfigRouteTarget) and spec.base_url is not None:
+            return spec.base_url.rstrip("/")
         return self._settings.openai_base_url if provider == "openai" else self._settings.anthropic_base_url
+
+    def circuit(self, spec: RouteTarget) -> TargetKey:
+        """The circuit-breaker key of a route target (known without reading its key)."""
+        return (spec.provider, self.base_url(spec.provider, spec), spec.model)
+
+    async def for_route(self, spec: RouteTarget) -> Target:
+        """The target a route names: its stored key by name (else the provider's default key), base URL and
+        timeouts. `ProviderError` when the key is missing or belongs to another provider."""
+        if spec.key is None or self._mock_base_url is not None:
+            target = await self.resolve(spec.provider, spec.model)
+        else:
+            row = await queries.provider_key_by_name(self._store, spec.key)
+            if row is None or row["provider"] != spec.provider:
+                raise ProviderError(f"The route's key {spec.key} is not a stored {spec.provider} key.",
+                                    [{"provider": spec.provider, "model": spec.model, "status": None,
+                                      "error": "no_provider_key"}])
+            target = Target(spec.provider, spec.model, "", self._decrypt(row), row["id"])
+        return replace(target, base_url=self.base_url(spec.provider, spec), connect_s=spec.timeouts.connect_s,
+                       first_token_s=spec.timeouts.first_token_s, idle_s=spec.timeouts.idle_s,
+                       prefill=spec.accepts_prefill)
+
+    def _decrypt(self, row: Row) -> str:
+        secret = self._plain.get(row["id"])
+        if secret is None:  # key ids are never reused, so a decrypted key stays valid while its row exists
+            secret = self._keyring.decrypt(row["id"], row["nonce"], row["ciphertext"])
+            self._plain[row["id"]] = secret
+        return secret
 
     async def resolve(self, provider: str, model: str) -> Target:
         """The target for `provider`; `ProviderError` when no key is configured for it."""
@@ -101,11 +144,7 @@ class TargetResolver:
             return Target(provider, model, base, MOCK_KEY, "mock")
         row = await self._newest.get(provider, lambda: queries.newest_provider_key(self._store, provider))
         if row is not None:
-            secret = self._plain.get(row["id"])
-            if secret is None:  # key ids are never reused, so a decrypted key stays valid while its row exists
-                secret = self._keyring.decrypt(row["id"], row["nonce"], row["ciphertext"])
-                self._plain[row["id"]] = secret
-            return Target(provider, model, base, secret, row["id"])
+            return Target(provider, model, base, self._decrypt(row), row["id"])
         env_key = self._settings.openai_api_key if provider == "openai" else self._settings.anthropic_api_key
         if env_key is not None:
             return Target(provider, model, base, env_key.get_secret_value(), "env")

@@ -26,8 +26,8 @@ import orjson
 
 from rungate.events import Recorded
 
-# Every name a webhook may subscribe to (SPEC §8). `step.failed_over` and `admin_token.created` belong to
-# features not in this version: accepted in a filter, never sent yet.
+# Every name a webhook may subscribe to (SPEC §8). `admin_token.created` belongs to a feature not in this
+# version: accepted in a filter, never sent yet.
 EVENT_NAMES: tuple[str, ...] = (
     "run.started", "run.completed", "run.blocked", "step.failed_over", "approval.pending", "approval.approved",
     "approval.rejected", "budget.alert", "budget.exceeded", "policy.drift", "agent.created", "admin_token.created",
@@ -63,6 +63,7 @@ _MAPPING: dict[str, Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]]]] =
     "BudgetExceeded": _named("budget.exceeded"),
     "PolicyDrifted": _named("policy.drift"),
     "AgentCreated": _agent_created,
+    "StepFailedOver": _named("step.failed_over"),
 }
 
 

@@ -1,0 +1,171 @@
+"""Retry and failover as one policy (SPEC §6): which targets a call may use, and what to do after a failure.
+
+A call's route (policy first, then the configuration file) lists its targets. Before anything reached the
+agent, a failed attempt is followed by another:
+
+- connection errors, resets, 429, 5xx and 529 are retried on the same target up to `RETRIES_PER_TARGET`
+  times (honouring `Retry-After` up to `RUNGATE_RETRY_AFTER_MAX_S`, else a jittered exponential backoff
+  from `RUNGATE_RETRY_BASE_S`), then the call fails over to the next target;
+- a target that timed out (no answer, or no first token, within its limit) is not retried: the call
+  fails over at once;
+- `context_length_exceeded` is never retried on the same model; the call goes on at the next target with
+  another model, if any;
+- any other 4xx (a content-filter refusal included) is the agent's answer: relayed, no failover.
+
+Targets whose circuit is open are skipped (listed with `"error": "circuit_open"`). At most
+`MAX_ATTEMPTS` attempts per call. Every attempt is a step admitted against the budget at its own target's
+price; a failed one is settled with what it used (nothing, when nothing came back).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from rungate.clock import utcnow
+from rungate.enforce.policy import CompiledPolicy
+from rungate.prices import PriceTable
+from rungate.proxy.breaker import Breakers, TargetKey
+from rungate.proxy.formats import WireFormat
+from rungate.routing import RouteTable, RouteTarget
+from rungate.runs import Plan
+
+RETRIES_PER_TARGET = 1
+MAX_ATTEMPTS = 8
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an attempt did not produce the agent's answer; `step_status` is how its step was settled."""
+
+    reason: str  # for the 502's attempt list and the `step.failed_over` event
+    status: int | None = None
+    retry_after_s: float | None = None
+    timed_out: bool = False
+    context_length: bool = False
+
+    @property
+    def retryable(self) -> bool:
+        """Worth trying the same target again (a silent timeout is not: fail over at once)."""
+        if self.timed_out or self.context_length:
+            return False
+        return self.status is None or self.status in RETRYABLE_STATUSES
+
+    def entry(self, provider: str, model: str) -> dict[str, Any]:
+        return {"provider": provider, "model": model, "status": self.status, "error": self.reason}
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """`retry-after-ms` or `retry-after` (seconds or an HTTP date) of a response, when given and sane."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            value = float(raw_ms) / 1000
+        except ValueError:
+            value = -1.0
+        if 0 <= value < 86400:
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            value = (parsedate_to_datetime(raw) - utcnow()).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, value) if value < 86400 else None
+
+
+def backoff_s(retry: int, base_s: float) -> float:
+    """Jittered exponential backoff for the `retry`-th retry (1-based): between half and all of base·2^(n-1)."""
+    ceiling = base_s * 2 ** (retry - 1)
+    return ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security
+
+
+def target_allowed(policy: CompiledPolicy | None, spec: RouteTarget) -> bool:
+    """Whether the run's policy lets `spec`'s model serve (the model lists apply to every target)."""
+    if policy is None or policy.models_mode == "shadow":
+        return True
+    if policy.models_blocked.matches(spec.provider, spec.model):
+        return False
+    return policy.models_allowed is None or policy.models_allowed.matches(spec.provider, spec.model)
+
+
+# Which client formats a target of each provider can serve (translation covers the rest of each row).
+_SERVES: dict[str, frozenset[str]] = {
+    "openai": frozenset({"chat", "responses", "embeddings", "messages"}),
+    "anthropic": frozenset({"messages", "chat", "responses"}),
+}
+
+
+def serves(fmt: WireFormat, spec: RouteTarget, translating: frozenset[str]) -> bool:
+    """Whether a `spec` target can answer a call in `fmt`: its own provider's formats always, the other
+    vendor's only where a translation exists (`translating` names the client formats that have one)."""
+    if spec.provider == fmt.provider:
+        return True
+    return fmt.name in translating and fmt.name in _SERVES[spec.provider]
+
+
+@dataclass
+class Planner:
+    """Builds a call's `Plan` once its run's policy is known (called inside the admission)."""
+
+    fmt: WireFormat
+    model: str
+    routes: RouteTable
+    prices: PriceTable
+    breakers: Breakers
+    circuit: Callable[[RouteTarget], TargetKey]
+    input_tokens: int
+    max_output: int | None
+    choices: int
+    translating: frozenset[str]
+
+    def __call__(self, policy: CompiledPolicy | None) -> Plan | None:
+        routed = policy.routes.match(self.model) if policy is not None and policy.routes else None
+        if routed is None:
+            routed = self.routes.match(self.model) if self.routes else None
+        if routed is None:  # no route: the format's own provider, the model as asked, no failover
+            return self.reserve((RouteTarget(provider=self.fmt.provider, model=self.model),), ())  # type: ignore[arg-type]
+        usable: list[RouteTarget] = []
+        skipped: list[dict[str, Any]] = []
+        for spec in routed:
+            reason = None
+            if not serves(self.fmt, spec, self.translating):
+                reason = "format_not_translatable"
+            elif not target_allowed(policy, spec):
+                reason = "model_not_allowed"
+            if reason is None:
+                usable.append(spec)
+            else:
+                skipped.append({"provider": spec.provider, "model": spec.model, "status": None, "error": reason})
+        if not usable:
+            return None
+        healthy = []
+        for spec in usable:
+            if self.breakers.available(self.circuit(spec)):
+                healthy.append(spec)
+            else:
+                skipped.append({"provider": spec.provider, "model": spec.model, "status": None,
+                                "error": "circuit_open"})
+        if not healthy:  # every allowed target's circuit is open: refused with 502, nothing goes upstream
+            return Plan(targets=(), provider=usable[0].provider, model=usable[0].model, reserved_pusd=0,
+                        reserved_tokens=0, priced=True, price=None, output_bounded=True, skipped=tuple(skipped))
+        return self.reserve(tuple(healthy), tuple(skipped))
+
+    def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = ()) -> Plan:
+        """The plan with the first target's worst case (input estimate plus the output limit, at its price)."""
+        first = targets[0]
+        price = self.prices.lookup(first.model)
+        out_limit = self.max_output if self.max_output is not None else (
+            price.max_output_tokens if price is not None else None)
+        worst = self.prices.max_cost_pico(first.model, self.input_tokens, (out_limit or 0) * self.choices)
+        return Plan(targets=tuple(targets), provider=first.provider, model=first.model, reserved_pusd=worst or 0,
+                    reserved_tokens=self.input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
+                    price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped)
