@@ -56,6 +56,14 @@ SETTINGS_DOC: tuple[tuple[str, str, str, str], ...] = (
      "Seconds after its first attempt at which a failing webhook delivery is dead-lettered."),
     ("webhook_retry_base_s", "RUNGATE_WEBHOOK_RETRY_BASE_S", "1",
      "First retry delay of a failing webhook delivery; doubled each time (with jitter), at most 60 s."),
+    ("retry_base_s", "RUNGATE_RETRY_BASE_S", "0.5",
+     "First delay before retrying a failed upstream attempt on the same target (jittered, doubling)."),
+    ("retry_after_max_s", "RUNGATE_RETRY_AFTER_MAX_S", "10",
+     "Longest provider `Retry-After` waited for on the same target; a longer one fails over at once."),
+    ("breaker_threshold", "RUNGATE_BREAKER_THRESHOLD", "5",
+     "Consecutive failures of a route target that open its circuit (the target is then skipped)."),
+    ("breaker_cooldown_s", "RUNGATE_BREAKER_COOLDOWN_S", "30",
+     "Seconds an open circuit skips its target before one probe call is let through."),
     ("config", "RUNGATE_CONFIG", "(none)", "Path of an optional YAML configuration file."),
 )
 
@@ -88,6 +96,10 @@ class Settings:
     webhook_rotation_grace_s: int = 86400
     webhook_dead_letter_s: float = 510.0  # 8.5 minutes (SPEC §8)
     webhook_retry_base_s: float = 1.0
+    retry_base_s: float = 0.5
+    retry_after_max_s: float = 10.0
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
     openai_api_key: SecretStr | None = None
     anthropic_api_key: SecretStr | None = None
     price_overrides: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
@@ -292,6 +304,11 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | None 
     if "upstream_timeout_s" in raw:
         values["upstream_timeout_s"] = _as_float(var("upstream_timeout_s"), raw["upstream_timeout_s"],
                                                  0, 3600)
+    for name, high in (("retry_base_s", 60.0), ("retry_after_max_s", 600.0), ("breaker_cooldown_s", 3600.0)):
+        if name in raw:
+            values[name] = _as_float(var(name), raw[name], 0, high)
+    if "breaker_threshold" in raw:
+        values["breaker_threshold"] = _as_int(var("breaker_threshold"), raw["breaker_threshold"], 1, 1000)
     if "max_hold_s" in raw:
         values["max_hold_s"] = _as_float(var("max_hold_s"), raw["max_hold_s"], 0.1, 86400)
     if "webhook_allow_private" in raw:

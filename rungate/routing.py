@@ -97,6 +97,14 @@ class RouteTable:
             return hit
         return next((targets for pattern, targets in self.globs if pattern.match(name)), None)
 
+    def targets(self) -> list[RouteTarget]:
+        """Every target of every route, in the order written (a target named twice, once)."""
+        seen: dict[tuple[str, str, str | None], RouteTarget] = {}
+        for targets in (*self.exact.values(), *(t for _, t in self.globs)):
+            for spec in targets:
+                seen.setdefault((spec.provider, spec.model, getattr(spec, "base_url", None)), spec)
+        return list(seen.values())
+
     def __bool__(self) -> bool:
         return bool(self.exact or self.globs)
 

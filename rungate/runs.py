@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from projections.runs import ALERT_LEVEL, EXCEEDED
 from rungate import budgets
@@ -191,6 +191,7 @@ class Plan:
     price: ModelPrice | None
     output_bounded: bool
     skipped: tuple[dict[str, Any], ...] = ()  # targets left out (an open circuit, a model the policy refuses)
+    routed: bool = False  # a route named the targets (else: the format's own provider, no failover)
 
 
 @dataclass(frozen=True)
@@ -421,15 +422,15 @@ class AdmitCall:
                 return self._retry_held(found, hold, now)
         provider, model = f.provider, f.model
         if f.planner is not None:
-            self.plan = f.planner(self.policy)
-            if self.plan is None:
+            plan = self.plan = f.planner(self.policy)
+            if plan is None:
                 self._refuse(no_allowed_target(self.run_id, f.model, self.policy), rule="models.allowed")
-            if not self.plan.targets:
+            if not plan.targets:
                 self._refuse(ProviderError("Every target of this model's route is failing (circuits open).",
-                                           list(self.plan.skipped)))
-            provider, model = self.plan.provider, self.plan.model
-            f = replace(f, reserved_pusd=self.plan.reserved_pusd, reserved_tokens=self.plan.reserved_tokens,
-                        priced=self.plan.priced, price=self.plan.price, output_bounded=self.plan.output_bounded)
+                                           list(plan.skipped)))
+            provider, model = plan.provider, plan.model
+            f = replace(f, reserved_pusd=plan.reserved_pusd, reserved_tokens=plan.reserved_tokens,
+                        priced=plan.priced, price=plan.price, output_bounded=plan.output_bounded)
         repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
                    if not starting and self.policy is not None and self.policy.max_repeats is not None else None)
         state = _state(self.run_id, None if starting else run, repeats)
@@ -520,7 +521,7 @@ class AdmitCall:
         assert self.policy is not None
         return governance_error(self.policy, self.run_id, verdict, self.step_id)
 
-    def _refuse(self, error: RungateError, rule: str | None = None, extra: Sequence[NewEvent] = ()) -> None:
+    def _refuse(self, error: RungateError, rule: str | None = None, extra: Sequence[NewEvent] = ()) -> NoReturn:
         f = self.facts
         refused = refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
                           policy=None if self.policy is None else self.policy.ref)

@@ -32,6 +32,9 @@ def test_defaults_match_the_spec() -> None:
         ("RUNGATE_DURABILITY", "off"),
         ("RUNGATE_MOCK", "maybe"),
         ("RUNGATE_ADMIN_TOKEN", "short"),
+        ("RUNGATE_RETRY_AFTER_MAX_S", "-1"),
+        ("RUNGATE_BREAKER_THRESHOLD", "0"),
+        ("RUNGATE_BREAKER_COOLDOWN_S", "soon"),
     ],
 )
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:

@@ -27,7 +27,7 @@ from rungate.policy_admin import DeletePolicy, apply_policy, policy_view
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.gating import checked_edit
-from rungate.proxy.keys import INFLIGHT, KEYRING, SETTINGS, STORE
+from rungate.proxy.keys import BREAKERS, INFLIGHT, KEYRING, SETTINGS, STORE, TARGETS
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.store import Append
 from rungate.views import agent_view, approval_view, budgeted_run_view, provider_key_view, step_view
@@ -86,6 +86,15 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(load_spec())
+
+
+@routes.get("/api/providers/health")
+async def providers_health(request: web.Request) -> web.Response:
+    """Each route target's circuit (SPEC §6): the configured targets, and any other this process called."""
+    _admin(request)
+    resolver = request.app[TARGETS]
+    configured = [resolver.circuit(spec) for spec in request.app[SETTINGS].routes.targets()]
+    return _data(request.app[BREAKERS].snapshot(configured), next=None)
 
 
 # --- agents -----------------------------------------------------------------------------------------

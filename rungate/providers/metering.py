@@ -356,6 +356,7 @@ class _StreamMeter:
         self._error: dict[str, Any] | None = None
         self._text_bytes = 0
         self._delta_seen = False
+        self.malformed = False  # an event whose data is not JSON: the stream is broken
 
     @property
     def usage(self) -> Usage | None:
@@ -394,6 +395,13 @@ class _StreamMeter:
     def feed(self, event: SSEEvent) -> bool:
         """Meter one event; return True to forward it to the client."""
         raise NotImplementedError
+
+    def _load(self, event: SSEEvent) -> Any:
+        """The event's JSON payload; `_INVALID` (and `malformed` set) when its data is not JSON."""
+        payload = _load(event.data)
+        if payload is _INVALID and event.data:
+            self.malformed = True
+        return payload
 
     def estimated_usage(self, input_estimate: int) -> Usage:
         """The reported usage if any; else input = `input_estimate`, output = ceil(UTF-8 bytes / 4).
@@ -451,7 +459,7 @@ class ChatStreamMeter(_StreamMeter):
         if event.data.strip() == "[DONE]":
             self._done = True
             return True
-        payload = _load(event.data)
+        payload = self._load(event)
         if not isinstance(payload, dict):
             return True
         if payload.get("error") is not None:
@@ -544,7 +552,7 @@ class ResponsesStreamMeter(_StreamMeter):
         if event.data.strip() == "[DONE]":
             self._done = True
             return True
-        payload = _load(event.data)
+        payload = self._load(event)
         if not isinstance(payload, dict):
             if event.event == "error" and event.data:
                 self._set_error(event.data)
@@ -651,7 +659,7 @@ class MessagesStreamMeter(_StreamMeter):
     def feed(self, event: SSEEvent) -> bool:
         if event.is_comment:
             return True
-        payload = _load(event.data)
+        payload = self._load(event)
         if not isinstance(payload, dict):
             if event.event == "error" and event.data:
                 self._set_error(event.data)

@@ -19,8 +19,9 @@ from rungate.errors import ConfigError
 from rungate.log import configure, get_logger
 from rungate.prices import PriceTable
 from rungate.providers.mock import create_mock_app
+from rungate.proxy.breaker import Breakers
 from rungate.proxy.inflight import Inflight
-from rungate.proxy.keys import AGENTS, HTTP, INFLIGHT, KEYRING, PRICES, SETTINGS, STORE, TARGETS
+from rungate.proxy.keys import AGENTS, BREAKERS, HTTP, INFLIGHT, KEYRING, PRICES, SETTINGS, STORE, TARGETS
 from rungate.proxy.middleware import add_request_id, error_middleware
 from rungate.proxy.routes import routes as proxy_routes
 from rungate.proxy.upstream import TargetResolver
@@ -77,6 +78,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[TARGETS] = TargetResolver(settings, store, app[KEYRING], mock_base_url=mock_url)
     app[AGENTS] = ReadCache(store, "agents", keep_missing=False)  # unknown tokens are not remembered
     app[INFLIGHT] = Inflight()
+    app[BREAKERS] = Breakers(settings.breaker_threshold, settings.breaker_cooldown_s)
     sweeper = asyncio.create_task(_sweep_idle_runs(app), name="rungate-idle-sweeper")
     # Webhooks are sent from the event log by their own task and HTTP session, never on the request path.
     app[WEBHOOKS] = Deliverer(settings, store, app[KEYRING])

@@ -15,7 +15,7 @@ request itself says nothing about the target's health and is not counted. State 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,11 +111,14 @@ class Breakers:
         circuit.state = state
         circuit.last_change = isoformat(utcnow())
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Every tracked target's circuit, for `GET /api/providers/health`."""
+    def snapshot(self, known: Iterable[TargetKey] = ()) -> list[dict[str, Any]]:
+        """Every tracked target's circuit, and each of `known` not called yet (closed), for
+        `GET /api/providers/health`."""
         out = []
         now = self._clock()
-        for (provider, base_url, model), c in sorted(self._circuits.items()):
+        circuits = {key: _Circuit() for key in known}
+        circuits.update(self._circuits)
+        for (provider, base_url, model), c in sorted(circuits.items()):
             retry_in = None
             if c.state == "open" and c.opened_at is not None:
                 retry_in = round(max(0.0, self.cooldown_s - (now - c.opened_at)), 3)

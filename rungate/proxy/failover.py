@@ -19,23 +19,29 @@ price; a failed one is settled with what it used (nothing, when nothing came bac
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import orjson
+
 from rungate.clock import utcnow
 from rungate.enforce.policy import CompiledPolicy
 from rungate.prices import PriceTable
 from rungate.proxy.breaker import Breakers, TargetKey
 from rungate.proxy.formats import WireFormat
-from rungate.routing import RouteTable, RouteTarget
+from rungate.routing import Provider, RouteTable, RouteTarget
 from rungate.runs import Plan
+from rungate.translate.errors import is_context_length_error
 
 RETRIES_PER_TARGET = 1
 MAX_ATTEMPTS = 8
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# The client formats a target of the other vendor can serve through translation (none yet).
+TRANSLATING: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -47,16 +53,52 @@ class Failure:
     retry_after_s: float | None = None
     timed_out: bool = False
     context_length: bool = False
+    counts: bool = True  # tells about the target's health (its circuit counts it)
 
     @property
     def retryable(self) -> bool:
         """Worth trying the same target again (a silent timeout is not: fail over at once)."""
-        if self.timed_out or self.context_length:
+        if self.timed_out or self.context_length or not self.counts:
             return False
         return self.status is None or self.status in RETRYABLE_STATUSES
 
     def entry(self, provider: str, model: str) -> dict[str, Any]:
         return {"provider": provider, "model": model, "status": self.status, "error": self.reason}
+
+
+def failure_of(status: int, headers: Any, payload: bytes) -> Failure | None:
+    """The failure an upstream error answer means for a routed call, or None when it is the agent's answer
+    (a 4xx about the request itself, a content-filter refusal included, is relayed as it came)."""
+    if status in RETRYABLE_STATUSES:
+        return Failure(f"status {status}", status=status, retry_after_s=retry_after_s(headers))
+    if status == 400:
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        if is_context_length_error(status, parsed):
+            return Failure("context_length_exceeded", status=status, context_length=True)
+    return None
+
+
+def next_attempt(failure: Failure, targets: Sequence[RouteTarget], index: int, retries: int, made: int, *,
+                 routed: bool, retry_base_s: float, retry_after_max_s: float) -> tuple[int, float] | None:
+    """Where the call goes after `failure` at `targets[index]` (retried `retries` times so far, `made` attempts
+    in all): `(index, delay_s)` — the same target after a delay, or a later one at once — or None: give up.
+
+    A call with no route is never retried here: the agent's SDK retries it itself (stacked retries multiply
+    the requests on the wire)."""
+    if not routed or made >= MAX_ATTEMPTS:
+        return None
+    if failure.retryable and retries < RETRIES_PER_TARGET:
+        delay = failure.retry_after_s if failure.retry_after_s is not None else backoff_s(retries + 1, retry_base_s)
+        if delay <= retry_after_max_s:  # a longer wait than that is better spent on the next target
+            return index, delay
+    for later in range(index + 1, len(targets)):
+        if failure.context_length and targets[later].model == targets[index].model:
+            continue  # the same model has the same context window
+        return later, 0.0
+    return None
 
 
 def retry_after_s(headers: Any) -> float | None:
@@ -84,7 +126,7 @@ def retry_after_s(headers: Any) -> float | None:
 
 def backoff_s(retry: int, base_s: float) -> float:
     """Jittered exponential backoff for the `retry`-th retry (1-based): between half and all of base·2^(n-1)."""
-    ceiling = base_s * 2 ** (retry - 1)
+    ceiling: float = base_s * 2.0 ** (retry - 1)
     return ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security
 
 
@@ -132,7 +174,7 @@ class Planner:
         if routed is None:
             routed = self.routes.match(self.model) if self.routes else None
         if routed is None:  # no route: the format's own provider, the model as asked, no failover
-            return self.reserve((RouteTarget(provider=self.fmt.provider, model=self.model),), ())  # type: ignore[arg-type]
+            return self.reserve((_default_target(self.fmt.provider, self.model),))
         usable: list[RouteTarget] = []
         skipped: list[dict[str, Any]] = []
         for spec in routed:
@@ -156,10 +198,12 @@ class Planner:
                                 "error": "circuit_open"})
         if not healthy:  # every allowed target's circuit is open: refused with 502, nothing goes upstream
             return Plan(targets=(), provider=usable[0].provider, model=usable[0].model, reserved_pusd=0,
-                        reserved_tokens=0, priced=True, price=None, output_bounded=True, skipped=tuple(skipped))
-        return self.reserve(tuple(healthy), tuple(skipped))
+                        reserved_tokens=0, priced=True, price=None, output_bounded=True, skipped=tuple(skipped),
+                        routed=True)
+        return self.reserve(tuple(healthy), tuple(skipped), routed=True)
 
-    def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = ()) -> Plan:
+    def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = (), *,
+                routed: bool = False) -> Plan:
         """The plan with the first target's worst case (input estimate plus the output limit, at its price)."""
         first = targets[0]
         price = self.prices.lookup(first.model)
@@ -168,4 +212,11 @@ class Planner:
         worst = self.prices.max_cost_pico(first.model, self.input_tokens, (out_limit or 0) * self.choices)
         return Plan(targets=tuple(targets), provider=first.provider, model=first.model, reserved_pusd=worst or 0,
                     reserved_tokens=self.input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
-                    price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped)
+                    price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped,
+                    routed=routed)
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_target(provider: Provider, model: str) -> RouteTarget:
+    """The one target of a model no route names (built once per model: it is on every such call's path)."""
+    return RouteTarget(provider=provider, model=model)

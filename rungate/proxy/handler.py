@@ -14,7 +14,7 @@ import hashlib
 import re
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 import aiohttp
@@ -39,6 +39,8 @@ from rungate.prices import PriceTable, format_usd
 from rungate.providers.metering import ToolCall, estimate_input_tokens, prepare_chat_stream_request
 from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
+from rungate.proxy.breaker import TargetKey
+from rungate.proxy.failover import TRANSLATING, Failure, Planner, failure_of, next_attempt
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
 from rungate.proxy.gating import (
     APPROVAL_MODE_HEADER,
@@ -49,11 +51,24 @@ from rungate.proxy.gating import (
     refusal_answer,
     released_answer,
 )
-from rungate.proxy.keys import AGENTS, HTTP, INFLIGHT, PRICES, SETTINGS, STORE, STREAM_STARTED, TARGETS
+from rungate.proxy.keys import (
+    AGENTS,
+    BREAKERS,
+    HTTP,
+    INFLIGHT,
+    PRICES,
+    SETTINGS,
+    STORE,
+    STREAM_STARTED,
+    TARGETS,
+)
 from rungate.proxy.upstream import Target, relayed_headers, upstream_headers
+from rungate.routing import RouteTarget
 from rungate.runs import (
     AdmitCall,
     CallFacts,
+    Failover,
+    Plan,
     SettleStep,
     approval_rejected,
     force_stopped,
@@ -136,6 +151,8 @@ class Call:
     upstream: aiohttp.ClientResponse | None = None
     stopped: bool = False
     holding: bool = False  # waiting for an approval with the connection open (hold mode)
+    routed: bool = False  # the call's model has a route: a failed attempt is retried or failed over
+    failovers: int = 0  # attempts before this one that failed (`x-rungate-failover`)
 
     def __hash__(self) -> int:  # registered in a set while in flight
         return id(self)
@@ -153,6 +170,14 @@ class Call:
             self.upstream.close()
         elif self.awaiting_upstream and self.task is not None:
             self.task.cancel()
+
+    def next_attempt(self, step_id: str, target: Target, reserved_pusd: int) -> None:
+        """Start over for another attempt of the same call (a retry, or another target): a new step."""
+        self.step_id, self.target, self.reserved_pusd = step_id, target, reserved_pusd
+        self.started, self.settled, self.meter = time.monotonic(), False, None
+        self.usage, self.cost_pusd = Usage(), 0
+        self.task, self.awaiting_upstream, self.upstream = None, False, None
+        self.failovers += 1
 
     def seen_usage(self) -> tuple[Usage, bool]:
         """What a stream reported so far, or an estimate from what was relayed (and whether estimated)."""
@@ -250,56 +275,149 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     client_wants_usage = False
     if fmt is CHAT and stream:
         body, client_wants_usage = prepare_chat_stream_request(body)
-    # What goes upstream is exactly what Rungate decided on (no duplicate keys, no `rungate` key).
-    forward = orjson.dumps(body)
-
-    target = await app[TARGETS].resolve(fmt.provider, model)
     input_estimate = estimate_input_tokens(body)
-    max_output = _max_output(body, fmt)
-    price = prices.lookup(model)
-    out_limit = max_output if max_output is not None else (price.max_output_tokens if price is not None else None)
     choices = _choices(body, fmt)
-    # Every choice may use the whole output limit; with no limit known the worst case has no bound.
-    worst = prices.max_cost_pico(model, input_estimate, (out_limit or 0) * choices)
     # The request's fingerprint: its endpoint and its canonical body (keys sorted), so a retry is the same
     # request whatever its key order, and the same body sent to another endpoint is another request.
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     fingerprint = hashlib.sha256(fmt.name.encode() + b"\n" + canonical).hexdigest()
     offered = offered_tools(body)
+    # The route's targets are picked inside the admission, once the run's policy (whose routes win) is known;
+    # the first target's worst case is what the admission reserves.
+    planner = Planner(fmt, model, settings.routes, prices, app[BREAKERS], app[TARGETS].circuit, input_estimate,
+                      _max_output(body, fmt), choices, TRANSLATING)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
-        endpoint=fmt.name, provider=target.provider, model=model, stream=stream,
-        fingerprint=fingerprint, reserved_pusd=worst or 0,
-        idle_timeout_s=settings.idle_timeout_s, reserved_tokens=input_estimate + (out_limit or 0) * choices,
-        priced=worst is not None, tools=offered, policy_name=options.policy_name,
-        policy_version=options.policy_version, input_tokens=input_estimate, price=price,
-        embedding=fmt.meter is None, choices=choices, output_bounded=out_limit is not None or fmt.meter is None))
-    call = Call(fmt, agent["id"], "", admit.step_id, target, stream, input_estimate, worst or 0,
-                fingerprint=fingerprint, offered=offered, approval_mode=approval_mode)
+        endpoint=fmt.name, provider=fmt.provider, model=model, stream=stream, fingerprint=fingerprint,
+        reserved_pusd=0, idle_timeout_s=settings.idle_timeout_s, tools=offered, policy_name=options.policy_name,
+        policy_version=options.policy_version, input_tokens=input_estimate, embedding=fmt.meter is None,
+        choices=choices, planner=planner))
+    # Until a target is resolved the call names the model as asked (a retry answered from a hold keeps it).
+    call = Call(fmt, agent["id"], "", admit.step_id, Target(fmt.provider, model, "", "", ""), stream,
+                input_estimate, 0, fingerprint=fingerprint, offered=offered, approval_mode=approval_mode)
     await _admit(store, admit, call)
-    call.reserved_pusd = admit.reserved_pusd
     call.policy = admit.policy
     call.warnings.extend(admit.warnings)
     if admit.hold is not None:  # a retry of a held request: answered from the hold, nothing goes upstream
         call.settled = True
         return await _from_hold(request, call, admit)
-    if admit.max_output is not None:  # `on_exceed: shrink`: forward the lowered output limit
-        key = next((k for k in fmt.max_tokens_keys if k in body), fmt.max_tokens_keys[0])
-        body[key] = admit.max_output
-        forward = orjson.dumps(body)
+    plan = admit.plan
+    assert plan is not None  # the planner ran: the call was admitted
+    call.reserved_pusd, call.routed = admit.reserved_pusd, plan.routed
     if admit.policy is not None:
         call.budget = Budget.after_admission(admit)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
     inflight = app[INFLIGHT]
     inflight.add(call)
     try:
-        return await _forward(request, call, forward, client_wants_usage)
+        return await _attempts(request, call, admit, planner, plan, body, client_wants_usage)
     finally:
         inflight.discard(call)
         if not call.settled:  # cancelled or crashed before settling: close the books with what was seen
             usage, estimated = call.seen_usage()
             await _shielded(_settle(store, prices, call, status="aborted", http_status=None, usage=usage,
                                     estimated=estimated, error="handler aborted"))
+
+
+class FailedAttempt(Exception):
+    """An attempt failed before anything reached the agent (its step is settled): retry or fail over."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
+
+
+def _attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output: int | None) -> bytes:
+    """What goes upstream for one attempt: the agent's body, asking the target's model (and the output limit
+    a shrinking budget set). Exactly what Rungate decided on: no duplicate keys, no `rungate` key."""
+    if spec.model != body["model"] or max_output is not None:
+        body = dict(body)
+        body["model"] = spec.model
+        if max_output is not None:
+            body[next((k for k in call.fmt.max_tokens_keys if k in body), call.fmt.max_tokens_keys[0])] = max_output
+    return orjson.dumps(body)
+
+
+async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner: Planner, plan: Plan,
+                    body: dict[str, Any], client_wants_usage: bool) -> web.StreamResponse:
+    """Send the call to its route's targets in order until one answers (SPEC §6): each attempt is a step,
+    admitted at its own target's price; a failed one is retried on the same target or failed over as
+    `next_attempt` decides. Nothing reached the agent before an attempt that fails over."""
+    app = request.app
+    settings, store, breakers, targets = app[SETTINGS], app[STORE], app[BREAKERS], app[TARGETS]
+    failed: list[dict[str, Any]] = list(plan.skipped)
+    index, retries, max_output = 0, 0, admit.max_output
+    while True:
+        spec = plan.targets[index]
+        key: TargetKey | None = None
+        try:
+            try:
+                call.target = await (targets.for_route(spec) if plan.routed else targets.resolve(spec.provider,
+                                                                                                    spec.model))
+            except ProviderError as exc:  # no key for this target: nothing was sent
+                await _settle(store, app[PRICES], call, status="upstream_error", http_status=None, usage=Usage(),
+                              estimated=False, error="no provider key")
+                raise FailedAttempt(Failure(exc.attempts[0]["error"] if exc.attempts else "no_provider_key",
+                                            counts=False)) from None
+            key = call.target.circuit
+            if plan.routed and not breakers.allow(key):  # opened since the plan was made
+                await _settle(store, app[PRICES], call, status="skipped", http_status=None, usage=Usage(),
+                              estimated=False, error="circuit open")
+                raise FailedAttempt(Failure("circuit_open", counts=False))
+            response = await _forward(request, call, _attempt_body(call, body, spec, max_output), client_wants_usage)
+        except FailedAttempt as exc:
+            failure = exc.failure
+            failed.append(failure.entry(call.target.provider, call.target.model))
+            if key is not None and failure.counts:
+                breakers.failed(key, failure.reason)
+            choice = next_attempt(failure, plan.targets, index, retries, len(failed), routed=plan.routed,
+                                  retry_base_s=settings.retry_base_s, retry_after_max_s=settings.retry_after_max_s)
+            if choice is None:
+                error = ProviderError("Every target of this call failed." if plan.routed
+                                      else "The provider could not answer.", failed)
+                error.headers.update(rungate_headers(call))
+                raise error from None
+            index, delay = choice
+            retries = retries + 1 if plan.targets[index] is spec else 0
+            log.info("attempt_failed", step_id=call.step_id, provider=call.target.provider, model=call.target.model,
+                     reason=failure.reason, retry=plan.targets[index] is spec, delay_s=round(delay, 3))
+            if delay:
+                await asyncio.sleep(delay)
+            max_output = await _readmit(request, call, admit, planner, plan.targets[index], failure, delay)
+            continue
+        except BaseException:
+            if key is not None:
+                breakers.released(key)
+            raise
+        if key is not None:
+            breakers.succeeded(key)
+        return response
+
+
+async def _readmit(request: web.Request, call: Call, admit: AdmitCall, planner: Planner, spec: RouteTarget,
+                   failure: Failure, delay: float) -> int | None:
+    """Admit the call's next attempt (a new step at `spec`'s price, the failover recorded with it); returns the
+    output limit a shrinking budget set for it. A refusal (the budget no longer fits, the run was stopped)
+    is the agent's answer."""
+    facts = admit.facts
+    priced = planner.reserve((spec,))
+    again = AdmitCall(replace(
+        facts, run_id=call.run_id, new_run=False, policy_name=None, policy_version=None, provider=spec.provider,
+        model=spec.model, reserved_pusd=priced.reserved_pusd, reserved_tokens=priced.reserved_tokens,
+        priced=priced.priced, price=priced.price, output_bounded=priced.output_bounded, planner=None,
+        failover=Failover(call.step_id, call.target.provider, call.target.model, failure.reason,
+                          retry=spec.provider == call.target.provider and spec.model == call.target.model,
+                          delay_s=round(delay, 3))))
+    try:
+        await _admit(request.app[STORE], again, call)
+    except RungateError as error:
+        error.headers.update(rungate_headers(call))
+        raise
+    call.next_attempt(again.step_id, Target(spec.provider, spec.model, "", "", ""), again.reserved_pusd)
+    call.warnings.extend(w for w in again.warnings if w not in call.warnings)
+    if again.policy is not None:
+        call.budget = Budget.after_admission(again)
+    return again.max_output
 
 
 async def _admit(store: EventStore, admit: AdmitCall, call: Call) -> None:
@@ -331,9 +449,18 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
     store, prices = app[STORE], app[PRICES]
     url = call.target.base_url + call.fmt.upstream_path
     call.task, call.awaiting_upstream = asyncio.current_task(), True
+    target = call.target
     try:
-        upstream = await app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, call.target),
-                                        allow_redirects=False)
+        timeout = target.client_timeout(call.stream, app[SETTINGS].upstream_timeout_s)
+        post = (app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, target),
+                               allow_redirects=False) if timeout is None else
+                app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, target),
+                               allow_redirects=False, timeout=timeout))
+        if target.first_token_s is None:
+            upstream = await post
+        else:  # the answer must begin in time (its headers; a stream's first token is watched by the relay)
+            async with asyncio.timeout(target.first_token_s):
+                upstream = await post
     except asyncio.CancelledError:
         if not call.stopped:
             raise
@@ -344,10 +471,11 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
     except (aiohttp.ClientError, TimeoutError) as exc:
         if call.stopped:
             await _stopped(store, prices, call, None)
-        reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+        timed_out = isinstance(exc, TimeoutError)
+        reason = "timeout" if timed_out else type(exc).__name__
         await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
                       estimated=False, error=reason)
-        raise _provider_error(call, "The provider could not be reached.", None, reason) from None
+        raise FailedAttempt(Failure(reason, timed_out=timed_out)) from None
     finally:
         call.awaiting_upstream = False
     call.upstream = upstream
@@ -359,8 +487,7 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             # and the provider's body (which may hint at the key) is not relayed.
             await _settle(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
                           estimated=False, error=f"provider refused the key (status {upstream.status})")
-            raise _provider_error(call, "The provider refused Rungate's key for it.", upstream.status,
-                                  "provider_auth_failed")
+            raise FailedAttempt(Failure("provider_auth_failed", status=upstream.status))
         if call.stream and upstream.status < 300 and upstream.content_type == "text/event-stream":
             return await _relay_stream(request, call, upstream, client_wants_usage)
         try:
@@ -370,12 +497,16 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
                 await _stopped(store, prices, call, upstream.status)
             await _settle(store, prices, call, status="upstream_error", http_status=upstream.status,
                           usage=Usage(input=call.input_estimate), estimated=True, error=type(exc).__name__)
-            raise _provider_error(call, "The provider's answer broke off.", upstream.status,
-                                  type(exc).__name__) from None
+            raise FailedAttempt(Failure(type(exc).__name__, status=upstream.status,
+                                        timed_out=isinstance(exc, TimeoutError))) from None
         headers = relayed_headers(upstream.headers)
         if upstream.status >= 400:
             await _settle(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
                           estimated=False, error=f"upstream status {upstream.status}")
+            # A routed call tries again (or elsewhere) where the provider's answer says it may help.
+            failure = failure_of(upstream.status, upstream.headers, payload) if call.routed else None
+            if failure is not None:
+                raise FailedAttempt(failure)
         else:
             try:
                 parsed: Any = orjson.loads(payload)
@@ -620,11 +751,11 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     answer_headers = relayed_headers(upstream.headers)
     response = web.StreamResponse(status=upstream.status, headers=answer_headers)
     response.headers.update(rungate_headers(call, final=False))
-    # A stream that may call a gated tool is held back whole: its 202 must come before any SSE byte.
+    # A stream that may call a gated tool is held back whole: its 202 must come before any SSE byte. Any
+    # other is held back until its first token, so that a stream failing before then can still fail over.
     buffered: list[bytes] | None = [] if buffers_stream(call.policy, call.offered) else None
-    if buffered is None:
-        request[STREAM_STARTED] = True
-        await response.prepare(request)
+    pending: list[bytes] | None = [] if buffered is None else None
+    timed_out = False
     parser = SSEParser()
     held_done: bytes | None = None
     status, error = "ok", None
@@ -645,6 +776,10 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         for event in events:
             if not meter.feed(event):
                 continue
+            if meter.malformed:  # not relayed: the stream is broken from here
+                if out:
+                    await emit(b"".join(out))
+                raise ValueError("the provider sent an event that is not JSON")
             if watch_tools or watch_gates:
                 names = meter.tool_names
                 if names != seen_names:
@@ -664,7 +799,14 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             await emit(b"".join(out))
 
     async def emit(data: bytes) -> None:
-        nonlocal held_bytes
+        nonlocal held_bytes, pending
+        if pending is not None:
+            pending.append(data)
+            if meter.output_text_bytes:  # the first token: from here on the answer is the agent's
+                await _start(request, response)
+                data, pending = b"".join(pending), None
+            else:
+                return
         if buffered is None:
             await _send(response, data)
             return
@@ -675,10 +817,17 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
 
     try:
         try:
+            first_token_s = call.target.first_token_s
+            if first_token_s is not None and pending is not None:  # the first token must come in time
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + first_token_s
+                                              - (time.monotonic() - call.started)):
+                    while pending is not None and (chunk := await upstream.content.readany()):
+                        await relay(parser.feed(chunk))
             async for chunk in upstream.content.iter_any():
                 await relay(parser.feed(chunk))
             await relay(parser.flush())
         except (aiohttp.ClientError, TimeoutError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
             status, error = "cut", f"upstream stream broke: {type(exc).__name__}"
             if call.stopped:
                 status, error = "stopped", "the run was stopped by an operator"
@@ -713,6 +862,9 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             status, error = "cut", "the step could not be recorded"
         if gated is not None:
             return await _awaiting(request, call, gated)
+        if call.routed and status in ("cut", "error") and (pending is not None or buffered is not None):
+            # Nothing reached the agent: the call is tried again, or elsewhere.
+            raise FailedAttempt(Failure(error or status, timed_out=timed_out))
         if buffered is not None and status != "ok":
             # Held back in case it called a gated tool, and it did not end cleanly: none of it goes out (its
             # tool calls were never judged whole); nothing was sent yet, so the agent gets a plain error.
@@ -743,6 +895,9 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                 request[STREAM_STARTED] = True
                 await response.prepare(request)
                 tail[:0] = buffered
+            elif pending is not None:  # it ended before a first token (an empty answer, or an error relayed)
+                await _start(request, response)
+                tail[:0] = pending
             await response.write_eof(b"".join(tail))
     except ClientGone:
         usage, estimated = call.seen_usage()
@@ -750,6 +905,15 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                                 usage=usage, estimated=estimated, error="client disconnected",
                                 tool_calls=meter.tool_calls))
     return response
+
+
+async def _start(request: web.Request, response: web.StreamResponse) -> None:
+    """Send a relayed stream's headers (from here on, errors end the stream instead of a new response)."""
+    request[STREAM_STARTED] = True
+    try:
+        await response.prepare(request)
+    except ConnectionError as exc:
+        raise ClientGone() from exc
 
 
 def _trailer(call: Call) -> bytes:
@@ -767,7 +931,7 @@ def rungate_headers(call: Call, final: bool = True) -> CIMultiDict[str]:
         "x-rungate-step-id": call.step_id,
         "x-rungate-provider": call.target.provider,
         "x-rungate-model": call.target.model,
-        "x-rungate-failover": "0",
+        "x-rungate-failover": str(call.failovers),
         "x-rungate-budget-remaining-usd": "unlimited",
         "x-rungate-budget-remaining-tokens": "unlimited",
     })

@@ -8,6 +8,7 @@ from aiohttp import web
 from rungate.config import Settings
 from rungate.crypto import Keyring
 from rungate.prices import PriceTable
+from rungate.proxy.breaker import Breakers
 from rungate.proxy.inflight import Inflight
 from rungate.proxy.upstream import TargetResolver
 from rungate.readcache import ReadCache
@@ -21,6 +22,7 @@ HTTP = web.AppKey("HTTP", aiohttp.ClientSession)
 TARGETS = web.AppKey("TARGETS", TargetResolver)
 AGENTS = web.AppKey("AGENTS", ReadCache)  # token digest → agent row, for the proxy routes
 INFLIGHT = web.AppKey("INFLIGHT", Inflight)  # calls between admission and settlement, by run (kill switch)
+BREAKERS = web.AppKey("BREAKERS", Breakers)  # one circuit per route target, in this process
 
 # Set on a request once its response headers went out: from then on errors end the stream, not a new response.
 STREAM_STARTED = web.RequestKey("STREAM_STARTED", bool)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -36,6 +37,7 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie
 
 ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
 MOCK_KEY = "mock-provider-key"
+DEFAULT_CONNECT_S = 10.0  # the session's own connect limit (app.py)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,15 @@ class Target:
     @property
     def circuit(self) -> TargetKey:
         return (self.provider, self.base_url, self.model)
+
+    def client_timeout(self, stream: bool, default_read_s: float) -> aiohttp.ClientTimeout | None:
+        """This target's own socket limits (None: it has none, the session's apply). A plain answer is silent
+        until it is whole, so its read limit is the longer of the first-token and idle limits."""
+        if self.connect_s is None and self.idle_s is None and self.first_token_s is None:
+            return None
+        limits = (self.idle_s,) if stream else (self.idle_s, self.first_token_s)
+        read = max((s for s in limits if s is not None), default=default_read_s)
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_s or DEFAULT_CONNECT_S, sock_read=read)
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,12 +14,17 @@ __all__ = [
     "ANTHROPIC_TO_OPENAI_FINISH",
     "OPENAI_TO_ANTHROPIC_STOP",
     "OPENAI_TOOL_NAME_MAX",
+    "RAW_ARGUMENTS",
     "ToolNames",
     "Translated",
     "Untranslatable",
     "anthropic_stop_reason",
+    "json_text",
+    "note",
     "openai_finish_reason",
     "safe_tool_id",
+    "tool_arguments",
+    "tool_input",
     "usage_to_chat",
     "usage_to_messages",
     "usage_to_responses",
@@ -152,3 +158,96 @@ def usage_to_responses(usage: Usage) -> dict[str, Any]:
         "output_tokens_details": {"reasoning_tokens": usage.reasoning},
         "total_tokens": prompt + usage.output,
     }
+
+
+def note(warnings: list[str], text: str) -> None:
+    """Add a warning unless it is already there (each dropped thing is named once)."""
+    if text not in warnings:
+        warnings.append(text)
+
+
+def json_text(value: Any) -> str:
+    """Compact JSON of a decoded value; `Untranslatable` when it has none (NaN, infinity, absurd nesting)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise Untranslatable("tool input", "a tool input cannot be written as JSON") from exc
+
+
+# The key under which tool-call arguments that are not a JSON object travel as Anthropic `input`.
+RAW_ARGUMENTS = "_raw_arguments"
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_no_constants)
+
+
+def _closed(text: str) -> str | None:
+    """`text` with its open strings and brackets closed when it looks cut short, else None."""
+    closers: list[str] = []
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char in "}]" and (not closers or closers.pop() != char):
+            return None
+    if not closers:
+        return None
+    if in_string:
+        text = (text[:-1] if escaped else text) + '"'
+    else:
+        text = text.rstrip().removesuffix(",")
+    return text + "".join(reversed(closers))
+
+
+def tool_input(arguments: Any, call_id: str) -> tuple[dict[str, Any], str | None]:
+    """Anthropic `tool_use.input` (an object) for OpenAI tool-call `arguments` (a JSON string), and a
+    warning when the arguments had to be mended.
+
+    "" or null is `{}`; JSON cut short (a model stopped by `max_tokens`) is closed when that is enough;
+    anything else that is not a JSON object travels whole as `{"_raw_arguments": <the text>}`.
+    """
+    if arguments is None or arguments == "":
+        return {}, None
+    if not isinstance(arguments, str):
+        if isinstance(arguments, dict):  # some OpenAI-compatible servers send the object itself
+            return arguments, None
+        arguments = json_text(arguments)
+    try:
+        value = _loads(arguments)
+    except (ValueError, RecursionError):
+        value = None
+        mended = _closed(arguments)
+        if mended is not None:
+            try:
+                value = _loads(mended)
+            except (ValueError, RecursionError):
+                value = None
+            if isinstance(value, dict):
+                return value, f"The arguments of tool call {call_id} were cut-short JSON; they were closed."
+    if isinstance(value, dict):
+        return value, None
+    return {RAW_ARGUMENTS: arguments}, (
+        f"The arguments of tool call {call_id} were not a JSON object; they were passed as {RAW_ARGUMENTS}."
+    )
+
+
+def tool_arguments(tool_input: Any) -> str:
+    """OpenAI tool-call `arguments` for an Anthropic `tool_use.input`: its compact JSON, or the original
+    text when `tool_input` only wraps arguments that were not an object (see `tool_input`)."""
+    if isinstance(tool_input, dict) and len(tool_input) == 1 and isinstance(tool_input.get(RAW_ARGUMENTS), str):
+        return str(tool_input[RAW_ARGUMENTS])
+    return json_text({} if tool_input is None else tool_input)

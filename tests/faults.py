@@ -1,0 +1,156 @@
+"""A fake upstream that fails on command: the mock provider behind a middleware that takes one scripted
+fault per request (then answers normally), and logs every request it saw with its arrival time.
+
+Faults (strings, consumed in order from `app[FAULTS]`; an empty queue means "ok"):
+
+    ok                   the mock provider's normal answer
+    status:N[:RA]        HTTP N with the provider's error body (`retry-after: RA` when given)
+    context_length       400 saying the prompt is too long, in the provider's words
+    content_filter       400 refusing the prompt for its content (OpenAI `content_filter` code)
+    reset                close the connection before any response byte
+    hang                 never answer (until the server stops)
+    slow:S               wait S seconds, then answer normally
+    slowfirst:S          stream: send the headers and the opening event, wait S seconds, then the rest
+    cut:N                stream: send the first N events, then drop the connection
+    stall:N:S            stream: send the first N events, then go silent for S seconds, then drop
+    malformed:N          stream: send N events, then one whose data is not JSON, then the rest
+    nodone               stream: every event but the terminal one (`[DONE]` / `message_stop`), then a clean end
+
+Scripted streams answer "Hello world, this is the answer." in events of one word (OpenAI chat or
+Anthropic Messages, by path), usage included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from rungate.providers.mock import create_mock_app
+from rungate.providers.sse import encode_event
+
+FAULTS = web.AppKey("faults", list)
+FAULT_LOG = web.AppKey("fault_log", list)  # (monotonic time, path, fault)
+WORDS = ["Hello ", "world, ", "this ", "is ", "the ", "answer."]
+TEXT = "".join(WORDS)
+
+
+def _anthropic(request: web.Request) -> bool:
+    return request.path.endswith("/messages")
+
+
+def _error(request: web.Request, status: int, message: str, code: str | None = None,
+           retry_after: str | None = None) -> web.Response:
+    if _anthropic(request):
+        kind = {400: "invalid_request_error", 429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                          "param": None, "code": code}}
+    headers = {"retry-after": retry_after} if retry_after is not None else {}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def chat_events(model: str) -> list[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return encode_event(orjson.dumps({"id": "chatcmpl-fault", "object": "chat.completion.chunk",
+                                          "created": 1767225600, "model": model,
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}))
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"content": word}) for word in WORDS]
+    events.append(chunk({}, "stop"))
+    events.append(encode_event(orjson.dumps({
+        "id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1767225600, "model": model,
+        "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": len(WORDS), "total_tokens": 16}})))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def messages_events(model: str) -> list[bytes]:
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return encode_event(orjson.dumps({"type": name, **data}), name)
+    events = [event("message_start", {"message": {
+        "id": "msg_fault", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0}}}),
+        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})]
+    events += [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
+               for word in WORDS]
+    events.append(event("content_block_stop", {"index": 0}))
+    events.append(event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                          "usage": {"output_tokens": len(WORDS)}}))
+    events.append(event("message_stop", {}))
+    return events
+
+
+async def _stream(request: web.Request, fault: str) -> web.StreamResponse:
+    body = orjson.loads(await request.read())
+    events = (messages_events if _anthropic(request) else chat_events)(str(body.get("model")))
+    name, _, rest = fault.partition(":")
+    args = [float(a) for a in rest.split(":")] if rest else []
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    if name == "slowfirst":
+        await response.write(events[0])
+        await asyncio.sleep(args[0])
+        events = events[1:]
+    elif name in ("cut", "stall"):
+        for item in events[:int(args[0])]:
+            await response.write(item)
+        if name == "stall":
+            await asyncio.sleep(args[1])
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    elif name == "malformed":
+        at = int(args[0])
+        events = [*events[:at], b"data: {this is not json\n\n", *events[at:]]
+    elif name == "nodone":
+        events = events[:-1]
+    for item in events:
+        await response.write(item)
+    await response.write_eof()
+    return response
+
+
+@web.middleware
+async def _inject(request: web.Request, handler: Any) -> web.StreamResponse:
+    queue: list[str] = request.app[FAULTS]
+    fault = queue.pop(0) if queue and request.method == "POST" else "ok"
+    request.app[FAULT_LOG].append((time.monotonic(), request.path, fault))
+    name, _, rest = fault.partition(":")
+    if name == "status":
+        status, _, retry_after = rest.partition(":")
+        return _error(request, int(status), f"Fault: status {status}.", retry_after=retry_after or None)
+    if name == "context_length":
+        if _anthropic(request):
+            return _error(request, 400, "prompt is too long: 215000 tokens > 200000 maximum")
+        return _error(request, 400, "This model's maximum context length is 128000 tokens. However, your messages"
+                      " resulted in 215000 tokens.", code="context_length_exceeded")
+    if name == "content_filter":
+        return _error(request, 400, "Your request was rejected as a result of our safety system.",
+                      code="content_filter")
+    if name == "reset":
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response()
+    if name == "hang":
+        await asyncio.sleep(3600)
+    if name == "slow":
+        await asyncio.sleep(float(rest))
+    if name in ("slowfirst", "cut", "stall", "malformed", "nodone"):
+        return await _stream(request, fault)
+    return await handler(request)  # type: ignore[no-any-return]
+
+
+def create_fault_app() -> web.Application:
+    """The mock provider with the fault middleware in front; script faults with `app[FAULTS].extend([...])`."""
+    app = create_mock_app()
+    app.middlewares.append(_inject)
+    app[FAULTS] = []
+    app[FAULT_LOG] = []
+    return app
