@@ -204,6 +204,7 @@ class Failover:
     reason: str
     retry: bool = False
     delay_s: float = 0.0
+    continuation: bool = False
 
 
 _ATTEMPT_RULES = ("budget.", "models.")  # what a failover attempt is judged by
@@ -494,7 +495,7 @@ class AdmitCall:
             events.append(NewEvent(run_stream(self.run_id), StepFailedOver(
                 run_id=self.run_id, step_id=fo.from_step_id, to_step_id=self.step_id, from_provider=fo.from_provider,
                 from_model=fo.from_model, to_provider=provider, to_model=model, reason=fo.reason, retry=fo.retry,
-                delay_s=fo.delay_s)))
+                delay_s=fo.delay_s, continuation=fo.continuation)))
         events.append(NewEvent(run_stream(self.run_id), StepStarted(
             step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=provider,
             model=model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=ask.reserved_pusd,

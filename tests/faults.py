@@ -15,6 +15,8 @@ Faults (strings, consumed in order from `app[FAULTS]`; an empty queue means "ok"
     stall:N:S            stream: send the first N events, then go silent for S seconds, then drop
     malformed:N          stream: send N events, then one whose data is not JSON, then the rest
     nodone               stream: every event but the terminal one (`[DONE]` / `message_stop`), then a clean end
+    continue             stream: continue the scripted answer after the request's final assistant turn (an
+                         Anthropic prefill, or an OpenAI assistant message), as a model asked to continue does
 
 Scripted streams answer "Hello world, this is the answer." in events of one word (OpenAI chat or
 Anthropic Messages, by path), usage included.
@@ -23,6 +25,7 @@ Anthropic Messages, by path), usage included.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -34,6 +37,7 @@ from rungate.providers.sse import encode_event
 
 FAULTS = web.AppKey("faults", list)
 FAULT_LOG = web.AppKey("fault_log", list)  # (monotonic time, path, fault)
+FAULT_BODIES = web.AppKey("fault_bodies", list)  # the request bodies of scripted streams
 WORDS = ["Hello ", "world, ", "this ", "is ", "the ", "answer."]
 TEXT = "".join(WORDS)
 
@@ -54,22 +58,25 @@ def _error(request: web.Request, status: int, message: str, code: str | None = N
     return web.json_response(body, status=status, headers=headers)
 
 
-def chat_events(model: str) -> list[bytes]:
+def chat_events(model: str, words: list[str] | None = None) -> list[bytes]:
+    words = WORDS if words is None else words
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         return encode_event(orjson.dumps({"id": "chatcmpl-fault", "object": "chat.completion.chunk",
                                           "created": 1767225600, "model": model,
                                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}))
     events = [chunk({"role": "assistant", "content": ""})]
-    events += [chunk({"content": word}) for word in WORDS]
+    events += [chunk({"content": word}) for word in words]
     events.append(chunk({}, "stop"))
     events.append(encode_event(orjson.dumps({
         "id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1767225600, "model": model,
-        "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": len(WORDS), "total_tokens": 16}})))
+        "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": len(words),
+                                 "total_tokens": 10 + len(words)}})))
     events.append(b"data: [DONE]\n\n")
     return events
 
 
-def messages_events(model: str) -> list[bytes]:
+def messages_events(model: str, words: list[str] | None = None) -> list[bytes]:
+    words = WORDS if words is None else words
     def event(name: str, data: dict[str, Any]) -> bytes:
         return encode_event(orjson.dumps({"type": name, **data}), name)
     events = [event("message_start", {"message": {
@@ -79,17 +86,33 @@ def messages_events(model: str) -> list[bytes]:
                   "cache_read_input_tokens": 0}}}),
         event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})]
     events += [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
-               for word in WORDS]
+               for word in words]
     events.append(event("content_block_stop", {"index": 0}))
     events.append(event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                          "usage": {"output_tokens": len(WORDS)}}))
+                                          "usage": {"output_tokens": len(words)}}))
     events.append(event("message_stop", {}))
     return events
 
 
+def _prefill(body: dict[str, Any]) -> str:
+    """The text of the request's final assistant turn ("" when it does not end with one)."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else {}
+    if last.get("role") != "assistant":
+        return ""
+    content = last.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+
+
 async def _stream(request: web.Request, fault: str) -> web.StreamResponse:
     body = orjson.loads(await request.read())
+    request.app[FAULT_BODIES].append(body)
     events = (messages_events if _anthropic(request) else chat_events)(str(body.get("model")))
+    if fault == "continue":  # the rest of the scripted answer, after what the prefill already says
+        pieces = re.findall(r"\s*\S+", TEXT[len(_prefill(body)):])  # a model starts with the space it needs
+        events = (messages_events if _anthropic(request) else chat_events)(str(body.get("model")), pieces)
     name, _, rest = fault.partition(":")
     args = [float(a) for a in rest.split(":")] if rest else []
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -142,7 +165,7 @@ async def _inject(request: web.Request, handler: Any) -> web.StreamResponse:
         await asyncio.sleep(3600)
     if name == "slow":
         await asyncio.sleep(float(rest))
-    if name in ("slowfirst", "cut", "stall", "malformed", "nodone"):
+    if name in ("slowfirst", "cut", "stall", "malformed", "nodone", "continue"):
         return await _stream(request, fault)
     return await handler(request)  # type: ignore[no-any-return]
 
@@ -153,4 +176,5 @@ def create_fault_app() -> web.Application:
     app.middlewares.append(_inject)
     app[FAULTS] = []
     app[FAULT_LOG] = []
+    app[FAULT_BODIES] = []
     return app

@@ -21,7 +21,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.faults import FAULT_LOG, FAULTS, TEXT, create_fault_app
+from tests.faults import FAULT_BODIES, FAULT_LOG, FAULTS, TEXT, create_fault_app
 from tests.openapi_check import validate_response
 
 USER = [{"role": "user", "content": "hi"}]
@@ -348,3 +348,88 @@ async def test_every_circuit_open_is_a_502_naming_them(setup: Setup) -> None:
 async def test_providers_health_needs_the_admin_token(setup: Setup) -> None:
     async with aiohttp.ClientSession() as http, http.get(setup.gateway.url + "/api/providers/health") as resp:
         assert resp.status == 401
+
+
+@pytest.fixture
+async def continuing(make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> Setup:
+    """`main` goes to an OpenAI target, then to an Anthropic one (which accepts a prefill), both on the fault
+    server; `claude-main` to two Anthropic targets there."""
+    faults = await aiohttp_server(create_fault_app())
+    openai_url, anthropic_url = str(faults.make_url("/v1")), str(faults.make_url("")).rstrip("/")
+    config = tmp_path / "rungate.yaml"
+    config.write_text(yaml.safe_dump({"routes": {
+        "main": [{"provider": "openai", "model": "gpt-4o-mini", "base_url": openai_url},
+                 {"provider": "anthropic", "model": "claude-haiku-4-5", "base_url": anthropic_url}],
+        "claude-main": [{"provider": "anthropic", "model": "claude-haiku-4-5", "base_url": anthropic_url},
+                        {"provider": "anthropic", "model": "claude-sonnet-4-5", "base_url": anthropic_url}],
+        "no-prefill": [{"provider": "openai", "model": "gpt-4o-mini", "base_url": openai_url},
+                       {"provider": "openai", "model": "gpt-4.1-mini", "base_url": openai_url}],
+    }}))
+    gateway = await make_gateway(RUNGATE_CONFIG=str(config), RUNGATE_RETRY_BASE_S="0.05")
+    return Setup(gateway, faults, await gateway.new_agent())
+
+
+async def test_a_stream_cut_after_tokens_is_continued_by_a_prefill_target(continuing: Setup) -> None:
+    continuing.script("cut:3", "continue")  # "Hello world, " reached the agent, then the line dropped
+    client = continuing.openai()
+    stream = await client.chat.completions.create(model="main", messages=USER, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    await client.close()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == TEXT  # one answer, no repeated whitespace
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert sum(1 for c in chunks if c.usage is not None) == 1
+    # The continuation asked the Anthropic target to go on from the text already sent (its trailing space
+    # stripped, as Anthropic requires).
+    asked = continuing.faults.app[FAULT_BODIES][-1]
+    assert asked["messages"][-1] == {"role": "assistant", "content": [{"type": "text", "text": "Hello world,"}]} \
+        or asked["messages"][-1] == {"role": "assistant", "content": "Hello world,"}
+    status, runs = await continuing.gateway.admin("GET", "/api/runs")
+    run_id = runs["data"][0]["id"]
+    steps = await continuing.steps(run_id)
+    assert [(s["provider"], s["status"]) for s in steps] == [("openai", "cut"), ("anthropic", "ok")]
+    assert steps[0]["tokens"]["output"] > 0  # what the first target relayed is charged
+    moved = [e["data"] for e in await continuing.events(run_id) if e["type"] == "StepFailedOver"]
+    assert len(moved) == 1 and moved[0]["continuation"] is True
+    await _no_reservation_left(continuing, run_id)
+
+
+async def test_an_anthropic_stream_cut_mid_answer_is_continued_in_the_same_stream(continuing: Setup) -> None:
+    continuing.script("cut:4", "continue")  # message_start, block start, "Hello ", "world, "
+    client = continuing.anthropic()
+    async with client.messages.stream(model="claude-main", max_tokens=100, messages=USER) as stream:
+        final = await stream.get_final_message()
+    await client.close()
+    assert [block.text for block in final.content] == [TEXT]  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens >= 6
+
+
+async def test_no_prefill_target_means_the_stream_ends_with_an_error_not_a_clean_close(continuing: Setup) -> None:
+    continuing.script("cut:3")
+    client = continuing.openai()
+    seen: list[str] = []
+    with pytest.raises(openai.APIError):
+        stream = await client.chat.completions.create(model="no-prefill", messages=USER, stream=True)
+        async for chunk in stream:
+            if chunk.choices:
+                seen.append(chunk.choices[0].delta.content or "")
+    await client.close()
+    assert "".join(seen) == "Hello world, "
+    assert len(continuing.primary_requests) == 1  # never silently re-run
+
+
+async def test_a_continuation_that_fails_too_ends_with_the_break_not_its_own_refusal(continuing: Setup) -> None:
+    continuing.script("cut:3", "status:400")  # the prefill target refuses the continuation
+    client = continuing.openai()
+    seen: list[str] = []
+    with pytest.raises(openai.APIError) as caught:
+        stream = await client.chat.completions.create(model="main", messages=USER, stream=True)
+        async for chunk in stream:
+            if chunk.choices:
+                seen.append(chunk.choices[0].delta.content or "")
+    await client.close()
+    assert "".join(seen) == "Hello world, "
+    assert "broke off" in str(caught.value)

@@ -139,6 +139,8 @@ class StepCompleted(Event):
     latency_ms: int
     error: str | None = None
     tool_calls: list[dict[str, Any]] = []
+    # Served by the other vendor: what its request, answer or stream could not carry and was dropped.
+    translation_dropped: list[str] = []
 
 
 class StepFailedOver(Event):
@@ -159,6 +161,8 @@ class StepFailedOver(Event):
     reason: str
     retry: bool = False
     delay_s: float = 0.0
+    # The stream had reached the agent: the next attempt continues the answer (an assistant prefill).
+    continuation: bool = False
 
 
 class CallRefused(Event):

@@ -40,8 +40,6 @@ from rungate.translate.errors import is_context_length_error
 RETRIES_PER_TARGET = 1
 MAX_ATTEMPTS = 8
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
-# The client formats a target of the other vendor can serve through translation (none yet).
-TRANSLATING: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -203,15 +201,17 @@ class Planner:
         return self.reserve(tuple(healthy), tuple(skipped), routed=True)
 
     def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = (), *,
-                routed: bool = False) -> Plan:
-        """The plan with the first target's worst case (input estimate plus the output limit, at its price)."""
+                routed: bool = False, extra_input: int = 0) -> Plan:
+        """The plan with the first target's worst case (input estimate plus the output limit, at its price);
+        `extra_input` tokens more of input (a continuation carries the answer so far)."""
         first = targets[0]
         price = self.prices.lookup(first.model)
         out_limit = self.max_output if self.max_output is not None else (
             price.max_output_tokens if price is not None else None)
-        worst = self.prices.max_cost_pico(first.model, self.input_tokens, (out_limit or 0) * self.choices)
+        input_tokens = self.input_tokens + extra_input
+        worst = self.prices.max_cost_pico(first.model, input_tokens, (out_limit or 0) * self.choices)
         return Plan(targets=tuple(targets), provider=first.provider, model=first.model, reserved_pusd=worst or 0,
-                    reserved_tokens=self.input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
+                    reserved_tokens=input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
                     price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped,
                     routed=routed)
 

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import aiohttp
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from rungate import queries
@@ -40,7 +40,8 @@ from rungate.providers.metering import ToolCall, estimate_input_tokens, prepare_
 from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.breaker import TargetKey
-from rungate.proxy.failover import TRANSLATING, Failure, Planner, failure_of, next_attempt
+from rungate.proxy.crossing import CROSSINGS, TRANSLATING, Crossing
+from rungate.proxy.failover import MAX_ATTEMPTS, Failure, Planner, failure_of, next_attempt
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
 from rungate.proxy.gating import (
     APPROVAL_MODE_HEADER,
@@ -75,6 +76,10 @@ from rungate.runs import (
     policy_fields,
 )
 from rungate.store import EventStore
+from rungate.translate.common import ToolNames, Untranslatable
+from rungate.translate.continuation import ChatContinuation, MessagesContinuation
+from rungate.translate.requests import with_prefill
+from rungate.translate.streams import DONE
 from rungate.usage import Usage
 
 log = get_logger("rungate.proxy")
@@ -86,6 +91,7 @@ _ANSWERED = ("ok", "held")  # the provider's answer arrived whole: its usage sho
 MAX_HELD_BYTES = 16 * 1024 * 1024  # the most of a streamed answer held back while its tool calls are unknown
 HOLD_POLL_S = 0.25  # how often a held (hold-mode) call looks at its gates
 HOLD_KEEPALIVE_S = 1.0  # how often it writes a keep-alive (read timeouts reset on any byte)
+DEFAULT_MAX_TOKENS = 4096  # the output limit asked of another vendor's model with no known limit of its own
 
 
 class ClientGone(Exception):
@@ -122,6 +128,20 @@ class Budget:
 
 
 @dataclass
+class ClientStream:
+    """The agent's side of a streamed call that another target may continue (SPEC §6): the response once
+    started, and the stitcher that keeps every upstream's events one answer in the agent's format."""
+
+    stitcher: ChatContinuation | MessagesContinuation
+    response: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether answer tokens reached the agent (its headers went out)."""
+        return self.response is not None and self.response.prepared
+
+
+@dataclass
 class Call:
     """Everything known about one proxied call, from admission to settlement."""
 
@@ -153,6 +173,13 @@ class Call:
     holding: bool = False  # waiting for an approval with the connection open (hold mode)
     routed: bool = False  # the call's model has a route: a failed attempt is retried or failed over
     failovers: int = 0  # attempts before this one that failed (`x-rungate-failover`)
+    model_asked: str = ""  # the model the agent named (a translated answer shows it)
+    # This attempt's target is the other vendor: how the call is carried there and back, the tool names the
+    # target's format had to change, and what translation dropped (reported, and recorded with the step).
+    crossing: Crossing | None = None
+    tool_names: ToolNames = field(default_factory=ToolNames)
+    dropped: list[str] = field(default_factory=list)
+    client: ClientStream | None = None  # set when a later target of the route can continue a broken stream
 
     def __hash__(self) -> int:  # registered in a set while in flight
         return id(self)
@@ -171,12 +198,26 @@ class Call:
         elif self.awaiting_upstream and self.task is not None:
             self.task.cancel()
 
+    @property
+    def upstream_fmt(self) -> WireFormat:
+        """The format spoken with this attempt's target."""
+        return self.fmt if self.crossing is None else self.crossing.upstream
+
+    def translated(self, warnings: Sequence[str]) -> None:
+        """Note what translation dropped: in `x-rungate-warning` and in the step's event."""
+        for warning in warnings:
+            if warning not in self.dropped:
+                self.dropped.append(warning)
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+
     def next_attempt(self, step_id: str, target: Target, reserved_pusd: int) -> None:
         """Start over for another attempt of the same call (a retry, or another target): a new step."""
         self.step_id, self.target, self.reserved_pusd = step_id, target, reserved_pusd
         self.started, self.settled, self.meter = time.monotonic(), False, None
         self.usage, self.cost_pusd = Usage(), 0
         self.task, self.awaiting_upstream, self.upstream = None, False, None
+        self.crossing, self.tool_names, self.dropped = None, ToolNames(), []
         self.failovers += 1
 
     def seen_usage(self) -> tuple[Usage, bool]:
@@ -294,7 +335,8 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
         choices=choices, planner=planner))
     # Until a target is resolved the call names the model as asked (a retry answered from a hold keeps it).
     call = Call(fmt, agent["id"], "", admit.step_id, Target(fmt.provider, model, "", "", ""), stream,
-                input_estimate, 0, fingerprint=fingerprint, offered=offered, approval_mode=approval_mode)
+                input_estimate, 0, fingerprint=fingerprint, offered=offered, approval_mode=approval_mode,
+                model_asked=model)
     await _admit(store, admit, call)
     call.policy = admit.policy
     call.warnings.extend(admit.warnings)
@@ -327,14 +369,37 @@ class FailedAttempt(Exception):
         self.failure = failure
 
 
-def _attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output: int | None) -> bytes:
+def _attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output: int | None,
+                  prices: PriceTable, prefill: str | None = None) -> bytes:
     """What goes upstream for one attempt: the agent's body, asking the target's model (and the output limit
-    a shrinking budget set). Exactly what Rungate decided on: no duplicate keys, no `rungate` key."""
+    a shrinking budget set), translated when the target is the other vendor (`Untranslatable` when it cannot
+    be carried). Exactly what Rungate decided on: no duplicate keys, no `rungate` key.
+
+    With `prefill` (the answer text the agent already got from a stream that broke), the target is asked to
+    continue that answer: an Anthropic target as an assistant prefill, an OpenAI one (declared `prefill:
+    true`) as a final assistant message."""
+    fmt = call.fmt
     if spec.model != body["model"] or max_output is not None:
         body = dict(body)
         body["model"] = spec.model
         if max_output is not None:
-            body[next((k for k in call.fmt.max_tokens_keys if k in body), call.fmt.max_tokens_keys[0])] = max_output
+            body[next((k for k in fmt.max_tokens_keys if k in body), fmt.max_tokens_keys[0])] = max_output
+    if spec.provider == fmt.provider:
+        call.crossing = None
+    else:
+        crossing = call.crossing = CROSSINGS[(fmt.name, spec.provider)]
+        # With no output limit asked, the target's own (what the admission reserved for), else a modest one.
+        price = prices.lookup(spec.model)
+        default = price.max_output_tokens if price is not None and price.max_output_tokens else DEFAULT_MAX_TOKENS
+        translated = crossing.request(body, spec.model, default)
+        call.tool_names = translated.tool_names
+        call.translated(translated.warnings)
+        body = translated.body
+    if prefill is not None:
+        if spec.provider == "anthropic":
+            body = with_prefill(body, prefill)
+        else:
+            body = {**body, "messages": [*body["messages"], {"role": "assistant", "content": prefill}]}
     return orjson.dumps(body)
 
 
@@ -347,9 +412,14 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
     settings, store, breakers, targets = app[SETTINGS], app[STORE], app[BREAKERS], app[TARGETS]
     failed: list[dict[str, Any]] = list(plan.skipped)
     index, retries, max_output = 0, 0, admit.max_output
+    stitcher = _STITCHERS.get(call.fmt.name) if call.stream and plan.routed else None
+    if stitcher is not None and any(spec.accepts_prefill for spec in plan.targets[1:]):
+        call.client = ClientStream(stitcher())  # a break after the first token can be continued elsewhere
     while True:
         spec = plan.targets[index]
         key: TargetKey | None = None
+        client = call.client
+        prefill = client.stitcher.text if client is not None and client.started else None
         try:
             try:
                 call.target = await (targets.for_route(spec) if plan.routed else targets.resolve(spec.provider,
@@ -359,19 +429,43 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
                               estimated=False, error="no provider key")
                 raise FailedAttempt(Failure(exc.attempts[0]["error"] if exc.attempts else "no_provider_key",
                                             counts=False)) from None
-            key = call.target.circuit
-            if plan.routed and not breakers.allow(key):  # opened since the plan was made
+            key = call.target.circuit if plan.routed else None  # a call with no route has no circuit
+            if key is not None and not breakers.allow(key):  # opened since the plan was made
                 await _settle(store, app[PRICES], call, status="skipped", http_status=None, usage=Usage(),
                               estimated=False, error="circuit open")
                 raise FailedAttempt(Failure("circuit_open", counts=False))
-            response = await _forward(request, call, _attempt_body(call, body, spec, max_output), client_wants_usage)
+            try:
+                forward = _attempt_body(call, body, spec, max_output, app[PRICES], prefill)
+            except Untranslatable as exc:  # this target cannot serve the call: nothing was sent
+                await _settle(store, app[PRICES], call, status="skipped", http_status=None, usage=Usage(),
+                              estimated=False, error=f"untranslatable: {exc}")
+                raise FailedAttempt(Failure(f"untranslatable: {exc.feature}", counts=False)) from None
+            response = await _forward(request, call, forward, client_wants_usage)
         except FailedAttempt as exc:
             failure = exc.failure
             failed.append(failure.entry(call.target.provider, call.target.model))
             if key is not None and failure.counts:
                 breakers.failed(key, failure.reason)
+            if client is not None and client.started:  # tokens reached the agent: continue the answer elsewhere
+                later = next((i for i in range(index + 1, len(plan.targets)) if plan.targets[i].accepts_prefill
+                              and breakers.available(targets.circuit(plan.targets[i]))), None)
+                if later is None or len(failed) >= MAX_ATTEMPTS:
+                    return await _end_broken(call, client)
+                client.stitcher.continue_after_break()
+                index, retries = later, 0
+                log.info("stream_continued", step_id=call.step_id, provider=call.target.provider,
+                         model=call.target.model, reason=failure.reason, to_model=plan.targets[index].model)
+                try:
+                    max_output = await _readmit(request, call, admit, planner, plan.targets[index], failure, 0.0,
+                                                continued=client.stitcher.text)
+                except RungateError as refusal:  # e.g. the budget no longer fits the continuation
+                    return await _end_broken(call, client, refusal.message)
+                continue
             choice = next_attempt(failure, plan.targets, index, retries, len(failed), routed=plan.routed,
                                   retry_base_s=settings.retry_base_s, retry_after_max_s=settings.retry_after_max_s)
+            if choice is None and all(str(f["error"]).startswith("untranslatable") for f in failed):
+                raise BadRequest(f"This request cannot be served by any target of its route: {exc}.",
+                                 code="untranslatable_request") from None
             if choice is None:
                 error = ProviderError("Every target of this call failed." if plan.routed
                                       else "The provider could not answer.", failed)
@@ -394,20 +488,35 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
         return response
 
 
+_STITCHERS: dict[str, type[ChatContinuation] | type[MessagesContinuation]] = {
+    "chat": ChatContinuation, "messages": MessagesContinuation}
+
+
+async def _end_broken(call: Call, client: ClientStream,
+                      message: str = "The stream broke off before the end.") -> web.StreamResponse:
+    """End a started stream that no target could continue: its format's error event (the SDKs raise on it),
+    then the trailer of the last settled step."""
+    assert client.response is not None
+    with contextlib.suppress(ConnectionError):  # every step is settled: a client gone now loses nothing
+        await client.response.write_eof(stream_error_event(call.fmt, message)
+                                        + (_trailer(call) if call.settled else b""))
+    return client.response
+
+
 async def _readmit(request: web.Request, call: Call, admit: AdmitCall, planner: Planner, spec: RouteTarget,
-                   failure: Failure, delay: float) -> int | None:
+                   failure: Failure, delay: float, continued: str | None = None) -> int | None:
     """Admit the call's next attempt (a new step at `spec`'s price, the failover recorded with it); returns the
     output limit a shrinking budget set for it. A refusal (the budget no longer fits, the run was stopped)
-    is the agent's answer."""
+    is the agent's answer. `continued`: the answer text the next attempt is asked to continue (its input)."""
     facts = admit.facts
-    priced = planner.reserve((spec,))
+    priced = planner.reserve((spec,), extra_input=0 if continued is None else -(-len(continued.encode()) // 4))
     again = AdmitCall(replace(
         facts, run_id=call.run_id, new_run=False, policy_name=None, policy_version=None, provider=spec.provider,
         model=spec.model, reserved_pusd=priced.reserved_pusd, reserved_tokens=priced.reserved_tokens,
         priced=priced.priced, price=priced.price, output_bounded=priced.output_bounded, planner=None,
         failover=Failover(call.step_id, call.target.provider, call.target.model, failure.reason,
                           retry=spec.provider == call.target.provider and spec.model == call.target.model,
-                          delay_s=round(delay, 3))))
+                          delay_s=round(delay, 3), continuation=continued is not None)))
     try:
         await _admit(request.app[STORE], again, call)
     except RungateError as error:
@@ -447,7 +556,7 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
                    client_wants_usage: bool) -> web.StreamResponse:
     app = request.app
     store, prices = app[STORE], app[PRICES]
-    url = call.target.base_url + call.fmt.upstream_path
+    url = call.target.base_url + call.upstream_fmt.upstream_path
     call.task, call.awaiting_upstream = asyncio.current_task(), True
     target = call.target
     try:
@@ -490,6 +599,10 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             raise FailedAttempt(Failure("provider_auth_failed", status=upstream.status))
         if call.stream and upstream.status < 300 and upstream.content_type == "text/event-stream":
             return await _relay_stream(request, call, upstream, client_wants_usage)
+        if call.client is not None and call.client.started:  # a continuation answered with no stream to stitch
+            await _settle(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
+                          estimated=False, error=f"continuation answered status {upstream.status}, not a stream")
+            raise FailedAttempt(Failure(f"status {upstream.status}", status=upstream.status))
         try:
             payload = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -507,12 +620,25 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             failure = failure_of(upstream.status, upstream.headers, payload) if call.routed else None
             if failure is not None:
                 raise FailedAttempt(failure)
+            if call.crossing is not None:  # the provider's error, in the agent's format
+                shown, error = call.crossing.error(upstream.status, _json_or_none(payload))
+                headers.update(rungate_headers(call))
+                headers[hdrs.CONTENT_TYPE] = "application/json"
+                return web.Response(body=orjson.dumps(error), status=shown, headers=headers)
         else:
-            try:
-                parsed: Any = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                parsed = None
-            usage = call.fmt.usage(parsed)
+            parsed: Any = _json_or_none(payload)
+            usage = call.upstream_fmt.usage(parsed)
+            if call.crossing is not None:  # the answer, in the agent's format
+                try:
+                    answer = call.crossing.answer(parsed, call.model_asked, call.tool_names)
+                except Untranslatable:
+                    await _settle(store, prices, call, status="error", http_status=upstream.status,
+                                  usage=usage or Usage(input=call.input_estimate), estimated=usage is None,
+                                  error="the answer could not be translated")
+                    raise FailedAttempt(Failure("untranslatable answer", status=upstream.status,
+                                                counts=False)) from None
+                call.translated(answer.warnings)
+                parsed, payload = answer.body, orjson.dumps(answer.body)
             tool_calls = call.fmt.tool_calls(parsed)
             blocked = _blocked_tool(call, tool_calls)
             gated, then = _gates(call, tool_calls, upstream.status, headers, payload, stream=False) \
@@ -528,6 +654,13 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
                 return await _awaiting(request, call, gated)
         headers.update(rungate_headers(call))
         return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+def _json_or_none(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _gates(call: Call, tool_calls: Sequence[ToolCall], http_status: int, headers: CIMultiDict[str],
@@ -746,15 +879,29 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                         client_wants_usage: bool) -> web.StreamResponse:
     """Relay SSE events as they arrive; once headers are out, every ending is written into the stream."""
     store, prices = request.app[STORE], request.app[PRICES]
-    assert call.fmt.meter is not None
-    meter = call.meter = call.fmt.meter(client_wants_usage)
+    upstream_fmt, crossing = call.upstream_fmt, call.crossing
+    assert upstream_fmt.meter is not None
+    meter = call.meter = upstream_fmt.meter(client_wants_usage or crossing is not None)
+    # A call another target may continue goes through its stitcher, so that every upstream's events make one
+    # answer in the agent's stream; once that stream started, this attempt continues it.
+    client = call.client
+    stitcher = None if client is None else client.stitcher
+    continuing = client is not None and client.started
+    # Served by the other vendor: each upstream event becomes the agent's events in its own format.
+    translator = None if crossing is None else crossing.stream(call.model_asked, call.tool_names,
+                                                               call.input_estimate, client_wants_usage, stitcher)
     answer_headers = relayed_headers(upstream.headers)
-    response = web.StreamResponse(status=upstream.status, headers=answer_headers)
-    response.headers.update(rungate_headers(call, final=False))
+    if client is not None and client.response is not None:
+        response = client.response
+    else:
+        response = web.StreamResponse(status=upstream.status, headers=answer_headers)
+        response.headers.update(rungate_headers(call, final=False))
+        if client is not None:
+            client.response = response
     # A stream that may call a gated tool is held back whole: its 202 must come before any SSE byte. Any
     # other is held back until its first token, so that a stream failing before then can still fail over.
-    buffered: list[bytes] | None = [] if buffers_stream(call.policy, call.offered) else None
-    pending: list[bytes] | None = [] if buffered is None else None
+    buffered: list[bytes] | None = [] if not continuing and buffers_stream(call.policy, call.offered) else None
+    pending: list[bytes] | None = [] if buffered is None and not continuing else None
     timed_out = False
     parser = SSEParser()
     held_done: bytes | None = None
@@ -784,6 +931,8 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                 names = meter.tool_names
                 if names != seen_names:
                     seen_names = names
+                    if crossing is not None:  # the agent's names for them
+                        names = tuple(call.tool_names.original(name) for name in names)
                     blocked = _blocked_name(call, names) if watch_tools else None
                     gated = _unoffered_gated_name(call, names) if watch_gates and blocked is None else None
                     if blocked is not None or gated is not None:
@@ -791,6 +940,14 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                             await emit(b"".join(out))
                         # this event names a blocked (or unoffered gated) tool: it is not relayed
                         raise _ToolBlocked(blocked or gated or "", gated=gated is not None)
+            if translator is not None or stitcher is not None:
+                # ValueError on an event it cannot read: a break
+                for item in (translator or stitcher).feed(event):  # type: ignore[union-attr]
+                    if item == DONE:
+                        held_done = item  # written after settlement, with the trailer
+                    else:
+                        out.append(item)
+                continue
             if call.fmt is CHAT and event.data.strip() == "[DONE]":
                 held_done = event.raw  # written after settlement, with the trailer
                 continue
@@ -843,6 +1000,8 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             status, error = "stopped", "the run was stopped by an operator"
         if status == "ok" and not meter.done:
             status, error = "cut", "upstream stream ended without its final event"
+        if translator is not None:
+            call.translated(translator.warnings)
         if meter.error is not None and status == "ok":
             status, error = "error", "the provider sent an error event"
         usage, estimated = call.seen_usage()
@@ -864,6 +1023,9 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             return await _awaiting(request, call, gated)
         if call.routed and status in ("cut", "error") and (pending is not None or buffered is not None):
             # Nothing reached the agent: the call is tried again, or elsewhere.
+            raise FailedAttempt(Failure(error or status, timed_out=timed_out))
+        if status == "cut" and stitcher is not None and stitcher.resumable and response.prepared:
+            # Tokens reached the agent: another target may continue the answer in this same stream.
             raise FailedAttempt(Failure(error or status, timed_out=timed_out))
         if buffered is not None and status != "ok":
             # Held back in case it called a gated tool, and it did not end cleanly: none of it goes out (its
@@ -978,7 +1140,8 @@ async def _settle(store: EventStore, prices: PriceTable, call: Call, *, status: 
         step_id=call.step_id, run_id=call.run_id, status=status, http_status=http_status,
         provider=call.target.provider, model=call.target.model, usage=usage.as_dict(), cost_pusd=cost,
         unpriced=unpriced, estimated=estimated, latency_ms=int((time.monotonic() - call.started) * 1000),
-        error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls])
+        error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls],
+        translation_dropped=list(call.dropped))
     holding = any(isinstance(new.event, AnswerHeld) for new in then)
     settled_now = False
     for attempt in range(SETTLE_ATTEMPTS):

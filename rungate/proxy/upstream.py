@@ -77,10 +77,11 @@ def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMulti
     # Headers the client names in `Connection:` are hop-by-hop too (RFC 9110 §7.6.1).
     named = {token.strip().lower() for value in incoming.getall("Connection", []) for token in value.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
+    other_vendor = "openai-" if target.provider == "anthropic" else "anthropic-"  # after a failover across
     for name, value in incoming.items():
         lower = name.lower()
         if (lower in _REQUEST_DROP or lower in named or lower.startswith("x-rungate-")
-                or lower.startswith("x-forwarded-")):
+                or lower.startswith("x-forwarded-") or lower.startswith(other_vendor)):
             continue
         out.add(name, value)
     out[hdrs.CONTENT_TYPE] = "application/json"
