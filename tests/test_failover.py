@@ -433,3 +433,82 @@ async def test_a_continuation_that_fails_too_ends_with_the_break_not_its_own_ref
     await client.close()
     assert "".join(seen) == "Hello world, "
     assert "broke off" in str(caught.value)
+
+
+async def test_a_stream_stalled_after_tokens_is_continued_once_its_idle_limit_passes(
+        make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> None:
+    faults = await aiohttp_server(create_fault_app())
+    config = tmp_path / "rungate.yaml"
+    config.write_text(yaml.safe_dump({"routes": {"main": [
+        {"provider": "openai", "model": "gpt-4o-mini", "base_url": str(faults.make_url("/v1")),
+         "timeouts": {"idle_s": 0.5}},
+        {"provider": "anthropic", "model": "claude-haiku-4-5", "base_url": str(faults.make_url("")).rstrip("/")}]}}))
+    gateway = await make_gateway(RUNGATE_CONFIG=str(config))
+    setup = Setup(gateway, faults, await gateway.new_agent())
+    setup.script("stall:3:30", "continue")  # two words, then silence
+    client = setup.openai()
+    started = time.monotonic()
+    stream = await client.chat.completions.create(model="main", messages=USER, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    await client.close()
+    assert text == TEXT
+    assert time.monotonic() - started < 5  # the idle limit (0.5 s), not the stall (30 s)
+    steps = await setup.steps((await gateway.admin("GET", "/api/runs"))[1]["data"][0]["id"])
+    assert [s["status"] for s in steps] == ["cut", "ok"]
+
+
+async def test_a_malformed_event_after_tokens_is_not_relayed_and_the_answer_is_continued(
+        continuing: Setup) -> None:
+    continuing.script("malformed:3", "continue")
+    client = continuing.openai()
+    stream = await client.chat.completions.create(model="main", messages=USER, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    await client.close()
+    assert text == TEXT
+
+
+async def test_a_policys_routes_win_and_its_model_list_filters_the_targets(
+        make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> None:
+    faults = await aiohttp_server(create_fault_app())
+    config = tmp_path / "rungate.yaml"
+    config.write_text(yaml.safe_dump(_routes(faults)))
+    gateway = await make_gateway(RUNGATE_CONFIG=str(config))
+    # A named key for the policy's target: the route sends that key, not the default one.
+    status, _ = await gateway.admin("POST", "/api/provider-keys",
+                                    {"provider": "openai", "name": "team-key", "api_key": "sk-team-0123456789"})
+    assert status == 201
+    status, _ = await gateway.admin("PUT", "/api/policies/by-name/routed", {
+        "models": {"allowed": ["main", "gpt-4.1*"]},
+        "routes": {"main": [{"provider": "openai", "model": "gpt-4o"},  # not allowed: skipped
+                            {"provider": "openai", "model": "gpt-4.1", "key": "team-key"}],
+                   "nothing-allowed": [{"provider": "openai", "model": "gpt-4o"}]}})
+    assert status in (200, 201)
+    token = await gateway.new_agent("routed-agent")
+    client = openai.AsyncOpenAI(api_key=token, base_url=gateway.url + "/v1", max_retries=0,
+                                default_headers={"x-rungate-policy": "routed"})
+    raw = await client.chat.completions.with_raw_response.create(model="main", messages=USER)
+    assert raw.headers["x-rungate-model"] == "gpt-4.1"  # the policy's route, not the file's
+    sent = gateway.upstream_requests[-1]
+    assert sent["body"]["model"] == "gpt-4.1" and sent["headers"]["authorization"] == "Bearer sk-team-0123456789"
+    assert faults.app[FAULT_LOG] == []  # the file's primary was never asked
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await client.chat.completions.create(model="nothing-allowed", messages=USER,
+                                             extra_headers={"x-rungate-new-run": "true"})
+    await client.close()
+    assert caught.value.body["code"] == "model_not_allowed"  # type: ignore[index]
+
+
+async def test_a_policy_route_naming_a_base_url_is_refused(gateway: Gateway) -> None:
+    status, body = await gateway.admin("PUT", "/api/policies/by-name/sneaky", {
+        "routes": {"x": [{"provider": "openai", "model": "gpt-4o", "base_url": "http://169.254.169.254/v1"}]}})
+    assert status == 400
+    assert any("base_url" in problem["path"] for problem in body["error"]["problems"])
+
+
+async def test_every_target_refusing_the_request_format_is_a_400_in_the_callers_format(setup: Setup) -> None:
+    client = setup.openai()
+    with pytest.raises(openai.BadRequestError) as caught:  # n > 1 cannot be carried to Anthropic
+        await client.chat.completions.create(model="claude-main", messages=USER, n=2)
+    await client.close()
+    assert caught.value.code == "untranslatable_request"
+    assert setup.primary_requests == [] and setup.gateway.upstream_requests == []

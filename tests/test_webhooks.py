@@ -328,7 +328,10 @@ def test_log_events_map_to_spec_names_and_webhook_events_are_never_sent() -> Non
     assert granted is not None and granted[0] == "approval.approved" and "expired" not in granted[1]
     for quiet in ("WebhookDelivered", "WebhookCreated", "StepStarted", "ProviderKeyAdded"):
         assert webhook_event(recorded(quiet, {})) is None
-    assert {"run.started", "approval.pending", "budget.alert", "policy.drift"} <= set(EVENT_NAMES)
+    moved = webhook_event(recorded("StepFailedOver", {"run_id": "r", "step_id": "stp_1", "to_step_id": "stp_2",
+                                                      "reason": "status 503", "continuation": False}))
+    assert moved is not None and moved[0] == "step.failed_over" and moved[1]["to_step_id"] == "stp_2"
+    assert {"run.started", "approval.pending", "budget.alert", "policy.drift", "step.failed_over"} <= set(EVENT_NAMES)
 
 
 def test_backoff_doubles_with_jitter_up_to_a_minute_and_the_old_secret_signs_only_in_its_grace() -> None:

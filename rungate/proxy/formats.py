@@ -77,8 +77,9 @@ def stream_error_event(fmt: WireFormat, message: str, code: str = "upstream_stre
     if fmt.name == "messages":
         return encode_event(orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}}),
                             "error")
-    if fmt.name == "responses":
-        return encode_event(orjson.dumps({"type": "error", "code": code, "message": message, "param": None}),
-                            "error")
+    if fmt.name == "responses":  # the openai SDK raises only when the event nests an `error` object
+        return encode_event(orjson.dumps({"type": "error", "code": code, "message": message, "param": None,
+                                          "error": {"type": "server_error", "code": code, "message": message,
+                                                    "param": None}}), "error")
     return encode_event(orjson.dumps({"error": {"message": message, "type": "server_error", "param": None,
                                                 "code": code}}))

@@ -464,8 +464,11 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
             choice = next_attempt(failure, plan.targets, index, retries, len(failed), routed=plan.routed,
                                   retry_base_s=settings.retry_base_s, retry_after_max_s=settings.retry_after_max_s)
             if choice is None and all(str(f["error"]).startswith("untranslatable") for f in failed):
-                raise BadRequest(f"This request cannot be served by any target of its route: {exc}.",
-                                 code="untranslatable_request") from None
+                uncarried = BadRequest("No target of this call's route can carry this request ("
+                                       + "; ".join(sorted({str(f["error"]) for f in failed})) + ").",
+                                       code="untranslatable_request")
+                uncarried.headers.update(rungate_headers(call))
+                raise uncarried from None
             if choice is None:
                 error = ProviderError("Every target of this call failed." if plan.routed
                                       else "The provider could not answer.", failed)
@@ -1007,14 +1010,15 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         usage, estimated = call.seen_usage()
         gated: Hold | None = None
         then: tuple[NewEvent, ...] = ()
+        tool_calls = _agent_calls(call, meter.tool_calls)
         if buffered is not None and status == "ok":
-            gated, then = _gates(call, meter.tool_calls, upstream.status, answer_headers,
+            gated, then = _gates(call, tool_calls, upstream.status, answer_headers,
                                  b"".join(buffered) + (held_done or b""), stream=True)
             if gated is not None:
                 status, error = "held", None
         try:
             await _settle(store, prices, call, status=status, http_status=upstream.status, usage=usage,
-                          estimated=estimated, error=error, tool_calls=meter.tool_calls, then=then)
+                          estimated=estimated, error=error, tool_calls=tool_calls, then=then)
         except StoreError:
             if gated is not None:  # not recorded, so not held: the gated call must not go out either
                 raise
@@ -1065,8 +1069,16 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         usage, estimated = call.seen_usage()
         await _shielded(_settle(store, prices, call, status="client_closed", http_status=upstream.status,
                                 usage=usage, estimated=estimated, error="client disconnected",
-                                tool_calls=meter.tool_calls))
+                                tool_calls=_agent_calls(call, meter.tool_calls)))
     return response
+
+
+def _agent_calls(call: Call, calls: list[ToolCall]) -> list[ToolCall]:
+    """A stream's tool calls under the agent's own names (a target of the other vendor may have had to
+    shorten them): what gates judge and the step records."""
+    if call.crossing is None or not call.tool_names.restore:
+        return calls
+    return [ToolCall(c.id, call.tool_names.original(c.name), c.arguments) for c in calls]
 
 
 async def _start(request: web.Request, response: web.StreamResponse) -> None:
