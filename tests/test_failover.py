@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,24 @@ def _routes(faults: TestServer, primary: dict[str, Any] | None = None) -> dict[s
 
 
 @pytest.fixture
-async def setup(make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> Setup:
+async def setup(make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Setup]:
     faults = await aiohttp_server(create_fault_app())
     config = tmp_path / "rungate.yaml"
     config.write_text(yaml.safe_dump(_routes(faults)))
     gateway = await make_gateway(RUNGATE_CONFIG=str(config), RUNGATE_RETRY_BASE_S="0.05",
                                  RUNGATE_BREAKER_THRESHOLD="3", RUNGATE_BREAKER_COOLDOWN_S="1")
-    return Setup(gateway, faults, await gateway.new_agent())
+    yield Setup(gateway, faults, await gateway.new_agent())
+    await _every_step_settled(gateway)
+
+
+async def _every_step_settled(gateway: Gateway) -> None:
+    """Whatever a test did, no step stays open and no run holds a reservation once its calls are answered."""
+    status, runs = await gateway.admin("GET", "/api/runs?limit=200")
+    assert status == 200
+    for run in runs["data"]:
+        assert run["reserved_usd"] == "0", run
+        _, steps = await gateway.admin("GET", f"/api/runs/{run['id']}/steps")
+        assert all(step["status"] != "started" for step in steps["data"]), steps
 
 
 async def _chat(setup: Setup, model: str = "main", **extra: Any) -> Any:
@@ -351,7 +363,7 @@ async def test_providers_health_needs_the_admin_token(setup: Setup) -> None:
 
 
 @pytest.fixture
-async def continuing(make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> Setup:
+async def continuing(make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Setup]:
     """`main` goes to an OpenAI target, then to an Anthropic one (which accepts a prefill), both on the fault
     server; `claude-main` to two Anthropic targets there."""
     faults = await aiohttp_server(create_fault_app())
@@ -366,7 +378,8 @@ async def continuing(make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path
                        {"provider": "openai", "model": "gpt-4.1-mini", "base_url": openai_url}],
     }}))
     gateway = await make_gateway(RUNGATE_CONFIG=str(config), RUNGATE_RETRY_BASE_S="0.05")
-    return Setup(gateway, faults, await gateway.new_agent())
+    yield Setup(gateway, faults, await gateway.new_agent())
+    await _every_step_settled(gateway)
 
 
 async def test_a_stream_cut_after_tokens_is_continued_by_a_prefill_target(continuing: Setup) -> None:
