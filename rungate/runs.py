@@ -498,7 +498,9 @@ class AdmitCall:
                 delay_s=fo.delay_s, continuation=fo.continuation)))
         events.append(NewEvent(run_stream(self.run_id), StepStarted(
             step_id=self.step_id, run_id=self.run_id, kind="llm", endpoint=f.endpoint, provider=provider,
-            model=model, stream=f.stream, fingerprint=f.fingerprint, reserved_pusd=ask.reserved_pusd,
+            # Another attempt of a call already counted is not a repeat of it (`max_repeats` counts fingerprints).
+            model=model, stream=f.stream, fingerprint="" if f.failover is not None else f.fingerprint,
+            reserved_pusd=ask.reserved_pusd,
             reserved_tokens=ask.reserved_tokens, warnings=decisions, rate_scopes=rate_scopes,
             policy=None if self.policy is None else self.policy.ref)))
         return events

@@ -61,7 +61,8 @@ class Setup:
 
 
 def _routes(faults: TestServer, primary: dict[str, Any] | None = None) -> dict[str, Any]:
-    first = {"base_url": str(faults.make_url("/v1")), "timeouts": {"first_token_s": 1.5}, **(primary or {})}
+    first = {"base_url": str(faults.make_url("/v1")), "timeouts": {"first_token_s": 1.5, "idle_s": 1.5},
+             **(primary or {})}
     return {"routes": {
         "main": [{"provider": "openai", "model": "gpt-4o-mini", **first},
                  {"provider": "openai", "model": "gpt-4.1-mini"}],
@@ -201,10 +202,12 @@ async def test_a_silent_target_is_failed_over_at_once_not_retried(setup: Setup) 
     raw = await _chat(setup)
     elapsed = time.monotonic() - started
     assert raw.headers["x-rungate-model"] == "gpt-4.1-mini"
-    assert 1.4 <= elapsed < 5  # the first-token limit (1.5 s), then the next target at once
+    assert 1.4 <= elapsed < 5  # a plain answer comes whole: its silence limit (idle_s 1.5 s), then the next target
     assert len(setup.primary_requests) == 1
     steps = await setup.steps(raw.headers["x-rungate-run-id"])
     assert steps[0]["status"] == "upstream_error"
+    # The request went out and the provider may have been generating: charged its reservation, never $0.
+    assert steps[0]["cost_usd"] not in (None, "0")
 
 
 async def test_a_refused_connection_fails_over(make_gateway: GatewayFactory, aiohttp_server: Any,
@@ -290,30 +293,28 @@ async def test_a_malformed_chunk_before_the_first_token_fails_over(setup: Setup)
 
 async def test_a_stream_cut_after_tokens_ends_with_an_error_the_sdk_raises(setup: Setup) -> None:
     setup.script("cut:3")  # the role chunk and two words reached the agent
+    assert (await _text_before_the_error(setup, "main")).startswith("Hello world, \0")
+    assert len(setup.primary_requests) == 1  # after tokens went out, the call is never silently re-run
+
+
+async def _text_before_the_error(setup: Setup, model: str, **extra: Any) -> str:
+    """The text an OpenAI agent streamed before its SDK raised the stream's error event (it must raise); the
+    error's message follows a NUL."""
     client = setup.openai()
     seen: list[str] = []
-    with pytest.raises(openai.APIError):
-        stream = await client.chat.completions.create(model="main", messages=USER, stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        stream = await client.chat.completions.create(model=model, messages=USER, stream=True, **extra)
         async for chunk in stream:
             if chunk.choices:
                 seen.append(chunk.choices[0].delta.content or "")
     await client.close()
-    assert "".join(seen) == "Hello world, "
-    assert len(setup.primary_requests) == 1  # after tokens went out, the call is never silently re-run
+    return "".join(seen) + "\0" + str(caught.value)
 
 
 async def test_a_stream_without_its_final_event_is_finalised_with_its_usage(setup: Setup) -> None:
     setup.script("nodone")
-    client = setup.openai()
-    seen: list[str] = []
-    with pytest.raises(openai.APIError):
-        stream = await client.chat.completions.create(model="main", messages=USER, stream=True,
-                                                      stream_options={"include_usage": True})
-        async for chunk in stream:
-            if chunk.choices:
-                seen.append(chunk.choices[0].delta.content or "")
-    await client.close()
-    assert "".join(seen) == TEXT
+    text = await _text_before_the_error(setup, "main", stream_options={"include_usage": True})
+    assert text.startswith(TEXT + "\0")
     status, runs = await setup.gateway.admin("GET", "/api/runs")
     steps = await setup.steps(runs["data"][0]["id"])
     assert steps[0]["status"] == "cut" and steps[0]["tokens"]["output"] == 6  # the usage chunk arrived
@@ -422,30 +423,14 @@ async def test_an_anthropic_stream_cut_mid_answer_is_continued_in_the_same_strea
 
 async def test_no_prefill_target_means_the_stream_ends_with_an_error_not_a_clean_close(continuing: Setup) -> None:
     continuing.script("cut:3")
-    client = continuing.openai()
-    seen: list[str] = []
-    with pytest.raises(openai.APIError):
-        stream = await client.chat.completions.create(model="no-prefill", messages=USER, stream=True)
-        async for chunk in stream:
-            if chunk.choices:
-                seen.append(chunk.choices[0].delta.content or "")
-    await client.close()
-    assert "".join(seen) == "Hello world, "
+    assert (await _text_before_the_error(continuing, "no-prefill")).startswith("Hello world, \0")
     assert len(continuing.primary_requests) == 1  # never silently re-run
 
 
 async def test_a_continuation_that_fails_too_ends_with_the_break_not_its_own_refusal(continuing: Setup) -> None:
     continuing.script("cut:3", "status:400")  # the prefill target refuses the continuation
-    client = continuing.openai()
-    seen: list[str] = []
-    with pytest.raises(openai.APIError) as caught:
-        stream = await client.chat.completions.create(model="main", messages=USER, stream=True)
-        async for chunk in stream:
-            if chunk.choices:
-                seen.append(chunk.choices[0].delta.content or "")
-    await client.close()
-    assert "".join(seen) == "Hello world, "
-    assert "broke off" in str(caught.value)
+    text, error = (await _text_before_the_error(continuing, "main")).split("\0")
+    assert text == "Hello world, " and "broke off" in error
 
 
 async def test_a_stream_stalled_after_tokens_is_continued_once_its_idle_limit_passes(
@@ -525,3 +510,81 @@ async def test_every_target_refusing_the_request_format_is_a_400_in_the_callers_
     await client.close()
     assert caught.value.code == "untranslatable_request"
     assert setup.primary_requests == [] and setup.gateway.upstream_requests == []
+
+
+async def test_a_retry_before_the_first_token_gets_headers_of_its_own(continuing: Setup) -> None:
+    continuing.script("cut:2")  # message_start and a block start, no token: retried on the same target
+    client = continuing.anthropic()
+    async with client.messages.with_streaming_response.create(model="claude-main", max_tokens=100,
+                                                              messages=USER, stream=True) as raw:
+        headers = dict(raw.headers)
+        await raw.read()
+    await client.close()
+    _, runs = await continuing.gateway.admin("GET", "/api/runs")
+    steps = await continuing.steps(runs["data"][0]["id"])
+    assert [s["status"] for s in steps] == ["cut", "ok"]
+    assert headers["x-rungate-failover"] == "1" and headers["x-rungate-step-id"] == steps[-1]["id"]
+
+
+async def test_request_errors_do_not_open_a_healthy_targets_circuit(setup: Setup) -> None:
+    setup.script("context_length", "context_length", "context_length")  # threshold 3
+    for _ in range(3):
+        raw = await _chat(setup)
+        assert raw.headers["x-rungate-model"] == "gpt-4.1-mini"
+    raw = await _chat(setup)  # a request that fits goes to the primary again
+    assert raw.headers["x-rungate-model"] == "gpt-4o-mini"
+    _, health = await setup.gateway.admin("GET", "/api/providers/health")
+    primary = next(t for t in health["data"] if str(setup.faults.port) in t["base_url"]
+                   and t["model"] == "gpt-4o-mini")
+    assert primary["state"] == "closed" and primary["failed"] == 0
+
+
+async def test_a_call_the_probe_target_cannot_carry_does_not_hold_its_probe(
+        make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> None:
+    faults = await aiohttp_server(create_fault_app())
+    config = tmp_path / "rungate.yaml"
+    config.write_text(yaml.safe_dump({"routes": {"x": [
+        {"provider": "anthropic", "model": "claude-haiku-4-5", "base_url": str(faults.make_url("")).rstrip("/")},
+        {"provider": "openai", "model": "gpt-4.1-mini"}]}}))
+    gateway = await make_gateway(RUNGATE_CONFIG=str(config), RUNGATE_RETRY_BASE_S="0.01",
+                                 RUNGATE_BREAKER_THRESHOLD="1", RUNGATE_BREAKER_COOLDOWN_S="0.3")
+    setup = Setup(gateway, faults, await gateway.new_agent())
+    setup.script("status:503")
+    assert (await _chat(setup, model="x")).headers["x-rungate-model"] == "gpt-4.1-mini"  # the circuit opens
+    await asyncio.sleep(0.4)
+    raw = await _chat(setup, model="x", n=2)  # half-open; Anthropic cannot take n=2: served by the fallback
+    assert raw.headers["x-rungate-model"] == "gpt-4.1-mini"
+    before = len(setup.primary_requests)
+    assert (await _chat(setup, model="x")).headers["x-rungate-model"] == "claude-haiku-4-5"  # probed, recovered
+    assert len(setup.primary_requests) == before + 1
+    await _every_step_settled(gateway)
+
+
+async def test_attempts_of_one_call_are_not_repeats_of_it(setup: Setup) -> None:
+    status, _ = await setup.gateway.admin("PUT", "/api/policies/by-name/rp", {"runaway": {"max_repeats": 2}})
+    assert status in (200, 201)
+    client = openai.AsyncOpenAI(api_key=await setup.gateway.new_agent("rp-agent"), max_retries=0,
+                                base_url=setup.gateway.url + "/v1",
+                                default_headers={"x-rungate-policy": "rp", "x-rungate-run-id": "run-rp-1"})
+    setup.script("status:503", "status:503")
+    await client.chat.completions.create(model="main", messages=USER)  # three attempts, one request
+    second = await client.chat.completions.with_raw_response.create(model="main", messages=USER)
+    await client.close()
+    assert second.headers["x-rungate-failover"] == "0"  # the agent's second identical request is allowed
+
+
+async def test_the_kill_switch_ends_a_wait_between_attempts(setup: Setup) -> None:
+    setup.script("status:429:8")  # Retry-After 8 s (under the 10 s bound): the call waits to retry
+    client = setup.openai()
+    call = asyncio.ensure_future(client.chat.completions.create(
+        model="main", messages=USER, extra_headers={"x-rungate-run-id": "run-stop-wait"}))
+    await asyncio.sleep(0.5)
+    status, _ = await setup.gateway.admin("POST", "/api/runs/run-stop-wait/stop", {"reason": "test"})
+    assert status == 200
+    started = time.monotonic()
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await call
+    await client.close()
+    assert time.monotonic() - started < 2
+    assert caught.value.body["code"] == "run_force_stopped"  # type: ignore[index]
+    assert len(setup.primary_requests) == 1

@@ -141,18 +141,25 @@ def _rates(policy: CompiledPolicy, ask: CallAsk, windows: dict[str, RateWindow],
     return []
 
 
+def model_refused(policy: CompiledPolicy, provider: str, model: str) -> str | None:
+    """The rule of `policy` that refuses `provider/model` (`models.blocked` or `models.allowed`), or None."""
+    if policy.models_blocked.matches(provider, model):
+        return "models.blocked"
+    if policy.models_allowed is not None and not policy.models_allowed.matches(provider, model):
+        return "models.allowed"
+    return None
+
+
 def _models(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:
-    shadow = policy.models_mode == "shadow"
+    rule = model_refused(policy, ask.provider, ask.model)
+    if rule is None:
+        return []
     allowed = policy.models_allowed.patterns if policy.models_allowed is not None else None
     context = {"field": "model", "requested": ask.model, "allowed": allowed,
-               "blocked": policy.models_blocked.patterns}
-    if policy.models_blocked.matches(ask.provider, ask.model):
-        return [Verdict("models.blocked", "model_not_allowed", 403, f"Model {ask.model} is blocked by policy.",
-                        shadow, {**context, "next": "Use one of the allowed models."})]
-    if policy.models_allowed is not None and not policy.models_allowed.matches(ask.provider, ask.model):
-        return [Verdict("models.allowed", "model_not_allowed", 403, f"Model {ask.model} is not allowed by policy.",
-                        shadow, {**context, "next": "Use one of the allowed models."})]
-    return []
+               "blocked": policy.models_blocked.patterns, "next": "Use one of the allowed models."}
+    how = "blocked" if rule == "models.blocked" else "not allowed"
+    return [Verdict(rule, "model_not_allowed", 403, f"Model {ask.model} is {how} by policy.",
+                    policy.models_mode == "shadow", context)]
 
 
 def _tools(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:

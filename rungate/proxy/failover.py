@@ -30,6 +30,7 @@ import orjson
 
 from rungate.clock import utcnow
 from rungate.enforce.policy import CompiledPolicy
+from rungate.enforce.rules import model_refused
 from rungate.prices import PriceTable
 from rungate.proxy.breaker import Breakers, TargetKey
 from rungate.proxy.formats import WireFormat
@@ -75,28 +76,41 @@ def failure_of(status: int, headers: Any, payload: bytes) -> Failure | None:
         except orjson.JSONDecodeError:
             return None
         if is_context_length_error(status, parsed):
-            return Failure("context_length_exceeded", status=status, context_length=True)
+            return Failure("context_length_exceeded", status=status, context_length=True, counts=False)
     return None
 
 
 def next_attempt(failure: Failure, targets: Sequence[RouteTarget], index: int, retries: int, made: int, *,
-                 routed: bool, retry_base_s: float, retry_after_max_s: float) -> tuple[int, float] | None:
+                 routed: bool, available: Callable[[RouteTarget], bool], retry_base_s: float,
+                 retry_after_max_s: float) -> tuple[int, float] | None:
     """Where the call goes after `failure` at `targets[index]` (retried `retries` times so far, `made` attempts
     in all): `(index, delay_s)` — the same target after a delay, or a later one at once — or None: give up.
+    A target whose circuit is open (`available` says no) is not tried.
 
     A call with no route is never retried here: the agent's SDK retries it itself (stacked retries multiply
     the requests on the wire)."""
     if not routed or made >= MAX_ATTEMPTS:
         return None
-    if failure.retryable and retries < RETRIES_PER_TARGET:
+    if failure.retryable and retries < RETRIES_PER_TARGET and available(targets[index]):
         delay = failure.retry_after_s if failure.retry_after_s is not None else backoff_s(retries + 1, retry_base_s)
         if delay <= retry_after_max_s:  # a longer wait than that is better spent on the next target
             return index, delay
     for later in range(index + 1, len(targets)):
         if failure.context_length and targets[later].model == targets[index].model:
             continue  # the same model has the same context window
-        return later, 0.0
+        if available(targets[later]):
+            return later, 0.0
     return None
+
+
+def continuer(targets: Sequence[RouteTarget], index: int, made: int,
+              available: Callable[[RouteTarget], bool]) -> int | None:
+    """The next target after `targets[index]` that can continue a broken stream (it accepts an assistant
+    prefill, its circuit is not open), or None (also once `made` attempts reached the bound)."""
+    if made >= MAX_ATTEMPTS:
+        return None
+    return next((later for later in range(index + 1, len(targets))
+                 if targets[later].accepts_prefill and available(targets[later])), None)
 
 
 def retry_after_s(headers: Any) -> float | None:
@@ -130,11 +144,8 @@ def backoff_s(retry: int, base_s: float) -> float:
 
 def target_allowed(policy: CompiledPolicy | None, spec: RouteTarget) -> bool:
     """Whether the run's policy lets `spec`'s model serve (the model lists apply to every target)."""
-    if policy is None or policy.models_mode == "shadow":
-        return True
-    if policy.models_blocked.matches(spec.provider, spec.model):
-        return False
-    return policy.models_allowed is None or policy.models_allowed.matches(spec.provider, spec.model)
+    return policy is None or policy.models_mode == "shadow" or model_refused(policy, spec.provider,
+                                                                             spec.model) is None
 
 
 # Which client formats a target of each provider can serve (translation covers the rest of each row).

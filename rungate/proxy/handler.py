@@ -41,7 +41,7 @@ from rungate.providers.sse import SSEParser, encode_event
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.breaker import TargetKey
 from rungate.proxy.crossing import CROSSINGS, TRANSLATING, Crossing
-from rungate.proxy.failover import MAX_ATTEMPTS, Failure, Planner, failure_of, next_attempt
+from rungate.proxy.failover import Failure, Planner, continuer, failure_of, next_attempt
 from rungate.proxy.formats import CHAT, StreamMeter, WireFormat, stream_error_event
 from rungate.proxy.gating import (
     APPROVAL_MODE_HEADER,
@@ -91,6 +91,7 @@ _ANSWERED = ("ok", "held")  # the provider's answer arrived whole: its usage sho
 MAX_HELD_BYTES = 16 * 1024 * 1024  # the most of a streamed answer held back while its tool calls are unknown
 HOLD_POLL_S = 0.25  # how often a held (hold-mode) call looks at its gates
 HOLD_KEEPALIVE_S = 1.0  # how often it writes a keep-alive (read timeouts reset on any byte)
+MAX_PREAMBLE_BYTES = 1024 * 1024  # the most of a routed stream held back while no token has come
 DEFAULT_MAX_TOKENS = 4096  # the output limit asked of another vendor's model with no known limit of its own
 
 
@@ -180,6 +181,7 @@ class Call:
     tool_names: ToolNames = field(default_factory=ToolNames)
     dropped: list[str] = field(default_factory=list)
     client: ClientStream | None = None  # set when a later target of the route can continue a broken stream
+    broken: bool = False  # the stream broke after tokens reached the agent (its target failed)
 
     def __hash__(self) -> int:  # registered in a set while in flight
         return id(self)
@@ -187,10 +189,10 @@ class Call:
     def stop(self) -> None:
         """Cut this call: close the provider's connection (or stop waiting for it) so the relay ends now; a
         call waiting for an approval (hold mode) ends its wait."""
-        if self.holding:
+        if self.holding or self.settled:  # waiting (for an approval, or between attempts): the wait ends
             self.stopped = True
             return
-        if self.stopped or self.settled:
+        if self.stopped:
             return
         self.stopped = True
         if self.upstream is not None:
@@ -407,49 +409,59 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
                     body: dict[str, Any], client_wants_usage: bool) -> web.StreamResponse:
     """Send the call to its route's targets in order until one answers (SPEC §6): each attempt is a step,
     admitted at its own target's price; a failed one is retried on the same target or failed over as
-    `next_attempt` decides. Nothing reached the agent before an attempt that fails over."""
+    `next_attempt` decides. Nothing reached the agent before an attempt that fails over; once a stream
+    reached it, a failed attempt is continued by a later prefill-capable target (`continuer`), or the stream
+    ends with its format's error event."""
     app = request.app
-    settings, store, breakers, targets = app[SETTINGS], app[STORE], app[BREAKERS], app[TARGETS]
+    settings, store, prices, breakers, targets = app[SETTINGS], app[STORE], app[PRICES], app[BREAKERS], app[TARGETS]
+
+    def available(spec: RouteTarget) -> bool:
+        return breakers.available(targets.circuit(spec))
+
     failed: list[dict[str, Any]] = list(plan.skipped)
-    index, retries, max_output = 0, 0, admit.max_output
+    index, retries, made, max_output = 0, 0, 0, admit.max_output
     stitcher = _STITCHERS.get(call.fmt.name) if call.stream and plan.routed else None
-    if stitcher is not None and any(spec.accepts_prefill for spec in plan.targets[1:]):
-        call.client = ClientStream(stitcher())  # a break after the first token can be continued elsewhere
+    if stitcher is None or not any(spec.accepts_prefill for spec in plan.targets[1:]):
+        stitcher = None
     while True:
         spec = plan.targets[index]
         key: TargetKey | None = None
+        if stitcher is not None and (call.client is None or not call.client.started):
+            call.client = ClientStream(stitcher())  # fresh for each attempt until a stream reaches the agent
         client = call.client
-        prefill = client.stitcher.text if client is not None and client.started else None
+        started = client is not None and client.started
+        made += 1
         try:
             try:
                 call.target = await (targets.for_route(spec) if plan.routed else targets.resolve(spec.provider,
                                                                                                     spec.model))
             except ProviderError as exc:  # no key for this target: nothing was sent
-                await _settle(store, app[PRICES], call, status="upstream_error", http_status=None, usage=Usage(),
+                await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
                               estimated=False, error="no provider key")
                 raise FailedAttempt(Failure(exc.attempts[0]["error"] if exc.attempts else "no_provider_key",
                                             counts=False)) from None
             key = call.target.circuit if plan.routed else None  # a call with no route has no circuit
             if key is not None and not breakers.allow(key):  # opened since the plan was made
-                await _settle(store, app[PRICES], call, status="skipped", http_status=None, usage=Usage(),
+                key = None  # no probe slot was taken
+                await _settle(store, prices, call, status="skipped", http_status=None, usage=Usage(),
                               estimated=False, error="circuit open")
                 raise FailedAttempt(Failure("circuit_open", counts=False))
             try:
-                forward = _attempt_body(call, body, spec, max_output, app[PRICES], prefill)
+                forward = _attempt_body(call, body, spec, max_output, prices,
+                                        client.stitcher.text if client is not None and started else None)
             except Untranslatable as exc:  # this target cannot serve the call: nothing was sent
-                await _settle(store, app[PRICES], call, status="skipped", http_status=None, usage=Usage(),
+                await _settle(store, prices, call, status="skipped", http_status=None, usage=Usage(),
                               estimated=False, error=f"untranslatable: {exc}")
                 raise FailedAttempt(Failure(f"untranslatable: {exc.feature}", counts=False)) from None
             response = await _forward(request, call, forward, client_wants_usage)
         except FailedAttempt as exc:
             failure = exc.failure
             failed.append(failure.entry(call.target.provider, call.target.model))
-            if key is not None and failure.counts:
-                breakers.failed(key, failure.reason)
+            if key is not None:
+                breakers.failed(key, failure.reason) if failure.counts else breakers.released(key)
             if client is not None and client.started:  # tokens reached the agent: continue the answer elsewhere
-                later = next((i for i in range(index + 1, len(plan.targets)) if plan.targets[i].accepts_prefill
-                              and breakers.available(targets.circuit(plan.targets[i]))), None)
-                if later is None or len(failed) >= MAX_ATTEMPTS:
+                later = continuer(plan.targets, index, made, available)
+                if later is None or call.stopped:
                     return await _end_broken(call, client)
                 client.stitcher.continue_after_break()
                 index, retries = later, 0
@@ -461,8 +473,9 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
                 except RungateError as refusal:  # e.g. the budget no longer fits the continuation
                     return await _end_broken(call, client, refusal.message)
                 continue
-            choice = next_attempt(failure, plan.targets, index, retries, len(failed), routed=plan.routed,
-                                  retry_base_s=settings.retry_base_s, retry_after_max_s=settings.retry_after_max_s)
+            choice = next_attempt(failure, plan.targets, index, retries, made, routed=plan.routed,
+                                  available=available, retry_base_s=settings.retry_base_s,
+                                  retry_after_max_s=settings.retry_after_max_s)
             if choice is None and all(str(f["error"]).startswith("untranslatable") for f in failed):
                 uncarried = BadRequest("No target of this call's route can carry this request ("
                                        + "; ".join(sorted({str(f["error"]) for f in failed})) + ").",
@@ -478,17 +491,30 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
             retries = retries + 1 if plan.targets[index] is spec else 0
             log.info("attempt_failed", step_id=call.step_id, provider=call.target.provider, model=call.target.model,
                      reason=failure.reason, retry=plan.targets[index] is spec, delay_s=round(delay, 3))
-            if delay:
-                await asyncio.sleep(delay)
+            await _pause(call, delay)
             max_output = await _readmit(request, call, admit, planner, plan.targets[index], failure, delay)
             continue
+        except RungateError as error:
+            if key is not None:
+                breakers.released(key)
+            if client is not None and client.started:  # headers are out: the stream carries the refusal
+                return await _end_broken(call, client, error.message)
+            raise
         except BaseException:
             if key is not None:
                 breakers.released(key)
             raise
-        if key is not None:
-            breakers.succeeded(key)
+        if key is not None:  # a stream that broke after tokens (and was not continued) failed all the same
+            breakers.failed(key, "stream broke") if call.broken else breakers.succeeded(key)
         return response
+
+
+async def _pause(call: Call, delay: float) -> None:
+    """Wait `delay` seconds before a retry, ending early when the kill switch stops the call's run (the next
+    admission then refuses it)."""
+    deadline = time.monotonic() + delay
+    while not call.stopped and (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, HOLD_POLL_S))
 
 
 _STITCHERS: dict[str, type[ChatContinuation] | type[MessagesContinuation]] = {
@@ -512,9 +538,11 @@ async def _readmit(request: web.Request, call: Call, admit: AdmitCall, planner: 
     output limit a shrinking budget set for it. A refusal (the budget no longer fits, the run was stopped)
     is the agent's answer. `continued`: the answer text the next attempt is asked to continue (its input)."""
     facts = admit.facts
-    priced = planner.reserve((spec,), extra_input=0 if continued is None else -(-len(continued.encode()) // 4))
+    extra = 0 if continued is None else -(-len(continued.encode()) // 4)  # what the prefill adds to the input
+    priced = planner.reserve((spec,), extra_input=extra)
     again = AdmitCall(replace(
         facts, run_id=call.run_id, new_run=False, policy_name=None, policy_version=None, provider=spec.provider,
+        input_tokens=facts.input_tokens + extra,
         model=spec.model, reserved_pusd=priced.reserved_pusd, reserved_tokens=priced.reserved_tokens,
         priced=priced.priced, price=priced.price, output_bounded=priced.output_bounded, planner=None,
         failover=Failover(call.step_id, call.target.provider, call.target.model, failure.reason,
@@ -560,17 +588,23 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
     app = request.app
     store, prices = app[STORE], app[PRICES]
     url = call.target.base_url + call.upstream_fmt.upstream_path
+    if call.stopped:  # the kill switch came between this attempt's admission and now: nothing is sent
+        await _settle(store, prices, call, status="stopped", http_status=None, usage=Usage(), estimated=False,
+                      error="the run was stopped by an operator")
+        refusal = force_stopped(call.run_id, call.policy)
+        refusal.headers.update(rungate_headers(call))
+        raise refusal
     call.task, call.awaiting_upstream = asyncio.current_task(), True
     target = call.target
     try:
-        timeout = target.client_timeout(call.stream, app[SETTINGS].upstream_timeout_s)
+        timeout = target.client_timeout(app[SETTINGS].upstream_timeout_s)
         post = (app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, target),
                                allow_redirects=False) if timeout is None else
                 app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, target),
                                allow_redirects=False, timeout=timeout))
-        if target.first_token_s is None:
+        if target.first_token_s is None or not call.stream:
             upstream = await post
-        else:  # the answer must begin in time (its headers; a stream's first token is watched by the relay)
+        else:  # a stream must begin in time (its headers here; its first token is watched by the relay)
             async with asyncio.timeout(target.first_token_s):
                 upstream = await post
     except asyncio.CancelledError:
@@ -585,8 +619,13 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             await _stopped(store, prices, call, None)
         timed_out = isinstance(exc, TimeoutError)
         reason = "timeout" if timed_out else type(exc).__name__
-        await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
-                      estimated=False, error=reason)
+        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):  # nothing was sent
+            await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
+                          estimated=False, error=reason)
+        else:  # the request went out: the provider may bill it (a silent one may have been generating)
+            await _settle(store, prices, call, status="upstream_error", http_status=None,
+                          usage=Usage(input=call.input_estimate), estimated=True, error=reason,
+                          charge=call.reserved_pusd if timed_out else None)
         raise FailedAttempt(Failure(reason, timed_out=timed_out)) from None
     finally:
         call.awaiting_upstream = False
@@ -605,7 +644,9 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
         if call.client is not None and call.client.started:  # a continuation answered with no stream to stitch
             await _settle(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
                           estimated=False, error=f"continuation answered status {upstream.status}, not a stream")
-            raise FailedAttempt(Failure(f"status {upstream.status}", status=upstream.status))
+            # A refusal of the continuation (a 4xx: e.g. no prefill on this model) says nothing of its health.
+            raise FailedAttempt(Failure(f"status {upstream.status}", status=upstream.status,
+                                        counts=upstream.status >= 500 or upstream.status == 429))
         try:
             payload = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -901,10 +942,12 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         response.headers.update(rungate_headers(call, final=False))
         if client is not None:
             client.response = response
-    # A stream that may call a gated tool is held back whole: its 202 must come before any SSE byte. Any
-    # other is held back until its first token, so that a stream failing before then can still fail over.
+    # A stream that may call a gated tool is held back whole: its 202 must come before any SSE byte. A routed
+    # one is held back until its first token, so that a stream failing before then can still fail over.
     buffered: list[bytes] | None = [] if not continuing and buffers_stream(call.policy, call.offered) else None
-    pending: list[bytes] | None = [] if buffered is None and not continuing else None
+    pending: list[bytes] | None = [] if buffered is None and not continuing and call.routed else None
+    if buffered is None and pending is None and not continuing:  # relayed as it comes: the headers go now
+        await _start(request, response)
     timed_out = False
     parser = SSEParser()
     held_done: bytes | None = None
@@ -962,7 +1005,9 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         nonlocal held_bytes, pending
         if pending is not None:
             pending.append(data)
-            if meter.output_text_bytes:  # the first token: from here on the answer is the agent's
+            held_bytes += len(data)
+            # The first token: from here on the answer is the agent's (as is a preamble past all reason).
+            if meter.output_text_bytes or held_bytes > MAX_PREAMBLE_BYTES:
                 await _start(request, response)
                 data, pending = b"".join(pending), None
             else:
@@ -1038,6 +1083,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
         # The ending goes out in one write with the end of the body (one send, not three).
         tail: list[bytes] = []
         if status == "cut":
+            call.broken = True
             tail.append(stream_error_event(call.fmt, "The stream broke off before the end."))
         elif status == "stopped":
             tail.append(stream_error_event(call.fmt, "An operator stopped this run; the stream ends here."))

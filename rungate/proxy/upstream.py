@@ -62,14 +62,13 @@ class Target:
     def circuit(self) -> TargetKey:
         return (self.provider, self.base_url, self.model)
 
-    def client_timeout(self, stream: bool, default_read_s: float) -> aiohttp.ClientTimeout | None:
-        """This target's own socket limits (None: it has none, the session's apply). A plain answer is silent
-        until it is whole, so its read limit is the longer of the first-token and idle limits."""
-        if self.connect_s is None and self.idle_s is None and self.first_token_s is None:
+    def client_timeout(self, default_read_s: float) -> aiohttp.ClientTimeout | None:
+        """This target's own socket limits (None: it has none, the session's apply): `connect_s` to connect,
+        `idle_s` of silence (before a plain answer, which comes whole, and between a stream's chunks)."""
+        if self.connect_s is None and self.idle_s is None:
             return None
-        limits = (self.idle_s,) if stream else (self.idle_s, self.first_token_s)
-        read = max((s for s in limits if s is not None), default=default_read_s)
-        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_s or DEFAULT_CONNECT_S, sock_read=read)
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_s or DEFAULT_CONNECT_S,
+                                     sock_read=self.idle_s or default_read_s)
 
 
 def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
