@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--mock", action="store_true", default=None, help="route every call to the built-in mock")
+    # SPEC §6.1 writes `rungate serve --config FILE`; the global `rungate --config FILE serve` works too.
+    serve.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file (or RUNGATE_CONFIG)")
 
     demo = sub.add_parser("demo", help="run a short scripted agent through the mock provider")
     demo.add_argument("--port", type=int, default=0)

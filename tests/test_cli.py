@@ -235,3 +235,10 @@ async def test_runs_stop_and_resume_from_the_command_line(tmp_path: Path) -> Non
     assert missing.returncode == 1 and "not found" in missing.stderr
     assert [line["type"] for line in lines].count("RunStopped") == 1
     assert [line["data"].get("add_pusd") for line in lines if line["type"] == "RunResumed"] == [2_500_000_000_000]
+
+
+def test_serve_takes_the_config_file_after_the_command_too(tmp_path: Path) -> None:
+    from rungate.cli import build_parser
+    assert build_parser().parse_args(["serve", "--config", "routes.yaml"]).config == "routes.yaml"
+    assert build_parser().parse_args(["--config", "a.yaml", "serve"]).config == "a.yaml"
+    assert build_parser().parse_args(["serve"]).config is None
