@@ -15,6 +15,7 @@ Faults (strings, consumed in order from `app[FAULTS]`; an empty queue means "ok"
     stall:N:S            stream: send the first N events, then go silent for S seconds, then drop
     malformed:N          stream: send N events, then one whose data is not JSON, then the rest
     nodone               stream: every event but the terminal one (`[DONE]` / `message_stop`), then a clean end
+    errstream            stream: the opening event, then the provider's error event (overloaded), then a clean end
     continue             stream: continue the scripted answer after the request's final assistant turn (an
                          Anthropic prefill, or an OpenAI assistant message), as a model asked to continue does
 
@@ -134,6 +135,10 @@ async def _stream(request: web.Request, fault: str) -> web.StreamResponse:
         events = [*events[:at], b"data: {this is not json\n\n", *events[at:]]
     elif name == "nodone":
         events = events[:-1]
+    elif name == "errstream":
+        error = {"type": "overloaded_error", "message": "Overloaded"}
+        events = [events[0], encode_event(orjson.dumps({"type": "error", "error": error}), "error")
+                  if _anthropic(request) else encode_event(orjson.dumps({"error": {**error, "code": None}}))]
     for item in events:
         await response.write(item)
     await response.write_eof()
@@ -165,7 +170,7 @@ async def _inject(request: web.Request, handler: Any) -> web.StreamResponse:
         await asyncio.sleep(3600)
     if name == "slow":
         await asyncio.sleep(float(rest))
-    if name in ("slowfirst", "cut", "stall", "malformed", "nodone", "continue"):
+    if name in ("slowfirst", "cut", "stall", "malformed", "nodone", "continue", "errstream"):
         return await _stream(request, fault)
     return await handler(request)  # type: ignore[no-any-return]
 

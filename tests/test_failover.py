@@ -588,3 +588,67 @@ async def test_the_kill_switch_ends_a_wait_between_attempts(setup: Setup) -> Non
     assert time.monotonic() - started < 2
     assert caught.value.body["code"] == "run_force_stopped"  # type: ignore[index]
     assert len(setup.primary_requests) == 1
+
+
+async def test_a_continuation_that_errs_before_its_first_token_is_passed_over(
+        make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> None:
+    faults = await aiohttp_server(create_fault_app())
+    anthropic_url = str(faults.make_url("")).rstrip("/")
+    config = tmp_path / "rungate.yaml"
+    config.write_text(yaml.safe_dump({"routes": {"main": [
+        {"provider": "openai", "model": "gpt-4o-mini", "base_url": str(faults.make_url("/v1"))},
+        {"provider": "anthropic", "model": "claude-haiku-4-5", "base_url": anthropic_url},
+        {"provider": "anthropic", "model": "claude-sonnet-4-5", "base_url": anthropic_url}]}}))
+    gateway = await make_gateway(RUNGATE_CONFIG=str(config))
+    setup = Setup(gateway, faults, await gateway.new_agent())
+    setup.script("cut:3", "errstream", "continue")  # the first continuation is overloaded before any token
+    client = setup.openai()
+    stream = await client.chat.completions.create(model="main", messages=USER, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    await client.close()
+    assert text == TEXT  # the overload never reached the agent; the next target continued
+    _, runs = await gateway.admin("GET", "/api/runs")
+    steps = await setup.steps(runs["data"][0]["id"])
+    assert [(s["model"], s["status"]) for s in steps] == [
+        ("gpt-4o-mini", "cut"), ("claude-haiku-4-5", "cut"), ("claude-sonnet-4-5", "ok")]
+    await _every_step_settled(gateway)
+
+
+async def test_a_missing_route_key_is_recorded_against_its_target(
+        make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> None:
+    config = tmp_path / "rungate.yaml"
+    config.write_text(yaml.safe_dump({"routes": {"main": [
+        {"provider": "openai", "model": "gpt-4o-mini", "key": "not-stored"},
+        {"provider": "openai", "model": "gpt-4.1-mini"}]}}))
+    gateway = await make_gateway(RUNGATE_CONFIG=str(config))
+    client = openai.AsyncOpenAI(api_key=await gateway.new_agent(), base_url=gateway.url + "/v1", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="main", messages=USER)
+    await client.close()
+    assert raw.headers["x-rungate-model"] == "gpt-4.1-mini" and "x-rungate-warning" not in raw.headers
+    steps = await Setup(gateway, None, "").steps(raw.headers["x-rungate-run-id"])  # type: ignore[arg-type]
+    assert [(s["model"], s["status"], s["cost_usd"]) for s in steps] == [
+        ("gpt-4o-mini", "upstream_error", "0"), ("gpt-4.1-mini", "ok", steps[1]["cost_usd"])]
+
+
+async def test_a_held_answer_frees_its_targets_probe_before_the_approval_wait(setup: Setup) -> None:
+    from tests.test_approvals import GATED, REFUND_TOOL, agent_with_policy, put_policy
+    await put_policy(setup.gateway, "gated", GATED)
+    token = await agent_with_policy(setup.gateway, "gated-agent", "gated")
+    setup.script(*["status:503"] * 3)  # the primary's circuit opens (threshold 3)
+    for _ in range(2):
+        await _chat(setup)
+    await asyncio.sleep(1.1)  # past the cooldown: the next call is the probe
+    body = {"model": "main", "tools": [REFUND_TOOL], "messages": [
+        {"role": "user", "content": 'refund [tool:issue_refund {"amount_usd": 900, "order": "A-17"}]'}]}
+
+    async def held() -> None:
+        async with aiohttp.ClientSession() as http, http.post(
+                setup.gateway.url + "/v1/chat/completions", json=body,
+                headers={"Authorization": f"Bearer {token}", "x-rungate-approval-mode": "hold"}) as resp:
+            await resp.read()
+
+    waiting = asyncio.ensure_future(held())  # the probe, answered and held for a human
+    await asyncio.sleep(0.8)
+    served = [(await _chat(setup)).headers["x-rungate-model"] for _ in range(2)]
+    waiting.cancel()
+    assert served == ["gpt-4o-mini", "gpt-4o-mini"]  # the probe's answer closed the circuit at once

@@ -182,6 +182,7 @@ class Call:
     dropped: list[str] = field(default_factory=list)
     client: ClientStream | None = None  # set when a later target of the route can continue a broken stream
     broken: bool = False  # the stream broke after tokens reached the agent (its target failed)
+    answered: bool = False  # its target's circuit was told it answered (before a long wait for an approval)
 
     def __hash__(self) -> int:  # registered in a set while in flight
         return id(self)
@@ -426,6 +427,8 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
     while True:
         spec = plan.targets[index]
         key: TargetKey | None = None
+        if plan.routed:  # named before its key is resolved: a missing key is recorded against this target
+            call.target = Target(spec.provider, spec.model, "", "", "")
         if stitcher is not None and (call.client is None or not call.client.started):
             call.client = ClientStream(stitcher())  # fresh for each attempt until a stream reaches the agent
         client = call.client
@@ -504,7 +507,7 @@ async def _attempts(request: web.Request, call: Call, admit: AdmitCall, planner:
             if key is not None:
                 breakers.released(key)
             raise
-        if key is not None:  # a stream that broke after tokens (and was not continued) failed all the same
+        if key is not None and not call.answered:  # a stream broken after tokens (not continued) failed all the same
             breakers.failed(key, "stream broke") if call.broken else breakers.succeeded(key)
         return response
 
@@ -615,6 +618,7 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
             task.uncancel()  # the kill switch cancelled the wait, not the handler
         await _stopped(store, prices, call, None)
     except (aiohttp.ClientError, TimeoutError) as exc:
+        call.awaiting_upstream = False  # from here a stop must not cancel the settlement
         if call.stopped:
             await _stopped(store, prices, call, None)
         timed_out = isinstance(exc, TimeoutError)
@@ -622,10 +626,9 @@ async def _forward(request: web.Request, call: Call, forward: bytes,
         if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):  # nothing was sent
             await _settle(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
                           estimated=False, error=reason)
-        else:  # the request went out: the provider may bill it (a silent one may have been generating)
+        else:  # the request may have gone out: the provider may bill its prompt (never a silent $0)
             await _settle(store, prices, call, status="upstream_error", http_status=None,
-                          usage=Usage(input=call.input_estimate), estimated=True, error=reason,
-                          charge=call.reserved_pusd if timed_out else None)
+                          usage=Usage(input=call.input_estimate), estimated=True, error=reason)
         raise FailedAttempt(Failure(reason, timed_out=timed_out)) from None
     finally:
         call.awaiting_upstream = False
@@ -747,6 +750,9 @@ async def _wait_for_decision(request: web.Request, call: Call, hold_id: str) -> 
     pending — the gate stays open (a client's timeout must not decide it), and a retry finds it. A client
     that leaves loses nothing either. The kill switch ends the wait with its own refusal."""
     store, settings = request.app[STORE], request.app[SETTINGS]
+    if call.routed and not call.answered:  # the target answered: its circuit (a probe's slot) is free now
+        request.app[BREAKERS].succeeded(call.target.circuit)
+        call.answered = True
     headers = rungate_headers(call)
     headers["Content-Type"] = "text/event-stream" if call.stream else "application/json"
     headers["Cache-Control"] = "no-cache"
@@ -945,7 +951,7 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
     # A stream that may call a gated tool is held back whole: its 202 must come before any SSE byte. A routed
     # one is held back until its first token, so that a stream failing before then can still fail over.
     buffered: list[bytes] | None = [] if not continuing and buffers_stream(call.policy, call.offered) else None
-    pending: list[bytes] | None = [] if buffered is None and not continuing and call.routed else None
+    pending: list[bytes] | None = [] if buffered is None and call.routed else None
     if buffered is None and pending is None and not continuing:  # relayed as it comes: the headers go now
         await _start(request, response)
     timed_out = False
@@ -973,6 +979,8 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
                 if out:
                     await emit(b"".join(out))
                 raise ValueError("the provider sent an event that is not JSON")
+            if pending is not None and meter.error is not None:  # not relayed: the next target may serve
+                raise ValueError("the provider sent an error before its first token")
             if watch_tools or watch_gates:
                 names = meter.tool_names
                 if names != seen_names:
@@ -1008,7 +1016,8 @@ async def _relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clie
             held_bytes += len(data)
             # The first token: from here on the answer is the agent's (as is a preamble past all reason).
             if meter.output_text_bytes or held_bytes > MAX_PREAMBLE_BYTES:
-                await _start(request, response)
+                if not response.prepared:
+                    await _start(request, response)
                 data, pending = b"".join(pending), None
             else:
                 return
