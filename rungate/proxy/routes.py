@@ -16,9 +16,10 @@ from rungate.events.catalogue import ToolStepLogged
 from rungate.ids import is_valid_client_id, new_id
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
+from rungate.proxy.call import warning_header
 from rungate.proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
 from rungate.proxy.gating import awaiting_response
-from rungate.proxy.handler import proxy_call, warning_header
+from rungate.proxy.handler import proxy_call
 from rungate.proxy.keys import PRICES, SETTINGS, STORE
 from rungate.runs import CompleteRun, LogToolStep
 from rungate.views import run_view, step_view
