@@ -19,6 +19,9 @@ Faults (strings, consumed in order from `app[FAULTS]`; an empty queue means "ok"
     continue             stream: continue the scripted answer after the request's final assistant turn (an
                          Anthropic prefill, or an OpenAI assistant message), as a model asked to continue does
 
+While `app[DOWN_UNTIL][0]` (a `time.monotonic()` deadline) is in the future, every request gets a 503 first,
+whatever is scripted: a provider that is down for a while, then recovers.
+
 Scripted streams answer "Hello world, this is the answer." in events of one word (OpenAI chat or
 Anthropic Messages, by path), usage included.
 """
@@ -39,6 +42,7 @@ from rungate.providers.sse import encode_event
 FAULTS = web.AppKey("faults", list)
 FAULT_LOG = web.AppKey("fault_log", list)  # (monotonic time, path, fault)
 FAULT_BODIES = web.AppKey("fault_bodies", list)  # the request bodies of scripted streams
+DOWN_UNTIL = web.AppKey("down_until", list)  # [t]: down (503) until this monotonic time
 WORDS = ["Hello ", "world, ", "this ", "is ", "the ", "answer."]
 TEXT = "".join(WORDS)
 
@@ -148,7 +152,8 @@ async def _stream(request: web.Request, fault: str) -> web.StreamResponse:
 @web.middleware
 async def _inject(request: web.Request, handler: Any) -> web.StreamResponse:
     queue: list[str] = request.app[FAULTS]
-    fault = queue.pop(0) if queue and request.method == "POST" else "ok"
+    down = request.method == "POST" and time.monotonic() < request.app[DOWN_UNTIL][0]
+    fault = "status:503" if down else queue.pop(0) if queue and request.method == "POST" else "ok"
     request.app[FAULT_LOG].append((time.monotonic(), request.path, fault))
     name, _, rest = fault.partition(":")
     if name == "status":
@@ -182,4 +187,5 @@ def create_fault_app() -> web.Application:
     app[FAULTS] = []
     app[FAULT_LOG] = []
     app[FAULT_BODIES] = []
+    app[DOWN_UNTIL] = [0.0]
     return app

@@ -22,7 +22,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.faults import FAULT_BODIES, FAULT_LOG, FAULTS, TEXT, create_fault_app
+from tests.faults import DOWN_UNTIL, FAULT_BODIES, FAULT_LOG, FAULTS, TEXT, create_fault_app
 from tests.openapi_check import validate_response
 
 USER = [{"role": "user", "content": "hi"}]
@@ -652,3 +652,27 @@ async def test_a_held_answer_frees_its_targets_probe_before_the_approval_wait(se
     served = [(await _chat(setup)).headers["x-rungate-model"] for _ in range(2)]
     waiting.cancel()
     assert served == ["gpt-4o-mini", "gpt-4o-mini"]  # the probe's answer closed the circuit at once
+
+
+async def test_a_primary_down_for_a_while_is_probed_not_hammered_and_serves_again_once_it_recovers(
+        make_gateway: GatewayFactory, aiohttp_server: Any, tmp_path: Path) -> None:
+    # A minute's outage, scaled down: down for 1.5 s against a 0.2 s cooldown (seven and a half cooldowns).
+    faults = await aiohttp_server(create_fault_app())
+    config = tmp_path / "rungate.yaml"
+    config.write_text(yaml.safe_dump(_routes(faults)))
+    gateway = await make_gateway(RUNGATE_CONFIG=str(config), RUNGATE_RETRY_BASE_S="0.01",
+                                 RUNGATE_BREAKER_THRESHOLD="3", RUNGATE_BREAKER_COOLDOWN_S="0.2")
+    setup = Setup(gateway, faults, await gateway.new_agent())
+    faults.app[DOWN_UNTIL][0] = time.monotonic() + 1.5
+    served: list[tuple[float, str]] = []
+    started = time.monotonic()
+    while time.monotonic() - started < 2.3:
+        raw = await _chat(setup)  # every call is answered, whatever the primary's state
+        served.append((time.monotonic() - started, raw.headers["x-rungate-model"]))
+        await asyncio.sleep(0.02)
+    down_requests = [t for t, _, fault in setup.primary_requests if fault == "status:503"]
+    # Three failures open the circuit; then one probe per cooldown at most (not two per call).
+    assert len(down_requests) <= 3 + 1.5 / 0.2 + 2
+    assert sum(1 for t, model in served if t < 1.4 and model == "gpt-4.1-mini") >= 10
+    assert all(model == "gpt-4o-mini" for t, model in served if t > 1.5 + 0.2 + 0.15)  # back to the primary
+    await _every_step_settled(gateway)

@@ -45,7 +45,7 @@ _STITCHERS: dict[str, type[ChatContinuation] | type[MessagesContinuation]] = {
 
 
 async def run_attempts(request: web.Request, call: Call, admit: AdmitCall, planner: Planner, plan: Plan,
-                    body: dict[str, Any], client_wants_usage: bool) -> web.StreamResponse:
+                       body: dict[str, Any], client_wants_usage: bool) -> web.StreamResponse:
     """Send the call to its route's targets in order until one answers (SPEC §6): each attempt is a step,
     admitted at its own target's price; a failed one is retried on the same target or failed over as
     `next_attempt` decides. Nothing reached the agent before an attempt that fails over; once a stream
@@ -78,21 +78,21 @@ async def run_attempts(request: web.Request, call: Call, admit: AdmitCall, plann
                                                                                                     spec.model))
             except ProviderError as exc:  # no key for this target: nothing was sent
                 await settle_step(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
-                              estimated=False, error="no provider key")
+                                  estimated=False, error="no provider key")
                 raise FailedAttempt(Failure(exc.attempts[0]["error"] if exc.attempts else "no_provider_key",
                                             counts=False)) from None
             key = call.target.circuit if plan.routed else None  # a call with no route has no circuit
             if key is not None and not breakers.allow(key):  # opened since the plan was made
                 key = None  # no probe slot was taken
                 await settle_step(store, prices, call, status="skipped", http_status=None, usage=Usage(),
-                              estimated=False, error="circuit open")
+                                  estimated=False, error="circuit open")
                 raise FailedAttempt(Failure("circuit_open", counts=False))
             try:
                 forward = attempt_body(call, body, spec, max_output, prices,
-                                        client.stitcher.text if client is not None and started else None)
+                                       client.stitcher.text if client is not None and started else None)
             except Untranslatable as exc:  # this target cannot serve the call: nothing was sent
                 await settle_step(store, prices, call, status="skipped", http_status=None, usage=Usage(),
-                              estimated=False, error=f"untranslatable: {exc}")
+                                  estimated=False, error=f"untranslatable: {exc}")
                 raise FailedAttempt(Failure(f"untranslatable: {exc.feature}", counts=False)) from None
             response = await forward_attempt(request, call, forward, client_wants_usage)
         except FailedAttempt as exc:
@@ -179,8 +179,8 @@ async def _readmit(request: web.Request, call: Call, admit: AdmitCall, planner: 
     priced = planner.reserve((spec,), extra_input=extra)
     again = AdmitCall(replace(
         facts, run_id=call.run_id, new_run=False, policy_name=None, policy_version=None, provider=spec.provider,
-        input_tokens=facts.input_tokens + extra,
-        model=spec.model, reserved_pusd=priced.reserved_pusd, reserved_tokens=priced.reserved_tokens,
+        model=spec.model, input_tokens=facts.input_tokens + extra, reserved_pusd=priced.reserved_pusd,
+        reserved_tokens=priced.reserved_tokens,
         priced=priced.priced, price=priced.price, output_bounded=priced.output_bounded, planner=None,
         failover=Failover(call.step_id, call.target.provider, call.target.model, failure.reason,
                           retry=spec.provider == call.target.provider and spec.model == call.target.model,

@@ -1,5 +1,5 @@
 """One proxied call's state from admission to settlement, and what every path of it shares: settling its step
-once (`settle`), its `x-rungate-*` headers and SSE trailer, and writing to the agent.
+once (`settle_step`), its `x-rungate-*` headers and SSE trailer, and writing to the agent.
 
 Every admitted step is settled by `SettleStep`, which records its `StepCompleted` only while the step is
 still open: upstream errors, cut streams, a client that walks away, a cancelled handler — each path settles
@@ -229,8 +229,8 @@ async def refuse_stopped(store: EventStore, prices: PriceTable, call: Call, http
     """Settle a plain call the kill switch cut (charged its reservation: the provider may bill what it did)
     and refuse it with 403 `run_force_stopped`."""
     await settle_step(store, prices, call, status="stopped", http_status=http_status,
-                  usage=Usage(input=call.input_estimate), estimated=True, error="the run was stopped by an operator",
-                  charge=call.reserved_pusd)
+                      usage=Usage(input=call.input_estimate), estimated=True,
+                      error="the run was stopped by an operator", charge=call.reserved_pusd)
     error = force_stopped(call.run_id, call.policy)
     error.headers.update(rungate_headers(call))
     raise error
@@ -274,8 +274,8 @@ def warning_header(warnings: Sequence[str]) -> str:
 
 
 async def settle_step(store: EventStore, prices: PriceTable, call: Call, *, status: str, http_status: int | None,
-                  usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = (),
-                  charge: int | None = None, then: Sequence[NewEvent] = ()) -> None:
+                      usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = (),
+                      charge: int | None = None, then: Sequence[NewEvent] = ()) -> None:
     """Record the step's `StepCompleted` once (retrying a store hiccup); a no-op when already settled.
 
     The cost is the real one, or for an estimate the larger of estimate and reservation (never a silent $0),

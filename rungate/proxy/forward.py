@@ -28,7 +28,7 @@ DEFAULT_MAX_TOKENS = 4096  # the output limit asked of another vendor's model wi
 
 
 def attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output: int | None,
-                  prices: PriceTable, prefill: str | None = None) -> bytes:
+                 prices: PriceTable, prefill: str | None = None) -> bytes:
     """What goes upstream for one attempt: the agent's body, asking the target's model (and the output limit
     a shrinking budget set), translated when the target is the other vendor (`Untranslatable` when it cannot
     be carried). Exactly what Rungate decided on: no duplicate keys, no `rungate` key.
@@ -62,13 +62,13 @@ def attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output
 
 
 async def forward_attempt(request: web.Request, call: Call, forward: bytes,
-                   client_wants_usage: bool) -> web.StreamResponse:
+                          client_wants_usage: bool) -> web.StreamResponse:
     app = request.app
     store, prices = app[STORE], app[PRICES]
     url = call.target.base_url + call.upstream_fmt.upstream_path
     if call.stopped:  # the kill switch came between this attempt's admission and now: nothing is sent
         await settle_step(store, prices, call, status="stopped", http_status=None, usage=Usage(), estimated=False,
-                      error="the run was stopped by an operator")
+                          error="the run was stopped by an operator")
         refusal = force_stopped(call.run_id, call.policy)
         refusal.headers.update(rungate_headers(call))
         raise refusal
@@ -100,10 +100,10 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
         reason = "timeout" if timed_out else type(exc).__name__
         if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):  # nothing was sent
             await settle_step(store, prices, call, status="upstream_error", http_status=None, usage=Usage(),
-                          estimated=False, error=reason)
+                              estimated=False, error=reason)
         else:  # the request may have gone out: the provider may bill its prompt (never a silent $0)
             await settle_step(store, prices, call, status="upstream_error", http_status=None,
-                          usage=Usage(input=call.input_estimate), estimated=True, error=reason)
+                              usage=Usage(input=call.input_estimate), estimated=True, error=reason)
         raise FailedAttempt(Failure(reason, timed_out=timed_out)) from None
     finally:
         call.awaiting_upstream = False
@@ -115,13 +115,13 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
             # The provider refused Rungate's key: the agent's own token is fine, so this is not a 401 for it,
             # and the provider's body (which may hint at the key) is not relayed.
             await settle_step(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
-                          estimated=False, error=f"provider refused the key (status {upstream.status})")
+                              estimated=False, error=f"provider refused the key (status {upstream.status})")
             raise FailedAttempt(Failure("provider_auth_failed", status=upstream.status))
         if call.stream and upstream.status < 300 and upstream.content_type == "text/event-stream":
             return await relay_stream(request, call, upstream, client_wants_usage)
         if call.client is not None and call.client.started:  # a continuation answered with no stream to stitch
             await settle_step(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
-                          estimated=False, error=f"continuation answered status {upstream.status}, not a stream")
+                              estimated=False, error=f"continuation answered status {upstream.status}, not a stream")
             # A refusal of the continuation (a 4xx: e.g. no prefill on this model) says nothing of its health.
             raise FailedAttempt(Failure(f"status {upstream.status}", status=upstream.status,
                                         counts=upstream.status >= 500 or upstream.status == 429))
@@ -131,13 +131,13 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
             if call.stopped:
                 await refuse_stopped(store, prices, call, upstream.status)
             await settle_step(store, prices, call, status="upstream_error", http_status=upstream.status,
-                          usage=Usage(input=call.input_estimate), estimated=True, error=type(exc).__name__)
+                              usage=Usage(input=call.input_estimate), estimated=True, error=type(exc).__name__)
             raise FailedAttempt(Failure(type(exc).__name__, status=upstream.status,
                                         timed_out=isinstance(exc, TimeoutError))) from None
         headers = relayed_headers(upstream.headers)
         if upstream.status >= 400:
             await settle_step(store, prices, call, status="error", http_status=upstream.status, usage=Usage(),
-                          estimated=False, error=f"upstream status {upstream.status}")
+                              estimated=False, error=f"upstream status {upstream.status}")
             # A routed call tries again (or elsewhere) where the provider's answer says it may help.
             failure = failure_of(upstream.status, upstream.headers, payload) if call.routed else None
             if failure is not None:
@@ -155,8 +155,8 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                     answer = call.crossing.answer(parsed, call.model_asked, call.tool_names)
                 except Untranslatable:
                     await settle_step(store, prices, call, status="error", http_status=upstream.status,
-                                  usage=usage or Usage(input=call.input_estimate), estimated=usage is None,
-                                  error="the answer could not be translated")
+                                      usage=usage or Usage(input=call.input_estimate), estimated=usage is None,
+                                      error="the answer could not be translated")
                     raise FailedAttempt(Failure("untranslatable answer", status=upstream.status,
                                                 counts=False)) from None
                 call.translated(answer.warnings)
@@ -167,9 +167,9 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                 if blocked is None else (None, ())
             status = "blocked" if blocked is not None else "held" if gated is not None else "ok"
             await settle_step(store, prices, call, status=status, http_status=upstream.status,
-                          usage=usage if usage is not None else Usage(input=call.input_estimate),
-                          estimated=usage is None, error=None if usage else "usage missing from the answer",
-                          tool_calls=tool_calls, then=then)
+                              usage=usage if usage is not None else Usage(input=call.input_estimate),
+                              estimated=usage is None, error=None if usage else "usage missing from the answer",
+                              tool_calls=tool_calls, then=then)
             if blocked is not None:  # the answer calls a blocked tool: it is paid for, but not delivered
                 raise tool_refusal(call, blocked)
             if gated is not None:  # the answer calls a gated tool: paid for, held until approved

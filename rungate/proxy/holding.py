@@ -32,7 +32,7 @@ HOLD_KEEPALIVE_S = 1.0  # how often it writes a keep-alive (read timeouts reset 
 
 
 def hold_if_gated(call: Call, tool_calls: Sequence[ToolCall], http_status: int, headers: CIMultiDict[str],
-           body: bytes, *, stream: bool) -> tuple[Hold | None, tuple[NewEvent, ...]]:
+                  body: bytes, *, stream: bool) -> tuple[Hold | None, tuple[NewEvent, ...]]:
     """The hold for an answer that calls a gated tool (None: deliver it), and the events to append with the
     step's settlement: the hold's, and a record of each call a shadow rule would have held."""
     enforced, shadow_matches = gate_matches(call.policy, tool_calls)

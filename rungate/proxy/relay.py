@@ -113,7 +113,7 @@ def _provider_error(call: Call, message: str, status: int | None, reason: str) -
 
 
 async def relay_stream(request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
-                        client_wants_usage: bool) -> web.StreamResponse:
+                       client_wants_usage: bool) -> web.StreamResponse:
     """Relay SSE events as they arrive; once headers are out, every ending is written into the stream."""
     store, prices = request.app[STORE], request.app[PRICES]
     upstream_fmt, crossing = call.upstream_fmt, call.crossing
@@ -254,12 +254,12 @@ async def relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clien
         tool_calls = agent_calls(call, meter.tool_calls)
         if buffered is not None and status == "ok":
             gated, then = hold_if_gated(call, tool_calls, upstream.status, answer_headers,
-                                 b"".join(buffered) + (held_done or b""), stream=True)
+                                        b"".join(buffered) + (held_done or b""), stream=True)
             if gated is not None:
                 status, error = "held", None
         try:
             await settle_step(store, prices, call, status=status, http_status=upstream.status, usage=usage,
-                          estimated=estimated, error=error, tool_calls=tool_calls, then=then)
+                              estimated=estimated, error=error, tool_calls=tool_calls, then=then)
         except StoreError:
             if gated is not None:  # not recorded, so not held: the gated call must not go out either
                 raise

@@ -4,12 +4,20 @@ When a call fails over to a target of the other vendor, the request is translate
 format, and its answer (a body, a stream, or an error) back into the format the agent sent, so the agent
 never sees the other vendor. The modules:
 
-- `common`    shared vocabulary: `Translated`, `Untranslatable`, stop-reason and usage mappings, tool names
-- `requests`  request bodies: OpenAI chat <-> Anthropic messages
-- `answers`   non-stream answers: Anthropic message <-> OpenAI chat completion
-- `errors`    error statuses and bodies in the caller's format
-- `streams`   SSE streams, event by event: Anthropic -> OpenAI chat chunks, OpenAI chat chunks -> Anthropic
-- `responses` OpenAI Responses requests served by Anthropic: request, answer and stream
+- `common`            shared vocabulary: `Translated`, `Untranslatable`, stop-reason and usage mappings, tool
+                      names and ids, text blocks, defensive readers of untrusted JSON
+- `requests`          request bodies: OpenAI chat <-> Anthropic messages (entry points, prefill), built from
+  - `request_fields`    top-level fields: field readers, dropped fields, tools, tool_choice, reasoning, formats
+  - `request_messages`  the conversation history, turn by turn
+  - `request_content`   content parts: text, images, documents
+- `answers`           non-stream answers: Anthropic message <-> OpenAI chat completion
+- `errors`            error statuses and bodies in the caller's format
+- `streams`           SSE streams, event by event: Anthropic -> OpenAI chat chunks, OpenAI chat chunks -> Anthropic
+- `continuation`      the client side of a stream, and stitching a second upstream into it after a break
+- `responses`         OpenAI Responses requests served by Anthropic: request and answer, with
+  - `responses_input`   `input` items and content parts -> Anthropic turns
+  - `responses_output`  the Responses output shapes (response object, items, usage) both answer paths build
+  - `responses_stream`  Anthropic streams -> Responses stream events (`MessagesToResponses`)
 
 Contracts shared by every module:
 

@@ -1,4 +1,4 @@
-"""Vocabulary every translator shares: results, refusals, stop reasons, usage, tool names."""
+"""Vocabulary every translator shares: results, refusals, stop reasons, usage, tool names, defensive readers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from typing import Any
 from rungate.usage import Usage
 
 __all__ = [
+    "ANTHROPIC_IMAGE_TYPES",
+    "ANTHROPIC_TOOL_NAME",
     "ANTHROPIC_TO_OPENAI_FINISH",
+    "ANTHROPIC_USAGE_COUNTS",
     "OPENAI_TO_ANTHROPIC_STOP",
     "OPENAI_TOOL_NAME_MAX",
     "RAW_ARGUMENTS",
@@ -19,15 +22,21 @@ __all__ = [
     "Translated",
     "Untranslatable",
     "anthropic_stop_reason",
+    "as_dict",
+    "as_str",
+    "count",
+    "index",
     "json_text",
     "note",
     "openai_finish_reason",
     "safe_tool_id",
+    "text_blocks",
     "tool_arguments",
     "tool_input",
     "usage_to_chat",
     "usage_to_messages",
     "usage_to_responses",
+    "utf8_size",
 ]
 
 
@@ -53,6 +62,10 @@ class Translated:
 
 
 OPENAI_TOOL_NAME_MAX = 64
+ANTHROPIC_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+ANTHROPIC_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+# The token counts of an Anthropic `usage` object (the other fields are details).
+ANTHROPIC_USAGE_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 _TOOL_NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -164,6 +177,42 @@ def note(warnings: list[str], text: str) -> None:
     """Add a warning unless it is already there (each dropped thing is named once)."""
     if text not in warnings:
         warnings.append(text)
+
+
+def text_blocks(text: Any) -> list[dict[str, Any]]:
+    """Anthropic text blocks for `text`: none when it is blank (Anthropic refuses empty and whitespace-only
+    text blocks); `Untranslatable` when it is not a string."""
+    if not isinstance(text, str):
+        raise Untranslatable("content", "a text part lacks its text")
+    return [{"type": "text", "text": text}] if text.strip() else []
+
+
+# Defensive readers of untrusted JSON values: a value of the wrong type reads as missing.
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """`value` when it is a JSON object, else {}."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_str(value: Any) -> str:
+    """`value` when it is a string, else ""."""
+    return value if isinstance(value, str) else ""
+
+
+def count(value: Any) -> int | None:
+    """A token count: a non-negative int (bool excluded), else None."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def index(value: Any) -> int | None:
+    """An index field: an int (bool excluded), else None."""
+    return value if type(value) is int else None
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8 (a lone surrogate, which JSON can carry, counts as its three bytes)."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def json_text(value: Any) -> str:

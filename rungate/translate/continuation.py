@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from rungate.providers.sse import SSEEvent, encode_event
+from rungate.translate.common import ANTHROPIC_USAGE_COUNTS, as_dict, count, index, utf8_size
 
 __all__ = ["DONE", "ChatContinuation", "MessagesContinuation", "load_event"]
 
@@ -48,8 +49,6 @@ DONE: bytes = b"data: [DONE]\n\n"
 """The OpenAI stream terminator, emitted as its own item."""
 
 Json = dict[str, Any]
-
-_ANTHROPIC_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 def load_event(event: SSEEvent) -> Json:
@@ -61,24 +60,6 @@ def load_event(event: SSEEvent) -> Json:
     if not isinstance(payload, dict):
         raise ValueError("upstream event data is not a JSON object")
     return payload
-
-
-def count(value: Any) -> int | None:
-    """A token count: a non-negative int (bool excluded), else None."""
-    return value if type(value) is int and value >= 0 else None
-
-
-def index(value: Any) -> int | None:
-    """An index field: an int (bool excluded), else None."""
-    return value if type(value) is int else None
-
-
-def _dict(value: Any) -> Json:
-    return value if isinstance(value, dict) else {}
-
-
-def _size(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
 
 
 class _PrefixStripper:
@@ -156,11 +137,11 @@ class _Stitcher:
     def _add_text(self, text: Any) -> None:
         if isinstance(text, str) and text:
             self._parts.append(text)
-            self._bytes += _size(text)
+            self._bytes += utf8_size(text)
 
     def _add_bytes(self, text: Any) -> None:
         if isinstance(text, str):
-            self._bytes += _size(text)
+            self._bytes += utf8_size(text)
 
 
 class ChatContinuation(_Stitcher):
@@ -391,8 +372,8 @@ class MessagesContinuation(_Stitcher):
             return [(kind, out)]
         if kind == "message_delta":
             self._merge_usage(payload.get("usage"))
-            usage: Json = {**_dict(payload.get("usage")), **self._fields}
-            for key in _ANTHROPIC_COUNTS:
+            usage: Json = {**as_dict(payload.get("usage")), **self._fields}
+            for key in ANTHROPIC_USAGE_COUNTS:
                 usage.setdefault(key, 0)
             usage["output_tokens"] += self._carried
             return [*self._close_open(), (kind, {**payload, "usage": usage})]
@@ -423,7 +404,7 @@ class MessagesContinuation(_Stitcher):
         """Cumulative semantics: the counts an event carries overwrite those seen before."""
         if not isinstance(usage, dict):
             return
-        for key in _ANTHROPIC_COUNTS:
+        for key in ANTHROPIC_USAGE_COUNTS:
             value = count(usage.get(key))
             if value is not None:
                 self._fields[key] = value

@@ -21,25 +21,24 @@
 - Known keys without an Anthropic counterpart (`metadata`, `store`, `reasoning`, `include`, ...) and
   unknown keys are dropped, each named in `warnings`.
 
+The `input` items are carried by `rungate.translate.responses_input`.
+
 `message_to_response(answer, model=, tool_names=)` turns an Anthropic `message` into a Responses `response`
 object; `MessagesToResponses` (from `responses_stream`, re-exported here) does the same for a stream. Both
-give the same output items: a `message` item per run of text blocks, a `function_call` item per `tool_use`,
-`status` "incomplete" when the answer was cut short, usage counting cache reads and writes as input.
+build their output with `rungate.translate.responses_output`, so they give the same output items: a `message`
+item per run of text blocks, a `function_call` item per `tool_use`, `status` "incomplete" when the answer was
+cut short, usage counting cache reads and writes as input.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import re
 import time
 from typing import Any
 
 from rungate.providers.metering import usage_from_messages
-from rungate.translate.common import ToolNames, Translated, Untranslatable, safe_tool_id
-from rungate.translate.responses_stream import (
-    MessagesToResponses,
+from rungate.translate.common import ANTHROPIC_TOOL_NAME, ToolNames, Translated, Untranslatable, text_blocks
+from rungate.translate.responses_input import describe, input_turns, need
+from rungate.translate.responses_output import (
     compact_json,
     dropped_warning,
     function_call_item,
@@ -51,12 +50,9 @@ from rungate.translate.responses_stream import (
     responses_usage,
     terminal_status,
 )
+from rungate.translate.responses_stream import MessagesToResponses
 
 __all__ = ["MessagesToResponses", "message_to_response", "responses_to_messages"]
-
-_ANTHROPIC_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_DATA_URL = re.compile(r"^data:([^;,]*)(?:;[^;,]*)*;base64,(.*)$", re.DOTALL)
-_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
 # Keys that make the answer depend on something Anthropic does not have.
 _REFUSED: dict[str, str] = {
@@ -90,23 +86,6 @@ _TRANSLATED = frozenset({"model", "input", "instructions", "tools", "tool_choice
                          "safety_identifier", "background", "n", "top_logprobs"})
 
 
-def _describe(value: Any) -> str:
-    return value if isinstance(value, str) else type(value).__name__
-
-
-def _need(obj: dict[str, Any], key: str, kind: type[Any], where: str) -> Any:
-    value = obj.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise Untranslatable(where, f"{where}: `{key}` must be {kind.__name__}, not {type(value).__name__}")
-    return value
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
-        raise Untranslatable(key, f"`{key}` must be a non-negative number")
-    return float(value)
-
-
 # --------------------------------------------------------------------------------------------------
 # Requests
 
@@ -122,10 +101,10 @@ def responses_to_messages(body: dict[str, Any], *, model: str, max_tokens_defaul
     if instructions is not None:
         if not isinstance(instructions, str):
             raise Untranslatable("instructions", "`instructions` must be a string")
-        system += _text_blocks(instructions)
+        system += text_blocks(instructions)
     if "input" not in body:
         raise Untranslatable("input", "a request without `input` relies on server-side state")
-    messages = _input(body["input"], system, warnings)
+    messages = input_turns(body["input"], system, warnings)
     if not messages:
         raise Untranslatable("input", "the request has no user or assistant content to send")
     out: dict[str, Any] = {"model": model, "max_tokens": max_tokens_default, "messages": messages}
@@ -198,169 +177,10 @@ def _sampling(body: dict[str, Any], out: dict[str, Any], warnings: list[str]) ->
             out["top_p"] = value
 
 
-def _text_blocks(text: str) -> list[dict[str, Any]]:
-    # Anthropic refuses empty and whitespace-only text blocks; they carry nothing.
-    return [{"type": "text", "text": text}] if text.strip() else []
-
-
-def _input(items: Any, system: list[dict[str, Any]], warnings: list[str]) -> list[dict[str, Any]]:
-    if isinstance(items, str):
-        blocks = _text_blocks(items)
-        return [{"role": "user", "content": blocks}] if blocks else []
-    if not isinstance(items, list):
-        raise Untranslatable("input", "`input` must be a string or a list of items")
-    turns: list[dict[str, Any]] = []
-
-    def add(role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": list(blocks)})
-
-    for position, item in enumerate(items):
-        where = f"input[{position}]"
-        if not isinstance(item, dict):
-            raise Untranslatable("input", f"{where} is not an object")
-        kind = item.get("type", "message")
-        if kind == "message":
-            role, blocks = _message(item, where)
-            if role == "system":
-                system.extend(blocks)
-            else:
-                add(role, blocks)
-        elif kind == "function_call":
-            add("assistant", [_tool_use(item, where, warnings)])
-        elif kind == "function_call_output":
-            add("user", [_tool_result(item, where)])
-        elif kind == "reasoning":
-            if item.get("encrypted_content") is not None:
-                raise Untranslatable("encrypted reasoning", f"{where}: OpenAI's encrypted reasoning cannot be read")
-            if "reasoning dropped" not in " ".join(warnings):
-                warnings.append("reasoning dropped: OpenAI reasoning items cannot become signed Anthropic thinking")
-        elif kind == "item_reference":
-            raise Untranslatable("item_reference", f"{where}: item references point at items stored at OpenAI")
-        else:
-            raise Untranslatable(f"input item {_describe(kind)}", f"{where}: {_describe(kind)} items have no "
-                                 "Anthropic equivalent")
-    for turn in turns:
-        if turn["role"] == "user":
-            # Anthropic wants the answers to the previous turn's tool calls first (reference §3.7).
-            turn["content"].sort(key=lambda block: block["type"] != "tool_result")
-    return turns
-
-
-def _message(item: dict[str, Any], where: str) -> tuple[str, list[dict[str, Any]]]:
-    role = item.get("role")
-    if role not in ("user", "assistant", "system", "developer"):
-        raise Untranslatable("role", f"{where}: role {_describe(role)} is not user, assistant, system or developer")
-    target = "system" if role in ("system", "developer") else role
-    content = item.get("content")
-    if isinstance(content, str):
-        return target, _text_blocks(content)
-    if not isinstance(content, list):
-        raise Untranslatable("content", f"{where}: `content` must be a string or a list of parts")
-    blocks: list[dict[str, Any]] = []
-    for index, part in enumerate(content):
-        blocks += _part(part, target, f"{where}.content[{index}]")
-    return target, blocks
-
-
-def _part(part: Any, role: str, where: str) -> list[dict[str, Any]]:
-    """One content part as Anthropic blocks (`role` "tool" for function_call_output parts)."""
-    if not isinstance(part, dict):
-        raise Untranslatable("content", f"{where} is not an object")
-    kind = part.get("type")
-    if kind in ("input_text", "output_text") or (kind == "refusal" and role == "assistant"):
-        return _text_blocks(_need(part, "refusal" if kind == "refusal" else "text", str, where))
-    if kind in ("input_image", "input_file") and role in ("user", "tool"):
-        return [_image(part, where) if kind == "input_image" else _file(part, where)]
-    raise Untranslatable(f"content part {_describe(kind)}",
-                         f"{where}: {_describe(kind)} parts cannot go into an Anthropic {role} turn")
-
-
-def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
-    if part.get("file_id") is not None:
-        raise Untranslatable("input_image file_id", f"{where}: OpenAI file ids mean nothing to Anthropic")
-    url = _need(part, "image_url", str, where)
-    match = _DATA_URL.match(url)
-    if match:
-        media_type = match.group(1).lower()
-        if media_type not in _IMAGE_TYPES:
-            raise Untranslatable("image type", f"{where}: Anthropic takes JPEG, PNG, GIF and WebP, not {media_type}")
-        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": match.group(2)}}
-    if url.startswith(("https://", "http://")):
-        return {"type": "image", "source": {"type": "url", "url": url}}
-    raise Untranslatable("image url", f"{where}: `image_url` must be a data URL or an http(s) URL")
-
-
-def _file(part: dict[str, Any], where: str) -> dict[str, Any]:
-    if part.get("file_id") is not None:
-        raise Untranslatable("input_file file_id", f"{where}: OpenAI file ids mean nothing to Anthropic")
-    data, url = part.get("file_data"), part.get("file_url")
-    if isinstance(data, str):
-        match = _DATA_URL.match(data)
-        media_type, payload = (match.group(1).lower(), match.group(2)) if match else ("application/pdf", data)
-        if media_type == "application/pdf":
-            source = {"type": "base64", "media_type": media_type, "data": payload}
-        elif media_type == "text/plain":
-            try:
-                text = base64.b64decode(payload, validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                raise Untranslatable("input_file", f"{where}: `file_data` is not base64 UTF-8 text") from None
-            source = {"type": "text", "media_type": media_type, "data": text}
-        else:
-            raise Untranslatable("file type", f"{where}: Anthropic documents are PDF or plain text, not {media_type}")
-    elif isinstance(url, str) and url.startswith(("https://", "http://")):
-        source = {"type": "url", "url": url}
-    else:
-        raise Untranslatable("input_file", f"{where}: an input_file needs `file_data` or an http(s) `file_url`")
-    block: dict[str, Any] = {"type": "document", "source": source}
-    if isinstance(part.get("filename"), str) and part["filename"]:
-        block["title"] = part["filename"]
-    return block
-
-
-def _tool_use(item: dict[str, Any], where: str, warnings: list[str]) -> dict[str, Any]:
-    call_id = _need(item, "call_id", str, where)
-    name = _need(item, "name", str, where)
-    if not _ANTHROPIC_TOOL_NAME.match(name):
-        raise Untranslatable("tool name", f"{where}: {name!r} is not a valid Anthropic tool name")
-    arguments = item.get("arguments")
-    tool_input: Any = arguments
-    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
-        tool_input = {}
-    elif isinstance(arguments, str):
-        try:
-            tool_input = json.loads(arguments)
-        except (ValueError, RecursionError):
-            tool_input = None
-        if not isinstance(tool_input, dict):
-            # Anthropic's `input` must be an object; keep the model's text rather than lose the call.
-            warnings.append(f"{where}: arguments of call {call_id} are not a JSON object; sent as _raw_arguments")
-            tool_input = {"_raw_arguments": arguments}
-    elif not isinstance(arguments, dict):
-        raise Untranslatable("function_call", f"{where}: `arguments` must be a JSON string")
-    return {"type": "tool_use", "id": safe_tool_id(call_id), "name": name, "input": tool_input}
-
-
-def _tool_result(item: dict[str, Any], where: str) -> dict[str, Any]:
-    call_id = _need(item, "call_id", str, where)
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": safe_tool_id(call_id)}
-    output = item.get("output")
-    if isinstance(output, list):
-        parts: list[dict[str, Any]] = []
-        for index, part in enumerate(output):
-            parts += _part(part, "tool", f"{where}.output[{index}]")
-        if parts:
-            block["content"] = parts
-    elif isinstance(output, str):
-        if output:
-            block["content"] = output
-    else:
-        raise Untranslatable("function_call_output", f"{where}: `output` must be a string or a list of parts")
-    return block
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
+        raise Untranslatable(key, f"`{key}` must be a non-negative number")
+    return float(value)
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
@@ -375,10 +195,10 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise Untranslatable("tools", f"{where} is not an object")
         kind = tool.get("type")
         if kind != "function":
-            raise Untranslatable(f"built-in tool {_describe(kind)}",
-                                 f"{where}: the {_describe(kind)} tool has no Anthropic equivalent")
-        name = _need(tool, "name", str, where)
-        if not _ANTHROPIC_TOOL_NAME.match(name):
+            raise Untranslatable(f"built-in tool {describe(kind)}",
+                                 f"{where}: the {describe(kind)} tool has no Anthropic equivalent")
+        name = need(tool, "name", str, where)
+        if not ANTHROPIC_TOOL_NAME.match(name):
             raise Untranslatable("tool name", f"{where}: {name!r} is not a valid Anthropic tool name")
         schema = tool.get("parameters")
         if schema is None:
@@ -406,10 +226,10 @@ def _tool_choice(choice: Any, parallel: Any, has_tools: bool, warnings: list[str
     elif choice == "required":
         converted = {"type": "any"}
     elif isinstance(choice, dict) and choice.get("type") == "function":
-        converted = {"type": "tool", "name": _need(choice, "name", str, "tool_choice")}
+        converted = {"type": "tool", "name": need(choice, "name", str, "tool_choice")}
     else:
         kind = choice.get("type") if isinstance(choice, dict) else choice
-        raise Untranslatable(f"tool_choice {_describe(kind)}", f"tool_choice {_describe(kind)} has no Anthropic "
+        raise Untranslatable(f"tool_choice {describe(kind)}", f"tool_choice {describe(kind)} has no Anthropic "
                              "equivalent")
     if not has_tools:
         # Anthropic refuses a tool_choice without tools; only a forcing one asked for something.
@@ -430,12 +250,12 @@ def _text_config(text: Any, out: dict[str, Any], warnings: list[str]) -> None:
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_schema":
-            schema = _need(fmt, "schema", dict, "text.format")
+            schema = need(fmt, "schema", dict, "text.format")
             out["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
         elif kind == "json_object":
             raise Untranslatable("json_object", "Anthropic has no schema-less JSON mode")
         elif kind != "text":
-            raise Untranslatable("text.format", f"text.format {_describe(kind)} has no Anthropic equivalent")
+            raise Untranslatable("text.format", f"text.format {describe(kind)} has no Anthropic equivalent")
     if text.get("verbosity") not in (None, "medium"):
         warnings.append("text.verbosity dropped: Anthropic has no verbosity setting")
     extra = sorted(key for key in text if key not in ("format", "verbosity"))
@@ -474,14 +294,14 @@ def message_to_response(answer: Any, *, model: str, tool_names: ToolNames, creat
             raise Untranslatable("answer", f"{where} of the upstream answer is not an object")
         kind = block.get("type")
         if kind == "text":
-            pending.append(_need(block, "text", str, where))
+            pending.append(need(block, "text", str, where))
             if block.get("citations") and dropped_warning("citations") not in warnings:
                 warnings.append(dropped_warning("citations"))
         elif kind == "tool_use":
             flush()
-            call_id = _need(block, "id", str, where)
-            name = tool_names.original(_need(block, "name", str, where))
-            tool_input = _need(block, "input", dict, where)
+            call_id = need(block, "id", str, where)
+            name = tool_names.original(need(block, "name", str, where))
+            tool_input = need(block, "input", dict, where)
             try:
                 arguments = compact_json(tool_input)
             except ValueError as exc:
@@ -489,7 +309,7 @@ def message_to_response(answer: Any, *, model: str, tool_names: ToolNames, creat
             output.append(function_call_item(function_call_item_id(call_id, len(output)), call_id, name, arguments,
                                              "completed"))
         else:
-            warning = dropped_warning(_describe(kind))
+            warning = dropped_warning(describe(kind))
             if warning not in warnings:
                 warnings.append(warning)
     flush()

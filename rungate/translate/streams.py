@@ -41,18 +41,22 @@ import orjson
 from rungate.providers.metering import usage_from_chat, usage_from_messages
 from rungate.providers.sse import SSEEvent
 from rungate.translate.common import (
+    ANTHROPIC_USAGE_COUNTS,
     ToolNames,
     anthropic_stop_reason,
+    as_dict,
+    as_str,
+    count,
+    index,
     openai_finish_reason,
     usage_to_chat,
     usage_to_messages,
 )
-from rungate.translate.continuation import DONE, ChatContinuation, Json, MessagesContinuation, count, index, load_event
+from rungate.translate.continuation import DONE, ChatContinuation, Json, MessagesContinuation, load_event
 from rungate.usage import Usage
 
 __all__ = ["DONE", "AnthropicToChat", "ChatToAnthropic"]
 
-_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 # Anthropic error type -> OpenAI error type (§3.6); the Anthropic type is kept as `code`.
 _TO_OPENAI_ERROR = {"api_error": "server_error", "overloaded_error": "server_error", "timeout_error": "server_error",
                     "request_too_large": "invalid_request_error"}
@@ -64,14 +68,6 @@ _TO_ANTHROPIC_ERROR = {
     "rate_limit_error": "rate_limit_error", "insufficient_quota": "billing_error",
     "server_is_overloaded": "overloaded_error", "timeout": "timeout_error",
 }
-
-
-def _dict(value: Any) -> Json:
-    return value if isinstance(value, dict) else {}
-
-
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
 
 
 class _Translator:
@@ -154,24 +150,24 @@ class AnthropicToChat(_Translator):
         kind = payload.get("type") if isinstance(payload.get("type"), str) else event.event
         chunks: list[Json] = []
         if kind == "message_start":
-            self._merge_usage(_dict(payload.get("message")).get("usage"))
+            self._merge_usage(as_dict(payload.get("message")).get("usage"))
             chunks += self._start()
         elif kind == "content_block_start":
-            block = _dict(payload.get("content_block"))
+            block = as_dict(payload.get("content_block"))
             chunks += self._start() + self._block_start(index(payload.get("index")), block)
         elif kind == "content_block_delta":
-            chunks += self._start() + self._block_delta(index(payload.get("index")), _dict(payload.get("delta")))
+            chunks += self._start() + self._block_delta(index(payload.get("index")), as_dict(payload.get("delta")))
         elif kind == "content_block_stop":
             chunks += self._block_stop(index(payload.get("index")))
         elif kind == "message_delta":
             self._merge_usage(payload.get("usage"))
-            chunks += self._start() + self._finish_chunk(_dict(payload.get("delta")).get("stop_reason"))
+            chunks += self._start() + self._finish_chunk(as_dict(payload.get("delta")).get("stop_reason"))
         elif kind == "message_stop":
             return self._end()
         elif kind == "error":
-            error = _dict(payload.get("error"))
-            kind = _str(error.get("type")) or "api_error"
-            message = _str(error.get("message")) or "The upstream stream failed."
+            error = as_dict(payload.get("error"))
+            kind = as_str(error.get("type")) or "api_error"
+            message = as_str(error.get("message")) or "The upstream stream failed."
             chunks.append({"error": {"message": message, "type": _TO_OPENAI_ERROR.get(kind, kind),
                                      "param": None, "code": kind}})
         return [item for chunk in chunks for item in self._client.relay(chunk)]
@@ -196,15 +192,15 @@ class AnthropicToChat(_Translator):
         kind = block.get("type")
         if kind == "text":
             self._kinds[position] = "text"
-            text = _str(block.get("text"))
+            text = as_str(block.get("text"))
             return [self._chunk({"content": text})] if text else []
         if kind == "tool_use":
             self._kinds[position] = "tool"
             self._tools[position] = self._tool_count
             self._tool_count += 1
             self._start_inputs[position] = block.get("input")
-            call = {"index": self._tools[position], "id": _str(block.get("id")), "type": "function",
-                    "function": {"name": self._tool_names.original(_str(block.get("name"))), "arguments": ""}}
+            call = {"index": self._tools[position], "id": as_str(block.get("id")), "type": "function",
+                    "function": {"name": self._tool_names.original(as_str(block.get("name"))), "arguments": ""}}
             return [self._chunk({"tool_calls": [call]})]
         self._kinds[position] = "dropped"
         self._warn(f"{kind} blocks were dropped: OpenAI Chat Completions cannot carry them")
@@ -215,10 +211,10 @@ class AnthropicToChat(_Translator):
         if position is None or self._kinds.get(position) == "dropped":
             return []
         if kind == "text_delta" and self._kinds.get(position) == "text":
-            text = _str(delta.get("text"))
+            text = as_str(delta.get("text"))
             return [self._chunk({"content": text})] if text else []
         if kind == "input_json_delta" and position in self._tools:
-            piece = _str(delta.get("partial_json"))
+            piece = as_str(delta.get("partial_json"))
             if not piece:  # Anthropic often opens with "": an empty fragment says nothing
                 return []
             self._streamed_args.add(position)
@@ -254,8 +250,9 @@ class AnthropicToChat(_Translator):
 
     def _merge_usage(self, usage: Any) -> None:
         """`message_delta.usage` is cumulative: the counts it carries overwrite those seen before."""
-        for key, value in _dict(usage).items():
-            if (key in _COUNTS and count(value) is not None) or key in ("cache_creation", "output_tokens_details"):
+        for key, value in as_dict(usage).items():
+            if (key in ANTHROPIC_USAGE_COUNTS and count(value) is not None) \
+                    or key in ("cache_creation", "output_tokens_details"):
                 self._usage[key] = value
 
 
@@ -300,7 +297,7 @@ class ChatToAnthropic(_Translator):
             if index(choice.get("index")) not in (None, 0):
                 self._warn("choices other than the first were dropped: Anthropic Messages has one answer")
                 continue
-            events += self._start() + self._delta(_dict(choice.get("delta")))
+            events += self._start() + self._delta(as_dict(choice.get("delta")))
             if choice.get("finish_reason") is not None:
                 events += self._close()
                 self._stop = "refusal" if self._refused else anthropic_stop_reason(choice["finish_reason"])
@@ -329,7 +326,7 @@ class ChatToAnthropic(_Translator):
     def _delta(self, delta: Json) -> list[Json]:
         events: list[Json] = []
         for key in ("content", "refusal"):
-            text = _str(delta.get(key))
+            text = as_str(delta.get(key))
             if text:
                 self._refused = self._refused or key == "refusal"
                 events += self._text(text)
@@ -354,13 +351,13 @@ class ChatToAnthropic(_Translator):
     def _tool_fragment(self, position: int, call: Json) -> list[Json]:
         number = index(call.get("index"))
         number = position if number is None else number
-        function = _dict(call.get("function"))
-        arguments = _str(function.get("arguments"))
+        function = as_dict(call.get("function"))
+        arguments = as_str(function.get("arguments"))
         events: list[Json] = []
         if number not in self._tools:
             events += self._close()
-            call_id = _str(call.get("id")) or f"toolu_{uuid.uuid4().hex[:24]}"
-            name = self._tool_names.original(_str(function.get("name")))
+            call_id = as_str(call.get("id")) or f"toolu_{uuid.uuid4().hex[:24]}"
+            name = self._tool_names.original(as_str(function.get("name")))
             self._tools[number] = self._next
             self._open = ("tool", self._next, number)
             events.append({"type": "content_block_start", "index": self._next,
@@ -391,6 +388,6 @@ class ChatToAnthropic(_Translator):
 
     def _error(self, error: Any) -> Json:
         error = error if isinstance(error, dict) else {"message": str(error)}
-        kind = _TO_ANTHROPIC_ERROR.get(_str(error.get("code"))) or _TO_ANTHROPIC_ERROR.get(_str(error.get("type")))
-        message = _str(error.get("message")) or "The upstream stream failed."
+        kind = _TO_ANTHROPIC_ERROR.get(as_str(error.get("code"))) or _TO_ANTHROPIC_ERROR.get(as_str(error.get("type")))
+        message = as_str(error.get("message")) or "The upstream stream failed."
         return {"type": "error", "error": {"type": kind or "api_error", "message": message}}
