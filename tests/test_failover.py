@@ -8,6 +8,7 @@ requests it got (no hammering); every attempt is a settled step and nothing stay
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -676,3 +677,50 @@ async def test_a_primary_down_for_a_while_is_probed_not_hammered_and_serves_agai
     assert sum(1 for t, model in served if t < 1.4 and model == "gpt-4.1-mini") >= 10
     assert all(model == "gpt-4o-mini" for t, model in served if t > 1.5 + 0.2 + 0.15)  # back to the primary
     await _every_step_settled(gateway)
+
+
+FAULT_MIX = ["ok", "status:500", "status:503", "status:429", "status:529", "reset", "cut:1", "cut:2", "cut:3",
+             "cut:5", "malformed:1", "malformed:4", "nodone", "errstream", "context_length", "content_filter"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+async def test_random_faults_keep_the_books_and_the_bounds(continuing: Setup, seed: int) -> None:
+    """Random faults on both targets, stream and not: every call ends in a documented way, no target is asked
+    more than twice per call, and nothing stays reserved (the fixture checks the steps and runs)."""
+    rng = random.Random(seed)
+    client = continuing.openai()
+    for _ in range(16):
+        faults = [rng.choice(FAULT_MIX) for _ in range(4)]
+        continuing.faults.app[FAULTS][:] = [*faults, "continue"]
+        before = len(continuing.primary_requests)
+        stream = rng.random() < 0.5
+        text, outcome = "", "ok"
+        try:
+            if stream:
+                chunks = await client.chat.completions.create(model="main", messages=USER, stream=True)
+                text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+            else:
+                answer = await client.chat.completions.create(model="main", messages=USER)
+                text = answer.choices[0].message.content or ""
+        except openai.BadRequestError as exc:  # a content filter or an overlong prompt relayed as it came
+            outcome = f"400 {exc.code}"
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 502, (faults, exc)
+            outcome = "502"
+        except openai.APIError:
+            outcome = "stream error event"
+        asked = len(continuing.primary_requests) - before
+        assert asked <= 2 * 2 + 1, (faults, asked)  # two targets, each at most tried and retried once (+ one)
+        if outcome == "ok":  # one whole answer: the scripted one (continued or not), or the mock's
+            assert text in (TEXT, "Mock reply: hi"), (faults, text)
+    await client.close()
+
+
+async def test_a_plain_answer_that_is_not_json_fails_over(setup: Setup) -> None:
+    setup.script("nodone")  # an event stream where a JSON answer was asked for
+    raw = await _chat(setup)
+    assert raw.headers["x-rungate-model"] == "gpt-4.1-mini"
+    assert raw.parse().choices[0].message.content.startswith("Mock reply")
+    steps = await setup.steps(raw.headers["x-rungate-run-id"])
+    assert [s["status"] for s in steps] == ["error", "ok"]
+    assert steps[0]["cost_usd"] not in (None, "0")  # the provider answered: its prompt is charged

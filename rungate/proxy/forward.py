@@ -150,6 +150,11 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
         else:
             parsed: Any = _json_or_none(payload)
             usage = call.upstream_fmt.usage(parsed)
+            if call.routed and not isinstance(parsed, dict):  # not an answer at all: another target may give one
+                await settle_step(store, prices, call, status="error", http_status=upstream.status,
+                                  usage=usage or Usage(input=call.input_estimate), estimated=usage is None,
+                                  error="the answer is not a JSON object")
+                raise FailedAttempt(Failure("unreadable answer", status=upstream.status))
             if call.crossing is not None:  # the answer, in the agent's format
                 try:
                     answer = call.crossing.answer(parsed, call.model_asked, call.tool_names)
@@ -157,8 +162,7 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                     await settle_step(store, prices, call, status="error", http_status=upstream.status,
                                       usage=usage or Usage(input=call.input_estimate), estimated=usage is None,
                                       error="the answer could not be translated")
-                    raise FailedAttempt(Failure("untranslatable answer", status=upstream.status,
-                                                counts=False)) from None
+                    raise FailedAttempt(Failure("answer not translatable", status=upstream.status)) from None
                 call.translated(answer.warnings)
                 parsed, payload = answer.body, orjson.dumps(answer.body)
             tool_calls = call.fmt.tool_calls(parsed)
