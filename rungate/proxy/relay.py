@@ -31,6 +31,7 @@ from rungate.proxy.call import (
     start_stream,
     trailer,
 )
+from rungate.proxy.crossing import StreamTranslator
 from rungate.proxy.failover import Failure
 from rungate.proxy.formats import CHAT, stream_error_event
 from rungate.proxy.gating import buffers_stream
@@ -38,6 +39,7 @@ from rungate.proxy.holding import await_approval, hold_if_gated
 from rungate.proxy.keys import PRICES, STORE, STREAM_STARTED
 from rungate.proxy.upstream import relayed_headers
 from rungate.runs import force_stopped, policy_fields
+from rungate.translate.continuation import ChatContinuation, MessagesContinuation
 from rungate.translate.streams import DONE
 
 MAX_HELD_BYTES = 16 * 1024 * 1024  # the most of a streamed answer held back while its tool calls are unknown
@@ -127,6 +129,8 @@ async def relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clien
     # Served by the other vendor: each upstream event becomes the agent's events in its own format.
     translator = None if crossing is None else crossing.stream(call.model_asked, call.tool_names,
                                                                call.input_estimate, client_wants_usage, stitcher)
+    # What turns an upstream event into the agent's events, when they are not relayed byte for byte.
+    feeder: StreamTranslator | ChatContinuation | MessagesContinuation | None = translator or stitcher
     answer_headers = relayed_headers(upstream.headers)
     if client is not None and client.response is not None:
         response = client.response
@@ -181,9 +185,8 @@ async def relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clien
                             await emit(b"".join(out))
                         # this event names a blocked (or unoffered gated) tool: it is not relayed
                         raise _ToolBlocked(blocked or gated or "", gated=gated is not None)
-            if translator is not None or stitcher is not None:
-                # ValueError on an event it cannot read: a break
-                for item in (translator or stitcher).feed(event):  # type: ignore[union-attr]
+            if feeder is not None:
+                for item in feeder.feed(event):  # ValueError on an event it cannot read: a break
                     if item == DONE:
                         held_done = item  # written after settlement, with the trailer
                     else:
