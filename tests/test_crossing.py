@@ -729,3 +729,13 @@ async def test_a_gated_tool_whose_name_openai_cannot_take_is_held_when_openai_se
     held = orjson.loads(body)
     assert held["status"] == "awaiting_approval"
     assert [g["tool"] for g in held["approval_requests"]] == [LONG_TOOL]
+
+
+async def test_reasoning_effort_thinks_within_the_target_models_own_output_limit(env: Env) -> None:
+    client = env.openai()
+    answer = await client.chat.completions.create(model="gpt-x", reasoning_effort="medium", messages=user("hi"))
+    [request] = env.gateway.upstream_requests
+    sent = request["body"]
+    assert sent["max_tokens"] == PRICE_FILE["models"]["claude-haiku-4-5"]["max_output_tokens"]  # not past it
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 8192}
+    assert answer.choices[0].message.content == "Mock reply: hi"

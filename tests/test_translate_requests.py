@@ -76,9 +76,8 @@ def assert_warned(translated: Translated, fragment: str | None) -> None:
     pytest.param({"response_format": {"type": "text"}}, {"output_config": None}, None, id="response_format_text"),
     pytest.param({"response_format": {"type": "json_object"}}, {"output_config": None}, "json_object",
                  id="json_object_dropped"),
-    pytest.param({"reasoning_effort": "medium"},
-                 {"thinking": {"type": "enabled", "budget_tokens": 8192}, "max_tokens": 9192}, None,
-                 id="effort_adds_budget_to_default"),
+    pytest.param({"reasoning_effort": "medium"}, {"thinking": None, "max_tokens": 1000}, "no room to think",
+                 id="effort_beyond_a_small_default"),
     pytest.param({"reasoning_effort": "high", "max_completion_tokens": 20000},
                  {"thinking": {"type": "enabled", "budget_tokens": 16384}, "max_tokens": 20000}, None,
                  id="effort_within_limit"),
@@ -88,7 +87,7 @@ def assert_warned(translated: Translated, fragment: str | None) -> None:
     pytest.param({"reasoning_effort": "low", "max_tokens": 1500}, {"thinking": None, "max_tokens": 1500},
                  "no room to think", id="effort_no_room"),
     pytest.param({"reasoning_effort": "none"}, {"thinking": None}, None, id="effort_none"),
-    pytest.param({"reasoning_effort": "low", "temperature": 0.2, "top_p": 0.5},
+    pytest.param({"reasoning_effort": "low", "temperature": 0.2, "top_p": 0.5, "max_completion_tokens": 8000},
                  {"thinking": {"type": "enabled", "budget_tokens": 2048}, "temperature": None, "top_p": None},
                  "temperature was dropped", id="thinking_drops_sampling"),
     pytest.param({"reasoning_effort": "low", "tools": [TOOL], "tool_choice": "required"},
@@ -691,3 +690,9 @@ def test_arbitrary_json_raises_only_untranslatable(body: Any) -> None:
 @given(mutated(chat_requests()) | mutated(messages_requests()))
 def test_mutated_requests_raise_only_untranslatable(body: Any) -> None:
     only_untranslatable(body)
+
+
+def test_a_thinking_budget_fits_inside_the_default_output_allowance() -> None:
+    # The proxy's default is the target model's own output limit: max_tokens must not grow past it.
+    body = to_messages({"reasoning_effort": "medium"}, default=64000).body
+    assert body["max_tokens"] == 64000 and body["thinking"] == {"type": "enabled", "budget_tokens": 8192}

@@ -191,9 +191,9 @@ def thinking_from_effort(effort: Any, tool_choice: dict[str, Any] | None, messag
         # Anthropic wants the signed thinking block of a tool loop's last turn; an OpenAI history has none.
         note(warnings, "reasoning_effort was dropped: the tool loop began without Anthropic thinking blocks.")
         return False
-    if limit is None:
-        out["max_tokens"] += budget
-    elif limit <= budget:
+    if limit is None:  # the default is the whole output allowance (the target's own limit): thinking fits in it
+        limit = out["max_tokens"]
+    if limit <= budget:
         budget = limit // 2
         if budget < _MIN_BUDGET:
             note(warnings, f"reasoning_effort was dropped: max tokens {limit} leave no room to think.")

@@ -58,8 +58,8 @@ __all__ = ["EFFORT_BUDGETS", "PLACEHOLDER_USER", "chat_to_messages", "messages_t
 def chat_to_messages(body: dict[str, Any], *, model: str, max_tokens_default: int) -> Translated:
     """OpenAI Chat Completions request -> Anthropic Messages request for target `model`.
 
-    max_tokens = max_completion_tokens ?? max_tokens ?? max_tokens_default (plus the thinking budget when
-    reasoning_effort turns thinking on and the agent set no limit). Keeps `stream`; drops `stream_options`
+    max_tokens = max_completion_tokens ?? max_tokens ?? max_tokens_default (the whole output allowance: a
+    thinking budget that reasoning_effort turns on fits inside it). Keeps `stream`; drops `stream_options`
     (Anthropic always reports usage). Raises `Untranslatable` for what cannot be carried (see the module doc).
     """
     if not isinstance(body, dict):
