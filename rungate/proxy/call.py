@@ -202,6 +202,7 @@ async def shielded(work: Awaitable[Any]) -> None:
 
 
 async def send_to_agent(response: web.StreamResponse, data: bytes) -> None:
+    """Write to a started stream; `ClientGone` when the agent has left."""
     try:
         await response.write(data)
     except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
@@ -237,6 +238,7 @@ async def refuse_stopped(store: EventStore, prices: PriceTable, call: Call, http
 
 
 def trailer(call: Call) -> bytes:
+    """The `event: rungate` SSE event that ends a stream: the run, the step, what served it and its cost."""
     return encode_event(orjson.dumps({
         "type": "rungate", "run_id": call.run_id, "step_id": call.step_id, "provider": call.target.provider,
         "model": call.target.model, "cost_usd": None if call.cost_pusd is None else format_usd(call.cost_pusd),

@@ -63,6 +63,9 @@ def attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output
 
 async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                           client_wants_usage: bool) -> web.StreamResponse:
+    """Send one attempt upstream and answer from it: a plain answer (or the provider's error) as a response,
+    a stream through `relay_stream`. A failure before anything reached the agent settles the step and raises
+    `FailedAttempt` (the caller retries or fails over)."""
     app = request.app
     store, prices = app[STORE], app[PRICES]
     url = call.target.base_url + call.upstream_fmt.upstream_path

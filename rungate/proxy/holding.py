@@ -57,6 +57,7 @@ def _awaiting_response(call: Call, hold_id: str, gates: Sequence[Any]) -> web.Re
 
 
 async def await_approval(request: web.Request, call: Call, hold: Hold) -> web.StreamResponse:
+    """The answer to a call whose answer was just held: 202 with its gates, or the hold-mode wait."""
     if (call.approval_mode or hold.mode) == "hold":
         return await wait_for_decision(request, call, hold.hold_id)
     return _awaiting_response(call, hold.hold_id, [gate.model_dump() for gate in hold.gates])

@@ -96,6 +96,7 @@ def blocked_tool(call: Call, tool_calls: Sequence[ToolCall]) -> str | None:
 
 
 def tool_refusal(call: Call, tool: str) -> GovernanceRefusal:
+    """403 `tool_blocked` for an answer that called `tool`: paid for, not delivered."""
     assert call.policy is not None
     error = GovernanceRefusal(f"The answer called tool {tool}, which this run's policy blocks; it was not delivered.",
                               code="tool_blocked", status=403, run_id=call.run_id, context={
