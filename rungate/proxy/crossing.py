@@ -22,7 +22,7 @@ from rungate.translate.responses import message_to_response, responses_to_messag
 from rungate.translate.responses_stream import MessagesToResponses
 from rungate.translate.streams import AnthropicToChat, ChatToAnthropic
 
-__all__ = ["CROSSINGS", "TRANSLATING", "Crossing", "StreamTranslator"]
+__all__ = ["CROSSINGS", "Crossing", "StreamTranslator"]
 
 
 class StreamTranslator(Protocol):
@@ -72,5 +72,3 @@ CROSSINGS: dict[tuple[str, str], Crossing] = {
         # Responses streams are never continued elsewhere (no stitcher): `client` is always None here.
         lambda model, names, _tokens, _usage, _client: MessagesToResponses(model=model, tool_names=names)),
 }
-# The client formats some target of the other vendor can serve.
-TRANSLATING: frozenset[str] = frozenset(client for client, _ in CROSSINGS)

@@ -14,7 +14,8 @@ agent, a failed attempt is followed by another:
 
 Targets whose circuit is open are skipped (listed with `"error": "circuit_open"`). At most
 `MAX_ATTEMPTS` attempts per call. Every attempt is a step admitted against the budget at its own target's
-price; a failed one is settled with what it used (nothing, when nothing came back).
+price; a failed one is settled with what it used: nothing for an error answer or a refused connection, the
+input estimate when the request may have gone out and no answer came back.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from rungate.enforce.policy import CompiledPolicy
 from rungate.enforce.rules import model_refused
 from rungate.prices import PriceTable
 from rungate.proxy.breaker import Breakers, TargetKey
+from rungate.proxy.crossing import CROSSINGS
 from rungate.proxy.formats import WireFormat
 from rungate.routing import Provider, RouteTable, RouteTarget
 from rungate.runs import Plan
@@ -148,19 +150,10 @@ def target_allowed(policy: CompiledPolicy | None, spec: RouteTarget) -> bool:
                                                                              spec.model) is None
 
 
-# Which client formats a target of each provider can serve (translation covers the rest of each row).
-_SERVES: dict[str, frozenset[str]] = {
-    "openai": frozenset({"chat", "responses", "embeddings", "messages"}),
-    "anthropic": frozenset({"messages", "chat", "responses"}),
-}
-
-
-def serves(fmt: WireFormat, spec: RouteTarget, translating: frozenset[str]) -> bool:
+def serves(fmt: WireFormat, spec: RouteTarget) -> bool:
     """Whether a `spec` target can answer a call in `fmt`: its own provider's formats always, the other
-    vendor's only where a translation exists (`translating` names the client formats that have one)."""
-    if spec.provider == fmt.provider:
-        return True
-    return fmt.name in translating and fmt.name in _SERVES[spec.provider]
+    vendor's only where a translation exists (`CROSSINGS`)."""
+    return spec.provider == fmt.provider or (fmt.name, spec.provider) in CROSSINGS
 
 
 @dataclass
@@ -176,7 +169,6 @@ class Planner:
     input_tokens: int
     max_output: int | None
     choices: int
-    translating: frozenset[str]
 
     def __call__(self, policy: CompiledPolicy | None) -> Plan | None:
         routed = policy.routes.match(self.model) if policy is not None and policy.routes else None
@@ -188,7 +180,7 @@ class Planner:
         skipped: list[dict[str, Any]] = []
         for spec in routed:
             reason = None
-            if not serves(self.fmt, spec, self.translating):
+            if not serves(self.fmt, spec):
                 reason = "format_not_translatable"
             elif not target_allowed(policy, spec):
                 reason = "model_not_allowed"

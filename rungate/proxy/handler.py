@@ -23,7 +23,6 @@ from rungate.providers.metering import estimate_input_tokens, prepare_chat_strea
 from rungate.proxy.attempts import record_admission, run_attempts
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.call import Budget, Call, settle_step, shielded
-from rungate.proxy.crossing import TRANSLATING
 from rungate.proxy.failover import Planner
 from rungate.proxy.formats import CHAT, WireFormat
 from rungate.proxy.gating import APPROVAL_MODE_HEADER, APPROVAL_MODES
@@ -134,7 +133,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     # The route's targets are picked inside the admission, once the run's policy (whose routes win) is known;
     # the first target's worst case is what the admission reserves.
     planner = Planner(fmt, model, settings.routes, prices, app[BREAKERS], app[TARGETS].circuit, input_estimate,
-                      _max_output(body, fmt), choices, TRANSLATING)
+                      _max_output(body, fmt), choices)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
         endpoint=fmt.name, provider=fmt.provider, model=model, stream=stream, fingerprint=fingerprint,
