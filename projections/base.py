@@ -28,3 +28,6 @@ class Projection:
         """The statements that fold `recorded` into this projection (empty when it is not interested)."""
         handler = self.handlers.get(recorded.type)
         return handler(recorded) if handler else []
+
+    def handles(self, type_: str) -> bool:
+        return type_ in self.handlers

@@ -12,6 +12,7 @@ recorded exceeded once; an enforced run cap used up blocks the run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from projections.runs import ALERT_LEVEL, EXCEEDED
@@ -26,6 +27,7 @@ _RULE_CAPS = {"budget.hard_limit_usd": "run_usd", "budget.hard_limit_tokens": "r
 _CAP_RULES = {cap: rule for rule, cap in _RULE_CAPS.items()}
 
 
+@functools.lru_cache(maxsize=1024)  # asked several times per call, and by every call of a batch (one `now`)
 def hour_spend(agent_id: str, now: str) -> Lookup:
     """The agent's settled spend over the hour before `now` (per-minute sums, all its runs)."""
     return Lookup.window("agent_spend", ("spend_pusd",), ("minute", iso_minus(now, 3600)[:16]), agent_id=agent_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 
@@ -18,10 +19,14 @@ def now_iso() -> str:
     return isoformat(utcnow())
 
 
+# A write batch stamps every event with one `now` and its decisions derive the same few instants from it
+# (an hour ago, the epoch second, the idle limit): cached, these cost a dict look-up instead of a parse.
+@functools.lru_cache(maxsize=64)
 def parse_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+@functools.lru_cache(maxsize=64)
 def iso_minus(text: str, seconds: float) -> str:
     return isoformat(parse_iso(text) - timedelta(seconds=seconds))
 

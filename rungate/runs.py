@@ -7,6 +7,7 @@ Governance rules (issue 3) plug into `AdmitCall.decide`: it is the one place a c
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -96,6 +97,12 @@ def _idle(run: Row, now: str, idle_timeout_s: int) -> bool:
     return bool(run["open_steps"] == 0 and run["last_activity_at"] < iso_minus(now, idle_timeout_s))
 
 
+# Look-ups are values, asked for in every round of `more_lookups` and again by `decide`: the hot ones are
+# built once and shared (a few thousand recent ones; a Lookup is a few hundred bytes).
+_shared = functools.lru_cache(maxsize=4096)
+
+
+@_shared
 def open_holds(run_id: str) -> Lookup:
     """Whether the run has a held answer still pending or not yet delivered (`{"n": 0 | 1}`)."""
     return Lookup.counting("holds", 1, run_id=run_id, open=1)
@@ -107,6 +114,13 @@ def _held_up(found: Mapping[Lookup, Row | None], run_id: str) -> bool | None:
     return None if row is None else bool(row["n"])
 
 
+@_shared
+def _any_hold(run_id: str) -> Lookup:
+    """Whether the run has ever held an answer (`{"n": 0 | 1}`)."""
+    return Lookup.counting("holds", 1, run_id=run_id)
+
+
+@_shared
 def hold_lookup(run_id: str, fingerprint: str) -> Lookup:
     """The newest held answer of this run for this request fingerprint."""
     return Lookup.of("holds", "id", "status", "rule", "decided_by", "reason", "released", "step_id", "mode",
@@ -240,14 +254,13 @@ class AdmitCall:
     def __post_init__(self) -> None:
         # Built once: the store asks for them and `decide` indexes its rows by them.
         f = self.facts
-        self._agent = Lookup.of("agents", "disabled", "token_hash", "policy_id", id=f.agent_id)
-        self._run = (Lookup.of("runs", *_RUN_COLUMNS, id=f.run_id) if f.run_id is not None
-                     else Lookup.of("runs", *_RUN_COLUMNS, agent_id=f.agent_id, auto=1, status="active"))
+        self._agent = _admitting_agent(f.agent_id)
+        self._run = _run_lookup(f.run_id) if f.run_id is not None else _active_auto_run(f.agent_id)
 
     def lookups(self) -> Sequence[Lookup]:
         return (self._agent, self._run)
 
-    @property
+    @functools.cached_property
     def _latest_auto(self) -> Lookup:
         """With no active auto-run: the agent's newest auto-run, whatever its status (stopped → refused,
         blocked → still the agent's run, refused by its budget)."""
@@ -287,7 +300,12 @@ class AdmitCall:
         if agent["disabled"]:  # refused: only the policy its refusal names is needed
             return wanted
         if policy is not None and policy.approvals and not starting and run is not None:
-            _hold_and_gates(found, run["id"], self.facts.fingerprint, wanted)
+            # Most runs never hold an answer: whether this one has any is read first (and kept by the writer
+            # until the approvals change), and only then the hold of this request.
+            held = found.get(_any_hold(run["id"]))
+            wanted.append(_any_hold(run["id"]))
+            if held is not None and held["n"]:
+                _hold_and_gates(found, run["id"], self.facts.fingerprint, wanted)
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
             wanted.append(self._repeats(run["id"], policy.max_repeats))
         if policy is not None:
@@ -299,10 +317,7 @@ class AdmitCall:
 
     def _hour(self, now: str) -> tuple[Lookup, Lookup]:
         """The agent's settled spend of the last hour (by minute), and what its active runs hold reserved."""
-        agent_id = self.facts.agent_id
-        return (budgets.hour_spend(agent_id, now),
-                Lookup.window("runs", ("reserved_pusd",), ("reserved_pusd", 0), agent_id=agent_id,
-                              status="active"))
+        return budgets.hour_spend(self.facts.agent_id, now), _reserved(self.facts.agent_id)
 
     def _windows(self, policy: CompiledPolicy, run_id: str | None, now: str) -> list[tuple[str, Lookup]]:
         """The rate windows `policy` limits: the agent's, and the run's when it already exists."""
@@ -357,7 +372,7 @@ class AdmitCall:
         return str(row["id"]), pinned if pinned is not None else int(row["version"])
 
     def _repeats(self, run_id: str, limit: int) -> Lookup:
-        return Lookup.counting("steps", limit, run_id=run_id, fingerprint=self.facts.fingerprint)
+        return _repeats(run_id, self.facts.fingerprint, limit)
 
     def _idle_window(self, run: Row) -> int:
         return idle_window(run, self.facts.idle_timeout_s)
@@ -552,14 +567,47 @@ def governance_error(policy: CompiledPolicy, run_id: str, verdict: Verdict, step
                              context=context, headers=headers)
 
 
+@functools.lru_cache(maxsize=64)
 def _epoch(iso: str) -> int:
     return int(parse_iso(iso).timestamp())
 
 
+@_shared
 def _window(scope: str, since: int) -> Lookup:
     return Lookup.window("rate_buckets", ("requests", "tokens"), ("second", since), scope=scope)
 
 
+@_shared
+def _admitting_agent(agent_id: str) -> Lookup:
+    """What admission reads of the agent (re-checked inside the write transaction)."""
+    return Lookup.of("agents", "disabled", "token_hash", "policy_id", id=agent_id)
+
+
+@_shared
+def _run_lookup(run_id: str) -> Lookup:
+    """What admission and settlement read of a run."""
+    return Lookup.of("runs", *_RUN_COLUMNS, id=run_id)
+
+
+@_shared
+def _active_auto_run(agent_id: str) -> Lookup:
+    """The agent's active auto-run, if any."""
+    return Lookup.of("runs", *_RUN_COLUMNS, agent_id=agent_id, auto=1, status="active")
+
+
+@_shared
+def _reserved(agent_id: str) -> Lookup:
+    """What the agent's active runs hold reserved (with `hour_spend`, the agent's hourly cap)."""
+    return Lookup.window("runs", ("reserved_pusd",), ("reserved_pusd", 0), agent_id=agent_id, status="active")
+
+
+@_shared
+def _repeats(run_id: str, fingerprint: str, limit: int) -> Lookup:
+    """How often the run has already sent this request (up to `limit`)."""
+    return Lookup.counting("steps", limit, run_id=run_id, fingerprint=fingerprint)
+
+
+@_shared
 def _version_lookup(policy_id: str, version: int) -> Lookup:
     return Lookup.of("policy_versions", "document", policy_id=policy_id, version=version)
 
@@ -661,7 +709,7 @@ class SettleStep:
     def __post_init__(self) -> None:
         self._step = Lookup.of("steps", "status", "run_id", "provider", "model", "reserved_pusd", "reserved_tokens",
                                id=self.step_id)
-        self._run = Lookup.of("runs", *_RUN_COLUMNS, id=self.run_id) if self.run_id is not None else None
+        self._run = _run_lookup(self.run_id) if self.run_id is not None else None
 
     def lookups(self) -> Sequence[Lookup]:
         return (self._step,) if self._run is None else (self._step, self._run)
@@ -675,7 +723,7 @@ class SettleStep:
         if self._run is None:
             if not self.budget_from_run:
                 return ()
-            self._run = Lookup.of("runs", *_RUN_COLUMNS, id=step["run_id"])
+            self._run = _run_lookup(step["run_id"])
             return (self._run,)
         run = found.get(self._run)
         wanted: list[Lookup] = []

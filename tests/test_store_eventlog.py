@@ -384,3 +384,52 @@ async def test_the_writer_uses_wal_and_the_configured_synchronous_mode(tmp_path:
     # then the file is in WAL mode and commits are FULL (2) by default, NORMAL (1) on request
     assert journal == "wal"
     assert synchronous == expected
+
+
+class ReadAgent:
+    """A command that only reads an agent's `disabled` flag (what the writer's look-up cache may answer)."""
+
+    def __init__(self, agent_id: str) -> None:
+        self.lookup = Lookup.of("agents", "disabled", id=agent_id)
+        self.seen: Row | None = None
+
+    def lookups(self) -> Sequence[Lookup]:
+        return (self.lookup,)
+
+    def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
+        self.seen = found[self.lookup]
+        return ()
+
+
+async def _disabled(store: SQLiteEventStore, agent_id: str) -> object:
+    read = ReadAgent(agent_id)
+    await store.execute(read)
+    return None if read.seen is None else read.seen["disabled"]
+
+
+async def test_the_writer_reads_a_row_again_once_its_projection_changed(tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        # given an agent whose row the writer has read (and may keep)
+        await store.execute(Append((agent_created(1),)))
+        assert await _disabled(store, "agt_a1") == 0
+        assert await _disabled(store, "agt_a1") == 0
+        # when an event changes that row, in a batch of its own or in the same batch as the next read
+        await store.execute(Append((NewEvent("agent-agt_a1", AgentUpdated(agent_id="agt_a1", disabled=True)),)))
+        after_own_batch = await _disabled(store, "agt_a1")
+        enable = store.execute(Append((NewEvent("agent-agt_a1", AgentUpdated(agent_id="agt_a1", disabled=False)),)))
+        same_batch = await asyncio.gather(enable, _disabled(store, "agt_a1"))
+    # then every read after the change sees it
+    assert after_own_batch == 1
+    assert same_batch[1] == 0
+
+
+async def test_the_writer_reads_a_row_again_once_another_process_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    async with opened(path) as server, opened(path) as cli:
+        # given a server whose writer has read an agent's row
+        await server.execute(Append((agent_created(1),)))
+        assert await _disabled(server, "agt_a1") == 0
+        # when another writer on the same file (the CLI) disables the agent
+        await cli.execute(Append((NewEvent("agent-agt_a1", AgentUpdated(agent_id="agt_a1", disabled=True)),)))
+        # then the server's next read sees it, not the row it read before
+        assert await _disabled(server, "agt_a1") == 1

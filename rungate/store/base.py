@@ -8,10 +8,9 @@ folds them into the inline projections, all in one transaction. A command that r
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rungate.errors import RungateError
@@ -23,32 +22,45 @@ Row = dict[str, Any]
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-@dataclass(frozen=True, slots=True)
 class Lookup:
     """`SELECT columns FROM table WHERE k1 = v1 AND …` — the newest matching row (by `position`), or None.
 
     `columns` empty means every column. Naming the few a decision needs makes the hot look-ups cheaper
     (a row of 26 columns costs more to fetch and to turn into a dict than the search itself).
     Table and column names come from code, never from a request; they are checked to be plain identifiers.
-    The SQL and the parameters are built once, when the look-up is made.
+    A look-up is a value: two are equal when they run the same SQL with the same parameters. The SQL is
+    built once per shape and the hash once per look-up, because a write batch makes and compares many.
     """
 
-    table: str
-    where: tuple[tuple[str, Any], ...]
-    columns: tuple[str, ...] = ()
-    count: int = 0  # > 0: a row `{"n": …}` counting the matches, up to this many, instead of the newest row
-    sums: tuple[str, ...] = ()  # with `after`: a row of these columns' sums and `oldest`, over a range
-    after: str = ""  # the column the last `where` value is a lower bound for (exclusive)
-    sql: str = field(init=False, compare=False, repr=False)
-    params: tuple[Any, ...] = field(init=False, compare=False, repr=False)
+    __slots__ = ("table", "where", "columns", "count", "sums", "after", "sql", "params", "_hash")
 
-    def __post_init__(self) -> None:
-        if not self.where:
+    def __init__(self, table: str, where: tuple[tuple[str, Any], ...], columns: tuple[str, ...] = (),
+                 count: int = 0, sums: tuple[str, ...] = (), after: str = "") -> None:
+        # count > 0: a row `{"n": …}` counting the matches, up to this many, instead of the newest row.
+        # sums (with after): a row of these columns' sums and `oldest`, over a range; `after` names the
+        # column the last `where` value is a lower bound for (exclusive).
+        if not where:
             raise ValueError("a lookup needs at least one condition")
-        # validated (once per shape, cached) and built here: the writer runs many look-ups per batch
-        object.__setattr__(self, "sql", _lookup_sql(self.table, tuple(column for column, _ in self.where),
-                                                    self.columns, self.count, self.sums, self.after))
-        object.__setattr__(self, "params", tuple(value for _, value in self.where))
+        self.table, self.where, self.columns = table, where, columns
+        self.count, self.sums, self.after = count, sums, after
+        shape = (table, tuple([column for column, _ in where]), columns, count, sums, after)
+        sql = _SQL.get(shape)
+        if sql is None:
+            sql = _SQL[shape] = _lookup_sql(*shape)
+        self.sql = sql
+        self.params = tuple([value for _, value in where])
+        self._hash = hash((sql, self.params))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Lookup):
+            return NotImplemented
+        return self._hash == other._hash and self.sql == other.sql and self.params == other.params
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Lookup({self.sql!r}, {self.params!r})"
 
     @classmethod
     def of(cls, table: str, *columns: str, **where: Any) -> Lookup:
@@ -63,7 +75,6 @@ class Lookup:
             raise ValueError("up_to must be at least 1")
         return cls(table, tuple(sorted(where.items())), (), up_to)
 
-
     @classmethod
     def window(cls, table: str, sums: tuple[str, ...], after: tuple[str, Any], **where: Any) -> Lookup:
         """`Lookup.window("rate_buckets", ("requests",), ("second", t), scope=s)`: a row with the sum of each
@@ -71,7 +82,11 @@ class Lookup:
         return cls(table, (*sorted(where.items()), after), (), 0, sums, after[0])
 
 
-@functools.lru_cache(maxsize=256)
+# The SQL of each look-up shape (table, where columns, columns, count, sums, after): shapes come from code,
+# so this stays as small as the number of look-up kinds.
+_SQL: dict[tuple[str, tuple[str, ...], tuple[str, ...], int, tuple[str, ...], str], str] = {}
+
+
 def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: int,
                 sums: tuple[str, ...] = (), after: str = "") -> str:
     if not all(_IDENTIFIER.match(name) for name in (table, *where, *columns, *sums)):
@@ -112,6 +127,10 @@ class Projection(Protocol):
     ddl: Sequence[str]
 
     def handle(self, recorded: Recorded) -> list[Statement]: ...
+
+    def handles(self, type_: str) -> bool:
+        """Whether events of this type may change the projection (`handle` returns nothing for the rest)."""
+        ...
 
 
 class Command(Protocol):

@@ -24,7 +24,8 @@ from rungate.store.base import Command, Lookup, Projection, Refused, Row
 from rungate.store.hashing import GENESIS, chain_hash
 
 IDEMPOTENT_REPLAY_LIMIT = 1000  # a command never appends more events than this
-MAX_LOOKUP_ROUNDS = 4  # rounds of `more_lookups` a command may ask for
+MAX_LOOKUP_ROUNDS = 6  # rounds of `more_lookups` a command may ask for
+MAX_CACHED_LOOKUPS = 10_000  # look-up results kept per projection (see `BatchWriter._rows`)
 
 
 def row_to_recorded(row: Mapping[str, Any]) -> Recorded:
@@ -71,10 +72,20 @@ class BatchWriter:
         # Projections the current batch folded events into; `None` when another process wrote meanwhile
         # (then any projection may have changed).
         self.touched: set[str] | None = set()
+        # The projections that fold each event type, worked out once per type.
+        self._folders: dict[str, tuple[Projection, ...]] = {}
+        # Look-up results per projection, kept while nothing changes that projection: a projection changes
+        # only when an event is folded into it, so a row read since its last fold is still the row. Rows
+        # of tables every call writes (runs, steps) are dropped at once; those of agents, policies and
+        # approvals are read again only after their own events. Cleared with `forget` and on any sign of
+        # another writer. The rows are shared: commands read them and never change them.
+        self._owner = {table: projection.name for projection in self.projections for table in projection.tables}
+        self._rows: dict[str, dict[Lookup, Row | None]] = {}
 
     def forget(self) -> None:
         """Drop cached state after a rollback or a foreign write."""
         self.versions.clear()
+        self._rows.clear()
         self.known_head = -1
 
     def apply(self, conn: sqlite3.Connection, jobs: Sequence[Job], *, isolated: bool) -> tuple[list[Outcome], int]:
@@ -87,6 +98,8 @@ class BatchWriter:
         state = _Head(int(head[0]), head[1]) if head else _Head(0, GENESIS)
         start_position = state.position
         self.touched = set() if state.position == self.known_head else None
+        if state.position != self.known_head:
+            self._rows.clear()  # someone else appended: any projection may have changed
         if state.position != self.known_head or len(self.versions) > 100_000:
             self.versions.clear()  # someone else appended, or the cache grew: start afresh
         # Recorded times never go backwards, even if the wall clock does.
@@ -130,6 +143,7 @@ class BatchWriter:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
             state.position, state.hash, self.versions = saved[0], saved[1], saved[2]
+            self._rows.clear()  # rows read after the undone statements may show them
             return StoreError(f"event log write failed: {exc}", status=500, code="write_failed")
         conn.execute("RELEASE job")
         return recorded
@@ -192,16 +206,36 @@ class BatchWriter:
             )
             rec = Recorded(position, event_id, new.stream, version, type_, new.event.schema_version, payload, meta,
                            now, state.hash, digest)
-            apply_projections(conn, self.projections, rec, self.touched)
+            folders = self._folders.get(type_)
+            if folders is None:
+                folders = self._folders[type_] = tuple(p for p in self.projections if p.handles(type_))
+            for projection in folders:
+                statements = projection.handle(rec)
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                if statements:
+                    self._rows.pop(projection.name, None)
+                    if self.touched is not None:
+                        self.touched.add(projection.name)
             versions[new.stream] = version
             state.position, state.hash = position, digest
             recorded.append(rec)
         return recorded
 
-    @staticmethod
-    def _lookup(conn: sqlite3.Connection, lookup: Lookup) -> Row | None:
+    def _lookup(self, conn: sqlite3.Connection, lookup: Lookup) -> Row | None:
+        owner = self._owner.get(lookup.table)
+        rows = self._rows.get(owner) if owner is not None else None
+        if rows is not None and lookup in rows:
+            return rows[lookup]
         row = conn.execute(lookup.sql, lookup.params).fetchone()
-        return dict(row) if row is not None else None
+        found = dict(row) if row is not None else None
+        if owner is not None:
+            if rows is None:
+                rows = self._rows[owner] = {}
+            elif len(rows) >= MAX_CACHED_LOOKUPS:
+                rows.clear()
+            rows[lookup] = found
+        return found
 
 
 def apply_projections(conn: sqlite3.Connection, projections: Sequence[Projection], rec: Recorded,
