@@ -437,6 +437,8 @@ class AdmitCall:
             if hold is not None:  # a retry of a held request: neither a step nor a repeat, not charged
                 return self._retry_held(found, hold, now)
         provider, model = f.provider, f.model
+        reserved_pusd, reserved_tokens, priced, price, bounded = (f.reserved_pusd, f.reserved_tokens, f.priced,
+                                                                  f.price, f.output_bounded)
         if f.planner is not None:
             plan = self.plan = f.planner(self.policy)
             if plan is None:
@@ -445,16 +447,16 @@ class AdmitCall:
                 self._refuse(ProviderError("Every target of this model's route is failing (circuits open).",
                                            list(plan.skipped)))
             provider, model = plan.provider, plan.model
-            f = replace(f, reserved_pusd=plan.reserved_pusd, reserved_tokens=plan.reserved_tokens,
-                        priced=plan.priced, price=plan.price, output_bounded=plan.output_bounded)
+            reserved_pusd, reserved_tokens, priced, price, bounded = (
+                plan.reserved_pusd, plan.reserved_tokens, plan.priced, plan.price, plan.output_bounded)
         repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
                    if not starting and self.policy is not None and self.policy.max_repeats is not None else None)
         state = _state(self.run_id, None if starting else run, repeats)
         self.state = state
         decisions: list[dict[str, Any]] = []
-        ask = CallAsk(f.provider, f.model, f.reserved_pusd, f.reserved_tokens, f.priced, f.tools,
+        ask = CallAsk(f.provider, f.model, reserved_pusd, reserved_tokens, priced, f.tools,
                       input_tokens=f.input_tokens, embedding=f.embedding, choices=f.choices,
-                      output_bounded=f.output_bounded)
+                      output_bounded=bounded)
         rate_scopes: list[str] = []
         if self.policy is not None:
             windows: dict[str, RateWindow] = {}
@@ -475,10 +477,10 @@ class AdmitCall:
             verdicts = evaluate(self.policy, state, ask, windows, now_s, hour)
             if f.failover is not None:
                 verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]
-            if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts) and f.price is not None:
+            if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts) and price is not None:
                 # What shrinking needs of the price, worked out only when it may happen.
-                ask = replace(ask, input_pusd=f.price.max_cost_pico(f.input_tokens, 0),
-                              output_pusd_per_million=f.price.max_cost_pico(0, 1_000_000))
+                ask = replace(ask, input_pusd=price.max_cost_pico(f.input_tokens, 0),
+                              output_pusd_per_million=price.max_cost_pico(0, 1_000_000))
                 shrunk = shrink(self.policy, state, ask)
                 if shrunk is not None:
                     self.max_output = (shrunk.reserved_tokens - shrunk.input_tokens) // max(1, f.choices)

@@ -287,6 +287,9 @@ def json_schema() -> dict[str, Any]:
 
 # --- the compiled form -------------------------------------------------------------------------------
 
+_MATCHES_KEPT = 1024
+
+
 class _Matcher:
     """Glob patterns over `provider/model` and bare model names (case-insensitive)."""
 
@@ -294,17 +297,26 @@ class _Matcher:
         self.patterns = list(patterns)
         self._regex = re.compile("|".join(f"(?:{fnmatch.translate(p.strip().lower())})" for p in patterns)) \
             if patterns else None
+        # Answers by (provider, model): every call of a run asks the same few, once per list and target.
+        self._seen: dict[tuple[str, str], bool] = {}
 
     def matches(self, provider: str, model: str) -> bool:
         """Whether `model` (or `provider/model`) matches; a dated snapshot (`gpt-4o-2024-08-06`) also matches
         as its base model, as the price table prices it, so a blocked model cannot come back dated."""
         if self._regex is None:
             return False
+        seen = self._seen.get((provider, model))
+        if seen is not None:
+            return seen
         names = [model.strip().lower()]
         base = snapshot_base(names[0])
         if base is not None:
             names.append(base)
-        return any(self._regex.match(name) or self._regex.match(f"{provider.lower()}/{name}") for name in names)
+        found = any(self._regex.match(name) or self._regex.match(f"{provider.lower()}/{name}") for name in names)
+        if len(self._seen) >= _MATCHES_KEPT:  # model names come from requests: keep the memory bounded
+            self._seen.clear()
+        self._seen[(provider, model)] = found
+        return found
 
 
 class CompiledPolicy:

@@ -195,23 +195,22 @@ def _budget(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict
     limit = budget_limit_pusd(policy, run)
     if limit is not None:
         committed = run.spend_pusd + run.reserved_pusd
-        context = {"run_id": run.run_id, "cumulative_spend_usd": format_usd(run.spend_pusd),
-                   "reserved_usd": format_usd(run.reserved_pusd), "limit_usd": format_usd(limit),
-                   "requested_usd": format_usd(ask.reserved_pusd), "step_that_tripped": None,
-                   "next": "Ask an operator to resume the run with more budget, or start a new run."}
+        message = None
         if not ask.priced:
-            out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402,
-                               f"Model {ask.model} has no price, so the run's USD budget cannot be kept.", shadow,
-                               {**context, "rule": "stop_on_budget"}))
+            message = f"Model {ask.model} has no price, so the run's USD budget cannot be kept."
         elif not ask.output_bounded:
-            out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402,
-                               "The call sets no output limit and the model's is unknown, so its cost has no"
-                               " bound; set max_tokens.", shadow, {**context, "rule": "stop_on_budget"}))
+            message = ("The call sets no output limit and the model's is unknown, so its cost has no bound; set"
+                       " max_tokens.")
         elif committed + ask.reserved_pusd > limit:
             message = ("Run budget ceiling reached." if committed >= limit else
                        "This call's worst-case cost does not fit the run's remaining budget.")
-            out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402, message, shadow,
-                               {**context, "rule": "stop_on_budget"}))
+        if message is not None:  # the context is built only for a refusal: every admission passes here
+            out.append(Verdict("budget.hard_limit_usd", "budget_exceeded", 402, message, shadow, {
+                "run_id": run.run_id, "cumulative_spend_usd": format_usd(run.spend_pusd),
+                "reserved_usd": format_usd(run.reserved_pusd), "limit_usd": format_usd(limit),
+                "requested_usd": format_usd(ask.reserved_pusd), "step_that_tripped": None,
+                "next": "Ask an operator to resume the run with more budget, or start a new run.",
+                "rule": "stop_on_budget"}))
     if policy.run_limit_tokens is not None:
         used = run.tokens_used + run.reserved_tokens
         if used + ask.reserved_tokens > policy.run_limit_tokens or not ask.output_bounded:
