@@ -433,3 +433,23 @@ async def test_the_writer_reads_a_row_again_once_another_process_wrote(tmp_path:
         await cli.execute(Append((NewEvent("agent-agt_a1", AgentUpdated(agent_id="agt_a1", disabled=True)),)))
         # then the server's next read sees it, not the row it read before
         assert await _disabled(server, "agt_a1") == 1
+
+
+async def test_commit_runs_on_the_loop_while_quick_and_on_the_writer_thread_once_storage_is_slow(
+        tmp_path: Path) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        assert store._conn is not None
+        committed_on: list[int] = []
+        store._conn.set_trace_callback(
+            lambda sql: committed_on.append(threading.get_ident()) if sql == "COMMIT" else None)
+        loop_thread = threading.get_ident()
+        # given quick commits (a fresh store assumes so): COMMIT runs on the loop, in the batch's own turn
+        await store.execute(append_one(1))
+        assert committed_on == [loop_thread]
+        # when the storage has been slow (commits averaging a second)
+        store._commit_avg_s = 1.0
+        events = await store.execute(append_one(2))
+        # then COMMIT runs on the writer thread, and the caller is answered once it returned
+        assert len(committed_on) == 2 and committed_on[1] != loop_thread
+        assert [e.position for e in events] == [2]
+        assert await store.fetchone("SELECT count(*) AS n FROM agents") == {"n": 2}

@@ -25,7 +25,6 @@ from rungate.enforce.rules import RunState, budget_limit_pusd
 from rungate.errors import StoreError
 from rungate.events import NewEvent
 from rungate.events.catalogue import AnswerHeld, StepCompleted
-from rungate.log import get_logger
 from rungate.prices import PriceTable, format_usd
 from rungate.providers.metering import ToolCall
 from rungate.providers.sse import encode_event
@@ -40,7 +39,6 @@ from rungate.translate.common import ToolNames
 from rungate.translate.continuation import ChatContinuation, MessagesContinuation
 from rungate.usage import Usage
 
-log = get_logger("rungate.proxy")
 SETTLE_ATTEMPTS = 3
 _ANSWERED = ("ok", "held")  # the provider's answer arrived whole: its usage should have come with it
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -326,5 +324,5 @@ async def settle_step(store: EventStore, prices: PriceTable, call: Call, *, stat
         call.warnings.append(f"model {call.target.model} has no price; cost recorded as null")
     if estimated and status == "ok":
         call.warnings.append("the provider reported no usage; tokens are estimated")
-    log.debug("step_settled", step_id=call.step_id, status=status, tokens=usage.total,
-              cost_usd=None if cost is None else format_usd(cost), estimated=estimated)
+    # No log line here: the step's `StepCompleted` is the record (a filtered debug call still cost each call
+    # a logger bind and a price formatted).

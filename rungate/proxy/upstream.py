@@ -35,6 +35,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
 # Never relayed back: framing that aiohttp recomputes (bodies arrive decompressed) and cookies.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie", "date", "server"}
 
+_DROP_PREFIXES_TO_OPENAI = ("x-rungate-", "x-forwarded-", "anthropic-")
+_DROP_PREFIXES_TO_ANTHROPIC = ("x-rungate-", "x-forwarded-", "openai-")
+
 ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
 MOCK_KEY = "mock-provider-key"
 DEFAULT_CONNECT_S = 10.0  # the session's own connect limit (app.py)
@@ -74,13 +77,14 @@ class Target:
 def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMultiDict[str]:
     """Headers for the upstream request: the client's vendor headers plus the provider's credentials."""
     # Headers the client names in `Connection:` are hop-by-hop too (RFC 9110 §7.6.1).
-    named = {token.strip().lower() for value in incoming.getall("Connection", []) for token in value.split(",")}
+    connection = incoming.getall("Connection", ())
+    named = {token.strip().lower() for value in connection for token in value.split(",")} if connection else ()
     out: CIMultiDict[str] = CIMultiDict()
-    other_vendor = "openai-" if target.provider == "anthropic" else "anthropic-"  # after a failover across
+    # Prefixes never forwarded: Rungate's own, proxies', and the other vendor's (after a failover across).
+    dropped = _DROP_PREFIXES_TO_ANTHROPIC if target.provider == "anthropic" else _DROP_PREFIXES_TO_OPENAI
     for name, value in incoming.items():
         lower = name.lower()
-        if (lower in _REQUEST_DROP or lower in named or lower.startswith("x-rungate-")
-                or lower.startswith("x-forwarded-") or lower.startswith(other_vendor)):
+        if lower in _REQUEST_DROP or lower in named or lower.startswith(dropped):
             continue
         out.add(name, value)
     out[hdrs.CONTENT_TYPE] = "application/json"
@@ -95,8 +99,12 @@ def upstream_headers(incoming: CIMultiDictProxy[str], target: Target) -> CIMulti
 def relayed_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers of the provider's answer that the agent sees."""
     # The provider cannot speak for Rungate: its own `x-rungate-*` headers are dropped.
-    return CIMultiDict((k, v) for k, v in upstream.items()
-                       if k.lower() not in _RESPONSE_DROP and not k.lower().startswith("x-rungate-"))
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower not in _RESPONSE_DROP and not lower.startswith("x-rungate-"):
+            out.add(name, value)
+    return out
 
 
 class TargetResolver:
