@@ -135,7 +135,10 @@ class RunsProjection(Projection):
              " reserved_pusd, reserved_tokens, fingerprint, started_at, position)"
              " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?)",
              (d["step_id"], d["run_id"], d["run_id"], d["kind"], d["endpoint"], d["provider"], d["model"],
-              int(d["stream"]), d["reserved_pusd"], d.get("reserved_tokens", 0), d["fingerprint"],
+              int(d["stream"]), d["reserved_pusd"], d.get("reserved_tokens", 0),
+              # Only a policy counts repeats (`max_repeats`, per run): a step admitted under none is never
+              # looked up by its request, so it takes no place of its own in that index (the event keeps it).
+              d["fingerprint"] if d.get("policy") else None,
               rec.recorded_at, rec.position)),
             ("UPDATE runs SET step_count = step_count + 1, reserved_pusd = reserved_pusd + ?,"
              " reserved_tokens = reserved_tokens + ?, open_steps = open_steps + 1, last_activity_at = ?,"
