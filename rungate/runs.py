@@ -302,8 +302,9 @@ class AdmitCall:
         if policy is not None and policy.approvals and not starting and run is not None:
             # Most runs never hold an answer: whether this one has any is read first (and kept by the writer
             # until the approvals change), and only then the hold of this request.
-            held = found.get(_any_hold(run["id"]))
-            wanted.append(_any_hold(run["id"]))
+            guard = _any_hold(run["id"])
+            wanted.append(guard)
+            held = found.get(guard)
             if held is not None and held["n"]:
                 _hold_and_gates(found, run["id"], self.facts.fingerprint, wanted)
         if policy is not None and policy.max_repeats is not None and not starting and run is not None:
