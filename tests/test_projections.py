@@ -601,3 +601,23 @@ def test_rate_buckets_count_each_scope_per_second_and_drop_old_seconds_once_a_mi
     # and at the top of a minute, that scope's seconds older than ten minutes are gone (other scopes wait
     # for their own next call on a minute)
     assert after == [("agent:a", base + 659, 1, 1), ("run:r1", base, 2, 150)]
+
+
+def test_a_step_keeps_its_request_fingerprint_in_the_repeat_index_only_under_a_policy() -> None:
+    from projections.runs import RunsProjection
+
+    projection = RunsProjection()
+    conn = sqlite3.connect(":memory:")
+    for ddl in projection.ddl:
+        conn.execute(ddl)
+    _fold_at(conn, projection, 1, "2026-11-27T10:00:00.000000Z", RunStarted(run_id="r1", agent_id="a", auto=False),
+             "run-r1")
+    ref = {"id": "pol_1", "name": "p", "version": 1}
+    # given one step admitted under no policy and one under a policy, with the same request
+    for position, policy in ((2, None), (3, ref)):
+        _fold_at(conn, projection, position, "2026-11-27T10:00:01.000000Z", StepStarted(
+            step_id=f"stp{position}", run_id="r1", kind="llm", endpoint="chat", provider="openai", model="m",
+            stream=False, fingerprint="f" * 64, policy=policy), "run-r1")
+    rows = conn.execute("SELECT id, fingerprint FROM steps ORDER BY id").fetchall()
+    # then only the policy's step can be counted as a repeat (no policy counts them for the other)
+    assert rows == [("stp2", None), ("stp3", "f" * 64)]
