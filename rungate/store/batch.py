@@ -209,14 +209,10 @@ class BatchWriter:
             folders = self._folders.get(type_)
             if folders is None:
                 folders = self._folders[type_] = tuple(p for p in self.projections if p.handles(type_))
-            for projection in folders:
-                statements = projection.handle(rec)
-                for sql, params in statements:
-                    conn.execute(sql, params)
-                if statements:
-                    self._rows.pop(projection.name, None)
-                    if self.touched is not None:
-                        self.touched.add(projection.name)
+            for name in apply_projections(conn, folders, rec):
+                self._rows.pop(name, None)
+                if self.touched is not None:
+                    self.touched.add(name)
             versions[new.stream] = version
             state.position, state.hash = position, digest
             recorded.append(rec)
@@ -238,18 +234,17 @@ class BatchWriter:
         return found
 
 
-def apply_projections(conn: sqlite3.Connection, projections: Sequence[Projection], rec: Recorded,
-                      touched: set[str] | None = None) -> None:
-    """Fold one recorded event into every projection (live appends and rebuilds share this).
-
-    The names of the projections that changed are added to `touched` when given.
-    """
+def apply_projections(conn: sqlite3.Connection, projections: Sequence[Projection], rec: Recorded) -> list[str]:
+    """Fold one recorded event into these projections (live appends and rebuilds share this); returns the
+    names of those it changed."""
+    changed = []
     for projection in projections:
         statements = projection.handle(rec)
         for sql, params in statements:
             conn.execute(sql, params)
-        if statements and touched is not None:
-            touched.add(projection.name)
+        if statements:
+            changed.append(projection.name)
+    return changed
 
 
 def fold_all(conn: sqlite3.Connection, projections: Sequence[Projection]) -> int:

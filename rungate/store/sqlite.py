@@ -9,9 +9,10 @@ writer thread, commits end at arbitrary moments of the loop's work: measured on 
 calls then split into groups a quarter the size, each batch and loop turn does less, and the same load
 costs about a fifth more CPU per call. When storage is slow (a commit average above `INLINE_COMMIT_S`),
 COMMIT moves to the writer thread so the loop keeps relaying while the disk works. BEGIN goes to the
-thread when another process holds the write lock. Futures resolve only after COMMIT returned, so no response is released
-before its events are durable (`synchronous=FULL` by default). Other processes (the CLI beside a running
-server) may write the same file: the head of the chain is re-read under the write lock in every batch.
+thread when another process holds the write lock. Futures resolve only after COMMIT returned, so no
+response is released before its events are durable (`synchronous=FULL` by default). Other processes (the
+CLI beside a running server) may write the same file: the head of the chain is re-read under the write lock
+in every batch.
 """
 
 from __future__ import annotations
