@@ -136,6 +136,7 @@ class Result:
     latencies_ms: list[float]
     errors: list[str] = field(default_factory=list)
     cpu_s: float = 0.0  # CPU time of the whole process (every thread: client, servers, SQLite writer)
+    jobs_per_commit: float = math.nan  # Rungate only: commands (admissions, settlements) per group commit
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -292,6 +293,17 @@ async def writer_synchronous(store: Any) -> str:
     return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(int(value), str(value))
 
 
+def write_stats(store: Any) -> tuple[int, int]:
+    """(commits, jobs) the store's writer has committed so far; (0, 0) for a store that does not count."""
+    stats = store.write_stats() if hasattr(store, "write_stats") else None
+    return (stats.commits, stats.jobs) if stats is not None else (0, 0)
+
+
+def jobs_per_commit(before: tuple[int, int], after: tuple[int, int]) -> float:
+    commits, jobs = after[0] - before[0], after[1] - before[1]
+    return jobs / commits if commits else math.nan
+
+
 def pooled(rounds: list[Result], q: float) -> float:
     """Percentile `q` over the latencies of every round of one cell."""
     merged = Result(rounds[0].target, rounds[0].mode, rounds[0].concurrency, 0, 0.0,
@@ -303,8 +315,8 @@ def print_report(cells: Cells, levels: list[int], n_rounds: int) -> None:
     print()
     print(f"Per target (req/s: median of {n_rounds} round(s), min-max in brackets; p50/p99 over all rounds' requests)")
     print(f"{'target':<12} {'mode':<10} {'conc':>4} {'ok':>6} {'err':>4} {'req/s':>8} {'(min-max)':>14} "
-          f"{'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
-    print("-" * 93)
+          f"{'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10} {'jobs/commit':>11}")
+    print("-" * 105)
     for mode in MODES:
         for level in levels:
             for name in TARGETS:
@@ -315,7 +327,8 @@ def print_report(cells: Cells, levels: list[int], n_rounds: int) -> None:
                 spread = f"({min(rps):.0f}-{max(rps):.0f})"
                 print(f"{name:<12} {mode:<10} {level:>4} {ok:>6} {err:>4} {statistics.median(rps):>8.1f} "
                       f"{spread:>14} {fmt_ms(pooled(rounds, 50))} {fmt_ms(pooled(rounds, 99))} "
-                      f"{statistics.median(r.cpu_ms_per_request for r in rounds):>10.2f}")
+                      f"{statistics.median(r.cpu_ms_per_request for r in rounds):>10.2f}"
+                      f"{fmt_jobs(statistics.median(r.jobs_per_commit for r in rounds)):>12}")
     print()
     print("Rungate vs bare pass-through -- the ratios that matter")
     print("(thr ratio: median over rounds of Rungate req/s / pass-through req/s, each round's pair taken seconds")
@@ -335,6 +348,10 @@ def print_report(cells: Cells, levels: list[int], n_rounds: int) -> None:
             print(f"{mode:<10} {level:>4} {statistics.median(ratios):>10.2f} {spread:>13} "
                   f"{pooled(rg, 50) - pooled(pt, 50):>+9.2f} {pooled(rg, 99) - pooled(pt, 99):>+9.2f} "
                   f"{statistics.median(cpu):>10.2f} {statistics.median(floors):>12.2f}")
+
+
+def fmt_jobs(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.1f}"
 
 
 def fmt_ms(value: float) -> str:
@@ -399,7 +416,10 @@ async def _bench(args: argparse.Namespace, tmpdir: Path, runners: list[web.AppRu
                     # All targets back to back, the order rotated each round, so no target always goes first.
                     shift = round_no % len(targets)
                     for target in targets[shift:] + targets[:shift]:
+                        before = write_stats(store)
                         result = await run_load(client, target, mode, level, args.requests)
+                        if target.name == "rungate":
+                            result.jobs_per_commit = jobs_per_commit(before, write_stats(store))
                         served += drain_mock_log(mock_app)
                         cells.setdefault((target.name, mode, level), []).append(result)
                 line = "  ".join(f"{name} {statistics.median(r.rps for r in cells[(name, mode, level)]):7.1f}"

@@ -19,6 +19,7 @@ from rungate.events.catalogue import AgentCreated, AgentUpdated
 from rungate.runs import AdmitCall
 from rungate.store import Append, Lookup, Row, SQLiteEventStore
 from rungate.store.hashing import GENESIS
+from rungate.store.sqlite import WriteStats
 from tests.store_helpers import agent_created, all_events, append_one, facts, opened, positions
 
 
@@ -453,3 +454,5 @@ async def test_commit_runs_on_the_loop_while_quick_and_on_the_writer_thread_once
         assert len(committed_on) == 2 and committed_on[1] != loop_thread
         assert [e.position for e in events] == [2]
         assert await store.fetchone("SELECT count(*) AS n FROM agents") == {"n": 2}
+        # and the writer's counters say so (the benchmark reports jobs per commit from them)
+        assert store.write_stats() == WriteStats(commits=2, jobs=2, on_thread=1)

@@ -25,6 +25,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,17 @@ from rungate.log import get_logger
 from rungate.store.base import Command, Projection, Row, VerifyReport
 from rungate.store.batch import BatchWriter, Job, Outcome, StatementsFailed, fold_all, row_to_recorded
 from rungate.store.hashing import verify_rows
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """What the writer has done since the store started: commits, the jobs they carried, and how many of
+    those commits ran on the writer thread (slow storage) rather than on the loop."""
+
+    commits: int = 0
+    jobs: int = 0
+    on_thread: int = 0
+
 
 MAX_BATCH = 512
 INLINE_COMMIT_S = 0.002  # COMMIT runs on the loop while commits take less than this on average
@@ -78,6 +90,7 @@ class SQLiteEventStore:
         # Where COMMIT runs (see `_write_batch`): a moving average of commit times. It starts fast: the first
         # commits run on the loop, and a slow disk shows itself within a few of them.
         self._commit_avg_s = 0.0
+        self._commits = self._committed_jobs = self._thread_commits = 0  # see `write_stats`
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -229,8 +242,11 @@ class SQLiteEventStore:
                 outcomes, head = self._batches.apply(conn, jobs, isolated=True)
             touched = self._batches.touched
 
-            def committed() -> None:
+            def committed(on_thread: bool = False) -> None:
                 self._bump_projections(touched)
+                self._commits += 1
+                self._committed_jobs += len(jobs)
+                self._thread_commits += on_thread
                 _resolve(jobs, outcomes)
 
             if self._commit_avg_s < INLINE_COMMIT_S:
@@ -241,13 +257,17 @@ class SQLiteEventStore:
             else:
                 # Slow storage: the loop keeps relaying while the disk works; the callers are answered in the
                 # loop turn that learns of the commit, not one turn later when this task resumes.
-                await self._in_thread(self._timed_commit, conn, on_done=committed)
+                await self._in_thread(self._timed_commit, conn, on_done=lambda: committed(on_thread=True))
         except BaseException as exc:
             self._rollback(conn)
             if isinstance(exc, RungateError | asyncio.CancelledError):
                 raise
             raise StoreError(f"event log write failed: {exc}") from exc
         self._batches.known_head = head
+
+    def write_stats(self) -> WriteStats:
+        """Commits and jobs so far (the benchmark reports jobs per commit: how well calls share commits)."""
+        return WriteStats(self._commits, self._committed_jobs, self._thread_commits)
 
     def _timed_commit(self, conn: sqlite3.Connection) -> None:
         started = time.perf_counter()
