@@ -32,7 +32,7 @@ class Lookup:
     built once per shape and the hash once per look-up, because a write batch makes and compares many.
     """
 
-    __slots__ = ("table", "where", "columns", "count", "sums", "after", "sql", "params", "_hash")
+    __slots__ = ("table", "sql", "params", "_hash")
 
     def __init__(self, table: str, where: tuple[tuple[str, Any], ...], columns: tuple[str, ...] = (),
                  count: int = 0, sums: tuple[str, ...] = (), after: str = "") -> None:
@@ -41,8 +41,7 @@ class Lookup:
         # column the last `where` value is a lower bound for (exclusive).
         if not where:
             raise ValueError("a lookup needs at least one condition")
-        self.table, self.where, self.columns = table, where, columns
-        self.count, self.sums, self.after = count, sums, after
+        self.table = table
         shape = (table, tuple([column for column, _ in where]), columns, count, sums, after)
         sql = _SQL.get(shape)
         if sql is None:
