@@ -126,6 +126,28 @@ async def test_a_refused_command_appends_nothing_while_its_batch_mates_commit(tm
     assert report.ok
 
 
+async def test_an_event_row_refused_when_the_batch_inserts_its_events_fails_only_its_own_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        # given event ids that repeat, so that the second event of a batch breaks the log's unique event_id
+        # only when the batch's rows are inserted, after both commands were decided and folded
+        monkeypatch.setattr("rungate.store.batch.new_event_id", lambda: "01the-same-event-id")
+        # when two commands are executed in one batch
+        results = await asyncio.gather(store.execute(append_one(1)), store.execute(append_one(2)),
+                                       return_exceptions=True)
+        log = await all_events(store)
+        names = [r["name"] for r in await store.fetch("SELECT name FROM agents ORDER BY position")]
+        report = await store.verify()
+
+    # then the first one is recorded, the second fails alone (a server fault), and its projection rows went
+    # with it
+    assert isinstance(results[0], list) and [e.event_id for e in results[0]] == ["01the-same-event-id"]
+    assert isinstance(results[1], StoreError) and results[1].status == 500
+    assert positions(log) == [1] and log == results[0]
+    assert names == ["a-agent-1"]
+    assert report.ok
+
+
 async def test_an_idempotency_key_reused_returns_the_first_events_and_appends_once(tmp_path: Path) -> None:
     async with opened(tmp_path / "log.db") as store:
         # given a two-event command executed under a key

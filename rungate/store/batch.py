@@ -4,6 +4,11 @@
 path uses no savepoints: a command refused by its decision writes nothing, so only a command whose
 *statements* fail needs undoing; then the caller rolls the whole batch back and applies it again with
 one savepoint per command (`isolated=True`), so a batch is applied at most twice.
+
+The events themselves are inserted together, in one `executemany` at the end of the batch (or before
+anything in it reads the events table): their positions, versions and hashes are worked out as they are
+decided, and projections never read the log. One statement for a batch's rows costs about half of what a
+statement per row does, measured on the benchmark (the insert path stays warm in the CPU's caches).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from rungate.ids import new_event_id
 from rungate.store.base import Command, Lookup, Projection, Refused, Row
 from rungate.store.hashing import GENESIS, chain_hash
 
+_INSERT_EVENT = ("INSERT INTO events (position, event_id, stream, version, type, schema_version, data, metadata,"
+                 " recorded_at, idempotency_key, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 IDEMPOTENT_REPLAY_LIMIT = 1000  # a command never appends more events than this
 MAX_LOOKUP_ROUNDS = 6  # rounds of `more_lookups` a command may ask for
 MAX_CACHED_LOOKUPS = 10_000  # look-up results kept per projection (see `BatchWriter._rows`)
@@ -81,12 +88,21 @@ class BatchWriter:
         # another writer. The rows are shared: commands read them and never change them.
         self._owner = {table: projection.name for projection in self.projections for table in projection.tables}
         self._rows: dict[str, dict[Lookup, Row | None]] = {}
+        # Event rows decided in this batch and not yet inserted (see the module docstring).
+        self._unwritten: list[tuple[Any, ...]] = []
 
     def forget(self) -> None:
         """Drop cached state after a rollback or a foreign write."""
         self.versions.clear()
         self._rows.clear()
+        self._unwritten.clear()
         self.known_head = -1
+
+    def _insert_events(self, conn: sqlite3.Connection) -> None:
+        """Insert the event rows decided so far (before the log is read, and at the end of the batch)."""
+        if self._unwritten:
+            rows, self._unwritten = self._unwritten, []
+            conn.executemany(_INSERT_EVENT, rows)
 
     def apply(self, conn: sqlite3.Connection, jobs: Sequence[Job], *, isolated: bool) -> tuple[list[Outcome], int]:
         """Apply `jobs` in the open transaction; returns each job's outcome and the new head position.
@@ -94,6 +110,7 @@ class BatchWriter:
         Without `isolated`, raises `StatementsFailed` when a command's statements fail (the caller must
         roll back and retry with `isolated=True`, where such a command is undone alone).
         """
+        self._unwritten.clear()
         head = conn.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1").fetchone()
         state = _Head(int(head[0]), head[1]) if head else _Head(0, GENESIS)
         start_position = state.position
@@ -122,6 +139,10 @@ class BatchWriter:
                 outcomes.append(plan)
                 continue
             outcomes.append(self._write_isolated(conn, job, plan, state, now, isolated))
+        try:
+            self._insert_events(conn)
+        except sqlite3.Error as exc:  # an event row was refused: find whose, one command at a time
+            raise StatementsFailed(str(exc)) from exc
         if state.position != start_position:
             conn.execute("INSERT INTO chain_head (id, position, hash) VALUES (1, ?, ?)"
                          " ON CONFLICT (id) DO UPDATE SET position = excluded.position, hash = excluded.hash",
@@ -139,10 +160,12 @@ class BatchWriter:
         conn.execute("SAVEPOINT job")
         try:
             recorded = self._write_events(conn, job, events, state, now)
+            self._insert_events(conn)  # inside the savepoint, which undoes them with the rest
         except Exception as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
             state.position, state.hash, self.versions = saved[0], saved[1], saved[2]
+            self._unwritten.clear()  # the failed command's own rows (the others' are in)
             self._rows.clear()  # rows read after the undone statements may show them
             return StoreError(f"event log write failed: {exc}", status=500, code="write_failed")
         conn.execute("RELEASE job")
@@ -151,6 +174,7 @@ class BatchWriter:
     def _plan(self, conn: sqlite3.Connection, job: Job, now: str) -> list[Recorded] | Sequence[NewEvent]:
         """The events `job` decides to append, or (a list of `Recorded`) those an earlier run of its key wrote."""
         if job.idempotency_key is not None:
+            self._insert_events(conn)  # an earlier command of this batch may have used the key
             first = conn.execute("SELECT position, metadata FROM events WHERE idempotency_key = ?",
                                  (job.idempotency_key,)).fetchone()
             if first is not None:
@@ -187,6 +211,7 @@ class BatchWriter:
         recorded: list[Recorded] = []
         for index, new in enumerate(new_events):
             if new.stream not in versions:
+                self._insert_events(conn)
                 current = conn.execute("SELECT max(version) FROM events WHERE stream = ?", (new.stream,)).fetchone()
                 versions[new.stream] = int(current[0] or 0)
             version = versions[new.stream] + 1
@@ -198,12 +223,8 @@ class BatchWriter:
             idempotency_key = job.idempotency_key if index == 0 else None
             digest = chain_hash(state.hash, position, event_id, new.stream, version, type_,
                                 new.event.schema_version, data, metadata, now, idempotency_key)
-            conn.execute(
-                "INSERT INTO events (position, event_id, stream, version, type, schema_version, data, metadata,"
-                " recorded_at, idempotency_key, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (position, event_id, new.stream, version, type_, new.event.schema_version, data, metadata, now,
-                 idempotency_key, state.hash, digest),
-            )
+            self._unwritten.append((position, event_id, new.stream, version, type_, new.event.schema_version, data,
+                                    metadata, now, idempotency_key, state.hash, digest))
             rec = Recorded(position, event_id, new.stream, version, type_, new.event.schema_version, payload, meta,
                            now, state.hash, digest)
             folders = self._folders.get(type_)
