@@ -148,6 +148,30 @@ async def test_an_event_row_refused_when_the_batch_inserts_its_events_fails_only
     assert report.ok
 
 
+async def test_an_event_row_refused_before_a_later_command_reads_the_log_fails_only_its_own_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with opened(tmp_path / "log.db") as store:
+        await store.execute(append_one(0))
+        # given an event id that repeats one already in the log, and a second command in the same batch with
+        # an idempotency key, whose look-up makes the batch insert the rows decided before it
+        taken = (await all_events(store))[0].event_id
+        # (the first command draws it on the batch's first pass and again when applied alone)
+        ids = iter([taken, taken, "01a-fresh-event-id-0000000000001", "01a-fresh-event-id-0000000000002"])
+        monkeypatch.setattr("rungate.store.batch.new_event_id", lambda: next(ids))
+        # when both are executed in one batch
+        results = await asyncio.gather(store.execute(append_one(1)),
+                                       store.execute(append_one(2), idempotency_key="key-2"),
+                                       return_exceptions=True)
+        log = await all_events(store)
+        report = await store.verify()
+
+    # then the command whose row was refused fails alone, the other is recorded, and the chain verifies
+    assert isinstance(results[0], StoreError) and results[0].status == 500
+    assert isinstance(results[1], list) and len(results[1]) == 1
+    assert positions(log) == [1, 2] and log[1:] == results[1]
+    assert report.ok
+
+
 async def test_an_idempotency_key_reused_returns_the_first_events_and_appends_once(tmp_path: Path) -> None:
     async with opened(tmp_path / "log.db") as store:
         # given a two-event command executed under a key

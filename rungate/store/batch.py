@@ -99,10 +99,17 @@ class BatchWriter:
         self.known_head = -1
 
     def _insert_events(self, conn: sqlite3.Connection) -> None:
-        """Insert the event rows decided so far (before the log is read, and at the end of the batch)."""
+        """Insert the event rows decided so far (before the log is read, and at the end of the batch).
+
+        A refused row raises `StatementsFailed`, wherever the rows are inserted: the rows may belong to
+        earlier commands of the batch, so only the batch applied again command by command can tell whose.
+        """
         if self._unwritten:
             rows, self._unwritten = self._unwritten, []
-            conn.executemany(_INSERT_EVENT, rows)
+            try:
+                conn.executemany(_INSERT_EVENT, rows)
+            except sqlite3.Error as exc:
+                raise StatementsFailed(str(exc)) from exc
 
     def apply(self, conn: sqlite3.Connection, jobs: Sequence[Job], *, isolated: bool) -> tuple[list[Outcome], int]:
         """Apply `jobs` in the open transaction; returns each job's outcome and the new head position.
@@ -124,6 +131,8 @@ class BatchWriter:
         for job in jobs:
             try:
                 plan = self._plan(conn, job, now)
+            except StatementsFailed:  # rows of earlier commands, inserted before this one read the log
+                raise
             except Refused as refusal:  # refused, but the refusal itself is a fact to record
                 written = self._write_isolated(conn, job, refusal.events, state, now, isolated)
                 outcomes.append(written if isinstance(written, BaseException) else refusal.error)
@@ -138,10 +147,7 @@ class BatchWriter:
                 outcomes.append(plan)
                 continue
             outcomes.append(self._write_isolated(conn, job, plan, state, now, isolated))
-        try:
-            self._insert_events(conn)
-        except sqlite3.Error as exc:  # an event row was refused: find whose, one command at a time
-            raise StatementsFailed(str(exc)) from exc
+        self._insert_events(conn)
         if state.position != start_position:
             conn.execute("INSERT INTO chain_head (id, position, hash) VALUES (1, ?, ?)"
                          " ON CONFLICT (id) DO UPDATE SET position = excluded.position, hash = excluded.hash",
