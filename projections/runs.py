@@ -49,8 +49,11 @@ class RunsProjection(Projection):
             tool_calls TEXT NOT NULL DEFAULT '[]', started_at TEXT NOT NULL, ended_at TEXT,
             position BIGINT NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS steps_run ON steps (run_id, seq)",
-        # Runaway protection counts a run's identical requests.
-        "CREATE INDEX IF NOT EXISTS steps_fingerprint ON steps (run_id, fingerprint)",
+        # Runaway protection counts a run's identical requests. Only steps admitted under a policy carry their
+        # fingerprint here (see `_step_started`): the others take no place in the index, which saves each
+        # admission an index insert and each commit of them a page or two of WAL.
+        "CREATE INDEX IF NOT EXISTS steps_fingerprint ON steps (run_id, fingerprint)"
+        " WHERE fingerprint IS NOT NULL",
         # The agent's rolling hourly cap: settled spend per minute (`2026-11-27T07:41`), per agent.
         """CREATE TABLE IF NOT EXISTS agent_spend (
             agent_id TEXT NOT NULL, minute TEXT NOT NULL, spend_pusd BIGINT NOT NULL,
@@ -136,9 +139,10 @@ class RunsProjection(Projection):
              " VALUES (?, ?, (SELECT step_count + 1 FROM runs WHERE id = ?), ?, ?, ?, ?, ?, 'started', ?, ?, ?, ?, ?)",
              (d["step_id"], d["run_id"], d["run_id"], d["kind"], d["endpoint"], d["provider"], d["model"],
               int(d["stream"]), d["reserved_pusd"], d.get("reserved_tokens", 0),
-              # Only a policy counts repeats (`max_repeats`, per run): a step admitted under none is never
-              # looked up by its request, so it takes no place of its own in that index (the event keeps it).
-              d["fingerprint"] if d.get("policy") else None,
+              # Only a policy counts repeats (`max_repeats`, per run): a step admitted under none (or another
+              # attempt of a call, which has no fingerprint) is never looked up by its request, so it takes no
+              # place in that index (the event keeps it).
+              (d["fingerprint"] or None) if d.get("policy") else None,
               rec.recorded_at, rec.position)),
             ("UPDATE runs SET step_count = step_count + 1, reserved_pusd = reserved_pusd + ?,"
              " reserved_tokens = reserved_tokens + ?, open_steps = open_steps + 1, last_activity_at = ?,"

@@ -32,7 +32,7 @@ class Lookup:
     built once per shape and the hash once per look-up, because a write batch makes and compares many.
     """
 
-    __slots__ = ("table", "sql", "params", "_hash")
+    __slots__ = ("table", "sql", "names", "params", "_hash")
 
     def __init__(self, table: str, where: tuple[tuple[str, Any], ...], columns: tuple[str, ...] = (),
                  count: int = 0, sums: tuple[str, ...] = (), after: str = "") -> None:
@@ -43,9 +43,10 @@ class Lookup:
             raise ValueError("a lookup needs at least one condition")
         self.table = table
         shape = (table, tuple([column for column, _ in where]), columns, count, sums, after)
-        sql = _SQL.get(shape)
-        if sql is None:
-            sql = _SQL[shape] = _lookup_sql(*shape)
+        built = _SQL.get(shape)
+        if built is None:
+            built = _SQL[shape] = (_lookup_sql(*shape), _lookup_names(columns, count, sums))
+        sql, self.names = built
         self.sql = sql
         self.params = tuple([value for _, value in where])
         self._hash = hash((sql, self.params))
@@ -81,9 +82,19 @@ class Lookup:
         return cls(table, (*sorted(where.items()), after), (), 0, sums, after[0])
 
 
-# The SQL of each look-up shape (table, where columns, columns, count, sums, after): shapes come from code,
-# so this stays as small as the number of look-up kinds.
-_SQL: dict[tuple[str, tuple[str, ...], tuple[str, ...], int, tuple[str, ...], str], str] = {}
+# The SQL of each look-up shape (table, where columns, columns, count, sums, after) and the names of the columns
+# it selects (None: every column of the table): shapes come from code, so this stays as small as the number of
+# look-up kinds.
+_SQL: dict[tuple[str, tuple[str, ...], tuple[str, ...], int, tuple[str, ...], str],
+           tuple[str, tuple[str, ...] | None]] = {}
+
+
+def _lookup_names(columns: tuple[str, ...], count: int, sums: tuple[str, ...]) -> tuple[str, ...] | None:
+    if sums:
+        return (*sums, "oldest")
+    if count:
+        return ("n",)
+    return columns or None
 
 
 def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: int,
