@@ -112,11 +112,14 @@ def _sse_upstream(events: list[bytes], headers: dict[str, str] | None = None) ->
     return app
 
 
-async def _gateway_with(upstream: web.Application, aiohttp_server: Any, tmp_path: Path) -> tuple[Any, str]:
+async def _gateway_with(upstream: web.Application, aiohttp_server: Any, tmp_path: Path,
+                        host: str | None = None) -> tuple[Any, str]:
+    """Rungate in front of `upstream`, reached as `host` (default: its loopback address)."""
     up = await aiohttp_server(upstream)
+    base = str(up.make_url("/v1")) if host is None else f"http://{host}:{up.port}/v1"
     app = create_app(load_settings(env={
         "RUNGATE_DATABASE_URL": f"sqlite:///{tmp_path}/custom.db", "RUNGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "RUNGATE_OPENAI_BASE_URL": str(up.make_url("/v1")), "OPENAI_API_KEY": "sk-custom-upstream-1",
+        "RUNGATE_OPENAI_BASE_URL": base, "OPENAI_API_KEY": "sk-custom-upstream-1",
         "RUNGATE_LOG_LEVEL": "warning"}))
     server = await aiohttp_server(app)
     async with aiohttp.ClientSession() as http, http.post(
@@ -221,3 +224,28 @@ async def test_conflicts_tell_sdks_not_to_retry_and_bad_filters_are_400(gateway:
     assert status == 400
     status, body = await gateway.admin("GET", "/api/runs?since=2020-01-01T00:00:00Z&limit=5")
     assert status == 200 and body["data"]
+
+
+async def test_cookies_an_upstream_sets_are_never_sent_upstream_again(aiohttp_server: Any, tmp_path: Path) -> None:
+    # One upstream session serves every agent: a cookie the provider set for one agent's call (a load
+    # balancer's, say) must not ride along on the next call, least of all another agent's.
+    cookies_seen: list[str | None] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        cookies_seen.append(request.headers.get("Cookie"))
+        body = {"id": "c", "object": "chat.completion", "created": 1, "model": "mock-gpt",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+        response = web.json_response(body)
+        response.set_cookie("lb_session", f"agent-call-{len(cookies_seen)}", path="/")
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", chat)
+    # By name, not by address: a cookie jar keeps no cookies of a bare IP address.
+    server, token = await _gateway_with(upstream, aiohttp_server, tmp_path, host="localhost")
+    for _ in range(3):
+        async with aiohttp.ClientSession() as http, http.post(
+                str(server.make_url("/v1/chat/completions")), headers=auth(token), json=CHAT) as resp:
+            assert resp.status == 200, await resp.text()
+    assert cookies_seen == [None, None, None]

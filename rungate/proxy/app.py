@@ -70,9 +70,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         log.info("mock_provider_started", url=mock_url)
     # No retries and no redirects inside the client: every upstream attempt is a decision of ours.
     # No total limit: a healthy stream may run for many minutes. Silence is what times out: no byte from the
-    # provider for RUNGATE_UPSTREAM_TIMEOUT_S (before the answer or between chunks).
+    # provider for RUNGATE_UPSTREAM_TIMEOUT_S (before the answer or between chunks). No cookie jar: this one
+    # session carries every agent's calls, so a cookie a provider set for one call must not ride on the next.
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), auto_decompress=True,
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.upstream_timeout_s))
     app[HTTP] = session
     app[TARGETS] = TargetResolver(settings, store, app[KEYRING], mock_base_url=mock_url)

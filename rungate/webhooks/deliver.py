@@ -131,7 +131,7 @@ class Deliverer:
             connector=aiohttp.TCPConnector(limit=MAX_SENDS, resolver=resolver),
             timeout=aiohttp.ClientTimeout(total=TOTAL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S,
                                           sock_connect=CONNECT_TIMEOUT_S),
-            trust_env=False, auto_decompress=False)
+            trust_env=False, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())  # deliveries are stateless
         self._task = asyncio.create_task(self._supervise(), name="rungate-webhooks")
 
     async def stop(self) -> None:
