@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from rungate.events import Recorded
-from rungate.store.base import Statement
+from rungate.store.base import Image, Statement
 
 Handler = Callable[[Recorded], list[Statement]]
 
@@ -20,6 +20,7 @@ class Projection:
     name: str = ""
     tables: Sequence[str] = ()
     ddl: Sequence[str] = ()
+    image_tables: Sequence[str] = ()  # see `images`
 
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
@@ -31,3 +32,9 @@ class Projection:
 
     def handles(self, type_: str) -> bool:
         return type_ in self.handlers
+
+    def images(self, recorded: Recorded) -> Sequence[Image]:
+        """What folding `recorded` did to rows of `image_tables`: for each row it wrote, the values of the
+        columns it knows exactly, or None (the row changed otherwise; the writer forgets it). A projection that
+        names a table in `image_tables` must report every row of it that any of its statements writes."""
+        return ()

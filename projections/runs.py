@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from projections.base import Projection
 from rungate.clock import iso_minus, parse_iso
 from rungate.events import Recorded
 from rungate.events import canonical_json as _json
-from rungate.store.base import Statement
+from rungate.store.base import Image, Statement
 from rungate.usage import Usage
 
 # Per cap (`BudgetAlerted.cap`): the runs column holding the highest alert fraction reached, and the flag
@@ -19,6 +21,9 @@ EXCEEDED = {"run_usd": "budget_exceeded", "run_tokens": "budget_exceeded_tokens"
 class RunsProjection(Projection):
     name = "runs"
     tables = ("agent_spend", "rate_buckets", "steps", "runs")
+    # A step's row is written by three events only; the writer keeps what `StepStarted` wrote, so settling a
+    # step it admitted needs no read of the row (see `images`).
+    image_tables = ("steps",)
     ddl = (
         """CREATE TABLE IF NOT EXISTS runs (
             id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT NOT NULL, auto INTEGER NOT NULL,
@@ -84,6 +89,18 @@ class RunsProjection(Projection):
             "ApprovalRejected": self._touched,
             "ApprovalExpired": self._touched,
         })
+
+    def images(self, rec: Recorded) -> Sequence[Image]:
+        """A started step's row as `_step_started` inserts it (the columns a settlement reads); any other event
+        that writes a step's row (its completion, a logged tool step) leaves it to be read again."""
+        d = rec.data
+        if rec.type == "StepStarted":
+            return (("steps", d["step_id"], {
+                "status": "started", "run_id": d["run_id"], "provider": d["provider"], "model": d["model"],
+                "reserved_pusd": d["reserved_pusd"], "reserved_tokens": d.get("reserved_tokens", 0)}),)
+        if rec.type in ("StepCompleted", "ToolStepLogged"):
+            return (("steps", d["step_id"], None),)
+        return ()
 
     def _run_started(self, rec: Recorded) -> list[Statement]:
         d = rec.data

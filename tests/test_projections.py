@@ -50,6 +50,15 @@ INVARIANT_QUERIES = {
 async def assert_invariants(store: SQLiteEventStore) -> None:
     broken = {name: await store.fetch(sql) for name, sql in INVARIANT_QUERIES.items()}
     assert {name: rows for name, rows in broken.items() if rows} == {}
+    await assert_known_rows_are_true(store)
+
+
+async def assert_known_rows_are_true(store: SQLiteEventStore) -> None:
+    """Every row image the writer would answer a look-up with equals the row itself."""
+    known = store._batches.known_rows()
+    for (table, row_id), image in known.items():
+        row = await store.fetchone(f"SELECT {', '.join(image)} FROM {table} WHERE id = ?", (row_id,))
+        assert row == image, (table, row_id)
 
 
 # --- a realistic log driven through the real commands ---------------------------------------------------
@@ -491,6 +500,7 @@ def test_any_command_sequence_keeps_invariants_and_rebuilds_identically(ops: lis
                     commands.append(CompleteRun(agent, explicit, "done", {}))
                 if len(commands) >= 5 or kind == "complete":  # several batches of concurrent commands
                     outcomes = await asyncio.gather(*(store.execute(c) for c in commands), return_exceptions=True)
+                    await assert_known_rows_are_true(store)
                     for command, outcome in zip(commands, outcomes, strict=True):
                         if isinstance(command, AdmitCall) and not isinstance(outcome, BaseException):
                             pending.append((command.run_id, command.step_id))

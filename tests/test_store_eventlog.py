@@ -15,8 +15,8 @@ from projections import ALL
 from rungate.admin import CreateAgent
 from rungate.errors import ConcurrencyError, Conflict, StoreError
 from rungate.events import NewEvent
-from rungate.events.catalogue import AgentCreated, AgentUpdated
-from rungate.runs import AdmitCall
+from rungate.events.catalogue import AgentCreated, AgentUpdated, StepCompleted
+from rungate.runs import AdmitCall, SettleStep
 from rungate.store import Append, Lookup, Row, SQLiteEventStore
 from rungate.store.hashing import GENESIS
 from rungate.store.sqlite import WriteStats
@@ -502,3 +502,27 @@ async def test_commit_runs_on_the_loop_while_quick_and_on_the_writer_thread_once
         assert await store.fetchone("SELECT count(*) AS n FROM agents") == {"n": 2}
         # and the writer's counters say so (the benchmark reports jobs per commit from them)
         assert store.write_stats() == WriteStats(commits=2, jobs=2, on_thread=1)
+
+
+async def test_a_step_is_settled_from_the_writers_memory_only_while_no_other_writer_touched_it(
+        tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    async with opened(path) as server, opened(path) as cli:
+        agent = CreateAgent("imaged", {})
+        await server.execute(agent)
+        admit = AdmitCall(await facts(server, agent.agent_id, reserved_pusd=500))
+        await server.execute(admit)
+        # given a started step whose row the server's writer knows as its projection wrote it
+        known = server._batches.known_rows()[("steps", admit.step_id)]
+        row = await server.fetchone("SELECT status, run_id, provider, model, reserved_pusd, reserved_tokens"
+                                    " FROM steps WHERE id = ?", (admit.step_id,))
+        assert known == row and known["status"] == "started"
+        # when another writer on the same file (a sweeper in another process, say) closes that step first
+        assert len(await cli.execute(SettleStep(admit.step_id))) == 1
+        # then the server's own settlement reads the row again, sees it closed, and books nothing more
+        done = StepCompleted(step_id=admit.step_id, run_id=admit.run_id, status="ok", provider="openai",
+                             model="gpt-4o-mini", usage={"input": 3, "output": 2}, cost_pusd=40, latency_ms=1)
+        assert await server.execute(SettleStep(admit.step_id, done)) == []
+        run = await server.fetchone("SELECT spend_pusd, reserved_pusd FROM runs WHERE id = ?", (admit.run_id,))
+        assert ("steps", admit.step_id) not in server._batches.known_rows()
+    assert run == {"spend_pusd": 500, "reserved_pusd": 0}  # the reservation, charged once

@@ -32,7 +32,7 @@ class Lookup:
     built once per shape and the hash once per look-up, because a write batch makes and compares many.
     """
 
-    __slots__ = ("table", "sql", "names", "params", "_hash")
+    __slots__ = ("table", "sql", "names", "params", "row_id", "_hash")
 
     def __init__(self, table: str, where: tuple[tuple[str, Any], ...], columns: tuple[str, ...] = (),
                  count: int = 0, sums: tuple[str, ...] = (), after: str = "") -> None:
@@ -49,6 +49,9 @@ class Lookup:
         sql, self.names = built
         self.sql = sql
         self.params = tuple([value for _, value in where])
+        # The row looked up by its id alone (`WHERE id = ?`, the newest row): one a projection may know exactly
+        # (see `Projection.images`).
+        self.row_id = where[0][1] if len(where) == 1 and where[0][0] == "id" and not count and not sums else None
         self._hash = hash((sql, self.params))
 
     def __eq__(self, other: object) -> bool:
@@ -129,14 +132,27 @@ class Refused(Exception):
 Statement = tuple[str, tuple[Any, ...]]
 
 
+# What a projection knows of a row once an event is folded: (table, the row's id, the values of some of its
+# columns as its statements just wrote them), or None for those values when the row changed in a way the
+# projection does not describe.
+Image = tuple[str, str, Row | None]
+
+
 class Projection(Protocol):
     """A read model folded inline with every append (see the `projections` package)."""
 
     name: str
     tables: Sequence[str]
     ddl: Sequence[str]
+    # Tables whose every change the projection describes with `images`: the writer may then answer a look-up
+    # of such a row by its id from what it was told, without reading the row.
+    image_tables: Sequence[str]
 
     def handle(self, recorded: Recorded) -> list[Statement]: ...
+
+    def images(self, recorded: Recorded) -> Sequence[Image]:
+        """What folding `recorded` did to rows of `image_tables` (nothing for events that leave them alone)."""
+        ...
 
     def handles(self, type_: str) -> bool:
         """Whether events of this type may change the projection (`handle` returns nothing for the rest)."""
