@@ -1,0 +1,114 @@
+"""A provider's stream cut at any byte — inside an event, between two, after the last — is accounted.
+
+For each cut the step settles once (`cut`, or `ok` when the stream was whole), is charged when answer tokens
+reached the agent (never a silent $0), leaves nothing reserved or open on its run, and the agent's stream
+ends the way its SDK understands: the format's error event and the `rungate` trailer after a cut.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import GatewayFactory
+from tests.faults import WORDS, chat_events, messages_events
+
+CUTS_PER_FORMAT = 40  # random byte offsets, plus every event boundary's neighbours
+
+FORMATS = {
+    "chat": ("/v1/chat/completions", "mock-gpt", chat_events),
+    "messages": ("/v1/messages", "mock-claude", messages_events),
+}
+
+
+def _stream(path: str, model: str) -> bytes:
+    return b"".join((chat_events if path.endswith("completions") else messages_events)(model))
+
+
+def _cutting_upstream() -> web.Application:
+    """Streams the scripted answer and drops the connection after the number of bytes the prompt names."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        text = body["messages"][-1]["content"]
+        cut_at = int(re.search(r"cut at (\d+)", text)[1])  # type: ignore[index]
+        data = _stream(request.path, body["model"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(data[:cut_at])
+        if cut_at < len(data) and request.transport is not None:
+            request.transport.close()  # the rest never comes, nor the end of the chunked body
+            return response
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/messages", answer)
+    return app
+
+
+def _offsets(events: list[bytes], rng: random.Random) -> list[int]:
+    total = sum(map(len, events))
+    boundaries, at = [], 0
+    for event in events:
+        at += len(event)
+        boundaries += [at - 1, at, at + 1]
+    chosen = {0, 1, total - 1, total, *rng.sample(range(1, total), CUTS_PER_FORMAT), *boundaries}
+    return sorted(offset for offset in chosen if 0 <= offset <= total)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+async def test_a_stream_cut_at_any_byte_is_settled_charged_and_ended_properly(
+        fmt: str, make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    path, model, events_of = FORMATS[fmt]
+    upstream = await aiohttp_server(_cutting_upstream())
+    gateway = await make_gateway(RUNGATE_OPENAI_BASE_URL=str(upstream.make_url("/v1")),
+                                 RUNGATE_ANTHROPIC_BASE_URL=str(upstream.make_url("")).rstrip("/"))
+    token = await gateway.new_agent(f"cuts-{fmt}")
+    events = events_of(model)
+    total = sum(map(len, events))
+    wrong: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        for cut_at in _offsets(events, random.Random(fmt)):
+            body: dict[str, Any] = {"model": model, "stream": True, "max_tokens": 50,
+                                    "messages": [{"role": "user", "content": f"cut at {cut_at}"}],
+                                    "rungate": {"run_id": f"cut-{fmt}-{cut_at}"}}
+            async with http.post(gateway.url + path, json=body, headers={"x-api-key": token}) as resp:
+                status, received = resp.status, await resp.read()
+            got_words = any(f'"{word}"'.encode() in received for word in WORDS)  # as a delta carries it
+            ended = b"event: rungate" in received
+            error_event = b'"error"' in received
+            with sqlite3.connect(f"file:{gateway.db_path}?mode=ro", uri=True) as db:
+                steps = db.execute("SELECT status, cost_pusd FROM steps WHERE run_id = ?",
+                                   (f"cut-{fmt}-{cut_at}",)).fetchall()
+                run = db.execute("SELECT reserved_pusd, open_steps FROM runs WHERE id = ?",
+                                 (f"cut-{fmt}-{cut_at}",)).fetchone()
+            whole = cut_at >= total
+            problems = []
+            if status != 200 or not ended:
+                problems.append(f"status {status}, trailer {ended}")
+            if len(steps) != 1:
+                problems.append(f"steps {steps}")
+            else:
+                step_status, cost = steps[0]
+                if step_status != ("ok" if whole else "cut"):
+                    problems.append(f"step {step_status}")
+                if cost is None or (got_words and cost <= 0):
+                    problems.append(f"cost {cost} with words {got_words}")
+            if run != (0, 0):
+                problems.append(f"run holds {run}")
+            if not whole and not error_event:
+                problems.append("no error event after the cut")
+            if problems:
+                wrong.append(f"cut at {cut_at}/{total}: {'; '.join(problems)}")
+    assert wrong == [], "\n".join(wrong)
+    with sqlite3.connect(f"file:{gateway.db_path}?mode=ro", uri=True) as db:
+        assert db.execute("SELECT count(*) FROM steps WHERE status = 'started'").fetchone() == (0,)
