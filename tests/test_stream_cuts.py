@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import re
 import sqlite3
-from pathlib import Path
 from typing import Any
 
 import aiohttp
