@@ -151,14 +151,17 @@ def test_a_lost_key_file_is_refused_rather_than_replaced_silently(tmp_path: Path
 
 
 async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None:
-    """SPEC: kill the server at any moment and `rungate verify` passes on restart; projections rebuild equal."""
+    """SPEC: kill the server at any moment and `rungate verify` passes on restart; projections rebuild equal;
+    and every answer an agent received whole was recorded before it was released (its step is settled)."""
     import asyncio
     import random
     import signal
+    import sqlite3
 
     db = tmp_path / "kill.db"
     token = json.loads(rungate(db, "agents", "create", "victim").stdout)["token"]
     rng = random.Random(7)
+    delivered: set[str] = set()  # steps whose answer reached the agent whole
     for round_ in range(3):
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve",
@@ -183,9 +186,11 @@ async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None
                                              headers={"authorization": f"Bearer {token}",
                                                       "x-rungate-run-id": f"kill-{round_}-{worker % 3}",
                                                       "content-type": "application/json"}) as resp:
-                            await resp.read()
+                            answer = await resp.read()
                     except aiohttp.ClientError:
                         return
+                    if resp.status == 200 and (not body["stream"] or b"event: rungate" in answer):
+                        delivered.add(resp.headers["x-rungate-step-id"])
 
             workers = [asyncio.create_task(hammer(w)) for w in range(8)]
             await asyncio.sleep(rng.uniform(0.5, 1.5))
@@ -199,6 +204,9 @@ async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None
     assert rungate(db, "rebuild").returncode == 0
     after = [json.loads(rungate(db, "runs", "show", f"kill-{r}-{w}").stdout) for r in range(3) for w in range(3)]
     assert after == before
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        settled = {row[0] for row in conn.execute("SELECT id FROM steps WHERE status = 'ok'")}
+    assert len(delivered) > 50 and delivered <= settled, sorted(delivered - settled)[:5]
 
 
 async def test_runs_stop_and_resume_from_the_command_line(tmp_path: Path) -> None:
