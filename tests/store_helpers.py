@@ -138,3 +138,25 @@ def run_cli(path: Path, *args: str, timeout: float = 60) -> subprocess.Completed
 
 def positions(events: Sequence[Recorded]) -> list[int]:
     return [e.position for e in events]
+
+
+def database_files(db_path: Path) -> dict[str, bytes]:
+    """The bytes of the database and of every file beside it that SQLite or Rungate writes (its WAL, shared
+    memory, key file), by file name."""
+    return {path.name: path.read_bytes() for path in db_path.parent.iterdir()
+            if path.is_file() and path.name.startswith(db_path.name)}
+
+
+def read_only(db_path: Path) -> sqlite3.Connection:
+    """A read-only connection to a database another process (or a running server) writes."""
+    return sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+
+
+def route_path(template: str, prefix: str = "id") -> str:
+    """A concrete path for a route template: each `{param}` becomes a well-formed id that names nothing."""
+    out, rest = [], template
+    while "{" in rest:
+        before, _, after = rest.partition("{")
+        name, _, rest = after.partition("}")
+        out.append(f"{before}{prefix}-{name.replace('_', '-')}")
+    return "".join(out) + rest

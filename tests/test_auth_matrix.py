@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import ADMIN_TOKEN, Gateway
+from tests.store_helpers import route_path
 
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json")}
 REFUSED = {401, 403}
@@ -26,15 +27,6 @@ WELL_FORMED = {
     "/v1/embeddings": {"model": "mock-embed", "input": "hi"},
 }
 
-
-def _path(template: str) -> str:
-    """A concrete path for a route template: every `{param}` becomes a well-formed id that names nothing."""
-    out, rest = [], template
-    while "{" in rest:
-        before, _, after = rest.partition("{")
-        name, _, rest = after.partition("}")
-        out.append(before + f"matrix-{name.replace('_', '-')}")
-    return "".join(out) + rest
 
 
 def _allowed(method: str, template: str, caller: str) -> bool:
@@ -75,7 +67,7 @@ async def test_every_route_admits_exactly_the_callers_the_matrix_names(gateway: 
                 kwargs: dict[str, Any] = {"headers": headers}
                 if method in ("POST", "PUT", "PATCH"):
                     kwargs["json"] = WELL_FORMED.get(template, {}) if caller == "disabled agent" else {}
-                async with http.request(method, gateway.url + _path(template), **kwargs) as resp:
+                async with http.request(method, gateway.url + route_path(template, "matrix"), **kwargs) as resp:
                     answered = resp.status
                     await resp.read()
                 allowed = _allowed(method, template, caller)

@@ -156,7 +156,8 @@ async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None
     import asyncio
     import random
     import signal
-    import sqlite3
+
+    from tests.store_helpers import read_only
 
     db = tmp_path / "kill.db"
     token = json.loads(rungate(db, "agents", "create", "victim").stdout)["token"]
@@ -204,7 +205,7 @@ async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None
     assert rungate(db, "rebuild").returncode == 0
     after = [json.loads(rungate(db, "runs", "show", f"kill-{r}-{w}").stdout) for r in range(3) for w in range(3)]
     assert after == before
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with read_only(db) as conn:
         settled = {row[0] for row in conn.execute("SELECT id FROM steps WHERE status = 'ok'")}
     assert len(delivered) > 50 and delivered <= settled, sorted(delivered - settled)[:5]
 

@@ -28,6 +28,7 @@ from rungate.providers.mock import create_mock_app
 from rungate.proxy.app import create_app
 from rungate.proxy.keys import STORE
 from tests.conftest import ADMIN_TOKEN
+from tests.store_helpers import route_path
 
 _SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=40)
 # Keys a route reads are drawn more often than any text: the values then reach the checks past "missing".
@@ -70,14 +71,6 @@ def _mutated(draw: st.DrawFn, template: dict[str, Any]) -> bytes:
         body[key] = draw(JSON)
     return json.dumps(body).encode()
 
-
-def _path(template: str) -> str:
-    out, rest = [], template
-    while "{" in rest:
-        before, _, after = rest.partition("{")
-        _, _, rest = after.partition("}")
-        out.append(before + "fuzz-run")
-    return "".join(out) + rest
 
 
 def _send(url: str, method: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
@@ -146,7 +139,7 @@ def test_any_body_on_any_route_gets_a_clear_client_error_never_a_server_error(ru
     anything = JSON.map(lambda value: json.dumps(value).encode()) | RAW
     body = data.draw(_mutated(TEMPLATES[template]) | anything if template in TEMPLATES else anything)
     headers = rungate["agent"] if template.startswith("/v1/") else rungate["admin"]
-    status, content_type, answer = _send(rungate["url"] + _path(template), method, body, headers)
+    status, content_type, answer = _send(rungate["url"] + route_path(template, "fuzz"), method, body, headers)
     assert status < 500, (method, template, body, status, answer[:300])
     if status >= 400:  # a clear error, in the route's own shape
         assert content_type == "application/json" and "error" in orjson.loads(answer), answer[:300]

@@ -4,23 +4,18 @@ key file, and in no answer — while the keys did reach the upstream, so the pat
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
+from tests.store_helpers import database_files
 
 ENV_KEY = "sk-canary-env-" + "Z9" * 16
 STORED_KEY = "sk-ant-canary-stored-" + "K4" * 16
 USER = [{"role": "user", "content": "hello"}]
 
-
-def _files(db_path: Path) -> dict[str, bytes]:
-    """The database and every file beside it that SQLite or Rungate writes (WAL, shared memory, key file)."""
-    return {path.name: path.read_bytes() for path in db_path.parent.iterdir()
-            if path.is_file() and path.name.startswith(db_path.name)}
 
 
 async def test_secrets_appear_in_no_log_file_or_answer_even_at_debug(make_gateway: GatewayFactory,
@@ -62,13 +57,13 @@ async def test_secrets_appear_in_no_log_file_or_answer_even_at_debug(make_gatewa
     assert any(h.get("x-api-key") == STORED_KEY for h in sent)
     # ... and nowhere else: not in the files while the server runs (the WAL holds the recent pages) nor once
     # it closed (the store checkpoints the WAL into the database)
-    running = _files(gateway.db_path)
+    running = database_files(gateway.db_path)
     assert any(name.endswith("-wal") for name in running)
     await gateway.server.close()
     logs = capfd.readouterr()
     assert '"event": "request_failed"' in logs.err  # the server's log lines were captured (the 502s)
     places = {"stderr": logs.err.encode(), "stdout": logs.out.encode(), "answers": "\n".join(answers).encode(),
-              **{f"{name} (running)": data for name, data in running.items()}, **_files(gateway.db_path)}
+              **{f"{name} (running)": data for name, data in running.items()}, **database_files(gateway.db_path)}
     leaks = [(secret[:16], place) for secret in (ENV_KEY, STORED_KEY, token, ADMIN_TOKEN)
              for place, data in places.items() if secret.encode() in data]
     assert leaks == []

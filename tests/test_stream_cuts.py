@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import re
-import sqlite3
 from typing import Any
 
 import aiohttp
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from tests.conftest import GatewayFactory
 from tests.faults import WORDS, chat_events, messages_events
+from tests.store_helpers import read_only
 
 CUTS_PER_FORMAT = 40  # random byte offsets, plus every event boundary's neighbours
 
@@ -85,7 +85,7 @@ async def test_a_stream_cut_at_any_byte_is_settled_charged_and_ended_properly(
             got_words = any(f'"{word}"'.encode() in received for word in WORDS)  # as a delta carries it
             ended = b"event: rungate" in received
             error_event = b'"error"' in received
-            with sqlite3.connect(f"file:{gateway.db_path}?mode=ro", uri=True) as db:
+            with read_only(gateway.db_path) as db:
                 steps = db.execute("SELECT status, cost_pusd FROM steps WHERE run_id = ?",
                                    (f"cut-{fmt}-{cut_at}",)).fetchall()
                 run = db.execute("SELECT reserved_pusd, open_steps FROM runs WHERE id = ?",
@@ -109,5 +109,5 @@ async def test_a_stream_cut_at_any_byte_is_settled_charged_and_ended_properly(
             if problems:
                 wrong.append(f"cut at {cut_at}/{total}: {'; '.join(problems)}")
     assert wrong == [], "\n".join(wrong)
-    with sqlite3.connect(f"file:{gateway.db_path}?mode=ro", uri=True) as db:
+    with read_only(gateway.db_path) as db:
         assert db.execute("SELECT count(*) FROM steps WHERE status = 'started'").fetchone() == (0,)

@@ -37,6 +37,7 @@ from rungate.webhooks.envelope import EVENT_NAMES, webhook_event
 from rungate.webhooks.urls import BlockedAddress, GuardedResolver, blocked_reason
 from tests.conftest import ADMIN_TOKEN, Gateway, GatewayFactory
 from tests.openapi_check import validate_response, validate_schema
+from tests.store_helpers import database_files
 from tests.test_approvals import decide, post, refund_chat, setup
 from tests.test_governance import agent_with_policy, put_policy
 
@@ -172,7 +173,7 @@ async def restart(gateway: Gateway, aiohttp_server: Any) -> Gateway:
 
 
 def db_bytes(path: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
+    return b"".join(database_files(path).values())
 
 
 # --- management and validation -------------------------------------------------------------------------
