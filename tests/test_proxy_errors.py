@@ -204,3 +204,37 @@ async def test_errors_outside_the_proxy_use_the_admin_shape(gateway: Gateway) ->
             missing = await resp.json()
     assert body["error"]["code"] == "method_not_allowed" and set(body["error"]) == {"code", "message"}
     assert missing["error"]["code"] == "not_found"
+
+
+async def test_a_full_disk_is_503_with_nothing_forwarded_unrecorded_and_recovers_without_a_restart(
+        gateway: Gateway) -> None:
+    from rungate.proxy.keys import STORE
+    from tests.store_helpers import read_only
+
+    token = await gateway.new_agent()
+    headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+    conn = gateway.app[STORE]._conn
+    assert conn is not None
+    # given a database that may not grow by one page more (SQLite answers as it does when the disk is full)
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    statuses, codes = [], set()
+    for i in range(60):
+        status, body = await raw_post(gateway, "/v1/chat/completions", orjson.dumps(
+            {"model": "mock-gpt", "messages": [{"role": "user", "content": f"fill {i} " + "x" * 400}]}), headers)
+        statuses.append(status)
+        if status != 200:
+            codes.add(body["error"]["code"])
+    # then calls are refused with 503 once it is full, in the caller's format
+    assert 503 in statuses and codes == {"store_unavailable"}, (statuses, codes)
+    # when space is back, the next call goes through without a restart
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    status, _ = await raw_post(gateway, "/v1/chat/completions", orjson.dumps(
+        {"model": "mock-gpt", "messages": [{"role": "user", "content": "after"}]}), headers)
+    assert status == 200
+    # and every call that went upstream has its admission in the log: none was forwarded unrecorded
+    with read_only(gateway.db_path) as db:
+        admitted = db.execute("SELECT count(*) FROM events WHERE type = 'StepStarted'").fetchone()[0]
+    forwarded = len(gateway.upstream_requests)
+    assert statuses.count(200) + 1 <= forwarded < len(statuses) + 1 <= 61  # refused calls mostly never left
+    assert admitted >= forwarded, (admitted, forwarded)
+    assert (await gateway.app[STORE].verify()).ok

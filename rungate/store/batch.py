@@ -183,6 +183,8 @@ class BatchWriter:
             self._unwritten.clear()  # the failed command's own rows (the others' are in)
             self._rows.clear()  # rows read after the undone statements may show them
             self._images.clear()
+            if _unavailable(exc):  # the disk, not the command: 503, and the caller may retry
+                return StoreError(f"event log write failed: {exc}")
             return StoreError(f"event log write failed: {exc}", status=500, code="write_failed")
         conn.execute("RELEASE job")
         return recorded
@@ -291,6 +293,21 @@ class BatchWriter:
                 rows.clear()
             rows[lookup] = found
         return found
+
+
+# SQLite's primary result codes that say the database cannot be written right now, whatever was written: busy,
+# locked, out of memory, read-only, an I/O error, full, cannot open, a locking protocol error.
+_UNAVAILABLE = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is SQLite saying the store is unavailable, not refusing a statement."""
+    while exc is not None:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _UNAVAILABLE
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
 
 
 def apply_projections(conn: sqlite3.Connection, projections: Sequence[Projection], rec: Recorded) -> list[str]:
