@@ -1,4 +1,5 @@
-"""A provider's stream cut at any byte — inside an event, between two, after the last — is accounted.
+"""A stream cut at any byte — by the provider (inside an event, between two, after the last) or by the agent
+walking away — is accounted.
 
 For each cut the step settles once (`cut`, or `ok` when the stream was whole), is charged when answer tokens
 reached the agent (never a silent $0), leaves nothing reserved or open on its run, and the agent's stream
@@ -7,6 +8,7 @@ ends the way its SDK understands: the format's error event and the `rungate` tra
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from typing import Any
@@ -111,3 +113,61 @@ async def test_a_stream_cut_at_any_byte_is_settled_charged_and_ended_properly(
     assert wrong == [], "\n".join(wrong)
     with read_only(gateway.db_path) as db:
         assert db.execute("SELECT count(*) FROM steps WHERE status = 'started'").fetchone() == (0,)
+
+
+def _paced_upstream(pause_s: float = 0.004) -> web.Application:
+    """Streams the scripted answer one event at a time, with a pause between events (a model still writing)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        events = (chat_events if request.path.endswith("completions") else messages_events)(body["model"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+            await asyncio.sleep(pause_s)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/messages", answer)
+    return app
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+async def test_an_agent_that_leaves_at_any_byte_leaves_a_settled_charged_step(
+        fmt: str, make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    path, model, _ = FORMATS[fmt]
+    upstream = await aiohttp_server(_paced_upstream())
+    gateway = await make_gateway(RUNGATE_OPENAI_BASE_URL=str(upstream.make_url("/v1")),
+                                 RUNGATE_ANTHROPIC_BASE_URL=str(upstream.make_url("")).rstrip("/"))
+    token = await gateway.new_agent(f"leaves-{fmt}")
+    rng = random.Random(f"leave-{fmt}")
+    wrong: list[str] = []
+    for leave_at in sorted(rng.sample(range(1, 2400), 16)):
+        run_id = f"leave-{fmt}-{leave_at}"
+        body = {"model": model, "stream": True, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+                "rungate": {"run_id": run_id}}
+        received = b""
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(gateway.url + path, json=body, headers={"x-api-key": token})
+            while len(received) < leave_at and (chunk := await resp.content.readany()):
+                received += chunk
+            resp.close()  # the agent walks away here (or the answer was shorter)
+        got_words = any(f'"{word}"'.encode() in received for word in WORDS)
+        for _ in range(200):  # the server notices the agent is gone at its next write
+            with read_only(gateway.db_path) as db:
+                steps = db.execute("SELECT status, cost_pusd FROM steps WHERE run_id = ?", (run_id,)).fetchall()
+                run = db.execute("SELECT reserved_pusd, open_steps FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if steps and steps[0][0] != "started":
+                break
+            await asyncio.sleep(0.025)
+        # `client_closed` when the relay's next write finds the agent gone (`rungate serve`); `aborted` when the
+        # server cancels the handler of a departed client first (aiohttp's test server does); `ok` when the
+        # answer was whole before the agent left. Each settles with the tokens seen.
+        if len(steps) != 1 or steps[0][0] not in ("client_closed", "aborted", "ok") or run != (0, 0):
+            wrong.append(f"left at {leave_at}: steps {steps}, run {run}")
+        elif got_words and not steps[0][1]:
+            wrong.append(f"left at {leave_at}: tokens reached the agent but the step cost {steps[0][1]}")
+    assert wrong == [], "\n".join(wrong)
