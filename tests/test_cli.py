@@ -251,3 +251,74 @@ def test_serve_takes_the_config_file_after_the_command_too(tmp_path: Path) -> No
     assert build_parser().parse_args(["serve", "--config", "routes.yaml"]).config == "routes.yaml"
     assert build_parser().parse_args(["--config", "a.yaml", "serve"]).config == "a.yaml"
     assert build_parser().parse_args(["serve"]).config is None
+
+
+async def test_sigterm_lets_calls_in_flight_finish_and_leaves_no_open_step(tmp_path: Path, aiohttp_server: Any) -> None:
+    """A deploy's restart (SIGTERM): streams in flight are answered whole and settled, then the server exits 0."""
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    from tests.faults import chat_events
+    from tests.store_helpers import read_only
+
+    async def paced(request: web.Request) -> web.StreamResponse:  # a model still writing: 8 events, 0.6 s
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in chat_events(body["model"]):
+            await response.write(event)
+            await asyncio.sleep(0.075)
+        await response.write_eof()
+        return response
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/v1/chat/completions", paced)
+    upstream = await aiohttp_server(upstream_app)
+    db = tmp_path / "term.db"
+    token = json.loads(rungate(db, "agents", "create", "deployed").stdout)["token"]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "RUNGATE_LOG_LEVEL": "warning", "OPENAI_API_KEY": "sk-term-00000000",
+                                   "RUNGATE_OPENAI_BASE_URL": str(upstream.make_url("/v1"))})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                try:
+                    async with http.get(base + "/health") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+
+            async def stream(i: int) -> bytes:
+                body = {"model": "mock-gpt", "stream": True,
+                        "messages": [{"role": "user", "content": f"in flight {i}"}]}
+                async with http.post(base + "/v1/chat/completions", data=orjson.dumps(body),
+                                     headers={"authorization": f"Bearer {token}",
+                                              "content-type": "application/json"}) as resp:
+                    assert resp.status == 200
+                    return await resp.read()
+
+            # given eight streams well under way
+            calls = [asyncio.create_task(stream(i)) for i in range(8)]
+            await asyncio.sleep(0.3)
+            # when the server is told to stop
+            server.send_signal(signal.SIGTERM)
+            answers = await asyncio.gather(*calls)
+        code = await asyncio.get_running_loop().run_in_executor(None, lambda: server.wait(timeout=30))
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    stderr = server.stderr.read().decode() if server.stderr else ""
+    # then every stream was answered whole, the server exited cleanly, and every step is settled
+    assert all(b"data: [DONE]" in a and b"event: rungate" in a for a in answers), answers
+    assert code == 0, stderr
+    with read_only(db) as conn:
+        statuses = [row[0] for row in conn.execute("SELECT status FROM steps")]
+    assert sorted(statuses) == ["ok"] * 8
+    assert rungate(db, "verify").stdout.startswith("ok")
