@@ -31,7 +31,7 @@ def bearer_token(request: web.Request) -> str | None:
 
 async def authenticate_agent(request: web.Request, store: EventStore, *, cache: ReadCache | None = None,
                              refuse_disabled: bool = True) -> Row:
-    """The calling agent's row (`id`, `name`, `disabled`, `token_hash`).
+    """The calling agent's row (`id`, `name`, `disabled`, `token_hash`, `policy_id`).
 
     Raises `Unauthorized` when the token is missing or unknown, and the `agent_disabled` refusal when the
     agent is disabled (unless the caller records that refusal itself, as admission does). With `cache`,

@@ -78,7 +78,8 @@ async def run_steps(store: EventStore, run_id: str) -> list[Row]:
 
 
 async def agent_by_token_hash(store: EventStore, digest: str) -> Row | None:
-    return await store.fetchone("SELECT id, name, disabled, token_hash FROM agents WHERE token_hash = ?", (digest,))
+    return await store.fetchone("SELECT id, name, disabled, token_hash, policy_id FROM agents WHERE token_hash = ?",
+                                (digest,))
 
 
 async def newest_provider_key(store: EventStore, provider: str) -> Row | None:

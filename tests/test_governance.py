@@ -682,3 +682,41 @@ async def test_a_run_that_used_its_cap_is_blocked_listed_and_resumed_by_an_opera
     assert again.http_response.status_code == 200
     events = [e["type"] for e in await _run_events(gateway, "blocked-run")]
     assert events.count("RunBlocked") == 1 and events.index("RunBlocked") < events.index("RunResumed")
+
+
+async def _models(gateway: Gateway, token: str, **headers: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(
+            gateway.url + "/v1/models", headers={"Authorization": f"Bearer {token}", **headers}) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_the_model_list_is_what_the_agents_policy_allows(gateway: Gateway) -> None:
+    await put_policy(gateway, "narrow", {"models": {"allowed": ["mock-*", "main"], "blocked": ["mock-embedding"]},
+                                         "routes": {"main": [{"provider": "openai", "model": "mock-gpt"}]}})
+    await put_policy(gateway, "watching", {"mode": "shadow", "models": {"allowed": ["nothing-at-all"]}})
+    free = await agent_with_policy(gateway, "free", None)
+    narrow = await agent_with_policy(gateway, "narrow-agent", "narrow")
+    # an agent under no policy sees every model Rungate can price
+    status, everything = await _models(gateway, free)
+    assert status == 200
+    every = {m["id"] for m in everything["data"]}
+    assert {"mock-gpt", "mock-claude", "mock-embedding", "gpt-4o"} <= every
+    validate_response("GET", "/v1/models", 200, everything)
+    # an agent under a policy sees what its model lists allow, and the names its routes give
+    status, listed = await _models(gateway, narrow)
+    assert status == 200 and {m["id"] for m in listed["data"]} == {"mock-gpt", "mock-claude", "main"}
+    status, anthropic = await _models(gateway, narrow, **{"anthropic-version": "2023-06-01"})
+    assert status == 200 and [m["id"] for m in anthropic["data"]] == ["mock-claude", "main"]  # main: translated
+    validate_response("GET", "/v1/models", 200, anthropic)
+    # a listed model is admitted, one left out is refused
+    code, _, _ = await post(gateway, narrow, chat())
+    assert code == 200
+    code, _, refused = await post(gateway, narrow, chat(model="gpt-4o"))
+    assert code == 403 and refused["error"]["code"] == "model_not_allowed"
+    # a pinned policy lists its own models; lists in shadow mode refuse none; an unknown pin is a 400
+    status, pinned = await _models(gateway, free, **{"x-rungate-policy": "narrow@1"})
+    assert status == 200 and {m["id"] for m in pinned["data"]} == {"mock-gpt", "mock-claude", "main"}
+    status, shadow = await _models(gateway, free, **{"x-rungate-policy": "watching"})
+    assert status == 200 and {m["id"] for m in shadow["data"]} == every
+    status, unknown = await _models(gateway, free, **{"x-rungate-policy": "nope"})
+    assert status == 400 and unknown["error"]["code"] == "unknown_policy"

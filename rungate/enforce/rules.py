@@ -150,6 +150,11 @@ def model_refused(policy: CompiledPolicy, provider: str, model: str) -> str | No
     return None
 
 
+def model_allowed(policy: CompiledPolicy | None, provider: str, model: str) -> bool:
+    """Whether `policy` lets `provider/model` be called: no policy, or model lists in shadow mode, refuse none."""
+    return policy is None or policy.models_mode == "shadow" or model_refused(policy, provider, model) is None
+
+
 def _models(policy: CompiledPolicy, ask: CallAsk) -> list[Verdict]:
     rule = model_refused(policy, ask.provider, ask.model)
     if rule is None:

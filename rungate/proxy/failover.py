@@ -31,7 +31,7 @@ import orjson
 
 from rungate.clock import utcnow
 from rungate.enforce.policy import CompiledPolicy
-from rungate.enforce.rules import model_refused
+from rungate.enforce.rules import model_allowed
 from rungate.prices import PriceTable
 from rungate.proxy.breaker import Breakers, TargetKey
 from rungate.proxy.crossing import CROSSINGS
@@ -146,8 +146,7 @@ def backoff_s(retry: int, base_s: float) -> float:
 
 def target_allowed(policy: CompiledPolicy | None, spec: RouteTarget) -> bool:
     """Whether the run's policy lets `spec`'s model serve (the model lists apply to every target)."""
-    return policy is None or policy.models_mode == "shadow" or model_refused(policy, spec.provider,
-                                                                             spec.model) is None
+    return model_allowed(policy, spec.provider, spec.model)
 
 
 def serves(fmt: WireFormat, spec: RouteTarget) -> bool:

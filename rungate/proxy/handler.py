@@ -33,7 +33,8 @@ from rungate.runs import AdmitCall, CallFacts
 
 _TRUE = {"1", "true", "yes"}
 _MAX_MODEL_CHARS = 256
-_POLICY_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
+# `x-rungate-policy` (or the body's `rungate.policy`): `NAME` or `NAME@VERSION`.
+POLICY_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 
 
 def _max_output(body: dict[str, Any], fmt: WireFormat) -> int | None:
@@ -73,7 +74,7 @@ def _run_options(request: web.Request, body: dict[str, Any]) -> RunOptions:
     pin = request.headers.get("x-rungate-policy") or options.get("policy")
     name, version = None, None
     if pin is not None:
-        match = _POLICY_PIN.match(pin.strip()) if isinstance(pin, str) else None
+        match = POLICY_PIN.match(pin.strip()) if isinstance(pin, str) else None
         if match is None:
             raise BadRequest("The policy must be given as NAME or NAME@VERSION.", code="invalid_policy_name")
         name, version = match["name"], int(match["version"]) if match["version"] else None

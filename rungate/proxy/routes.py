@@ -10,6 +10,8 @@ from aiohttp import web
 
 from rungate import queries
 from rungate.auth import authenticate_agent
+from rungate.enforce.policy import CompiledPolicy, cached_policy, compile_policy
+from rungate.enforce.rules import model_allowed
 from rungate.errors import BadRequest
 from rungate.events import canonical_json
 from rungate.events.catalogue import ToolStepLogged
@@ -17,11 +19,13 @@ from rungate.ids import is_valid_client_id, new_id
 from rungate.prices import parse_usd
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.call import warning_header
+from rungate.proxy.failover import serves
 from rungate.proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
 from rungate.proxy.gating import awaiting_response
-from rungate.proxy.handler import proxy_call
+from rungate.proxy.handler import POLICY_PIN, proxy_call
 from rungate.proxy.keys import PRICES, SETTINGS, STORE
 from rungate.runs import CompleteRun, LogToolStep
+from rungate.store import Row
 from rungate.views import run_view, step_view
 
 routes = web.RouteTableDef()
@@ -49,20 +53,60 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await proxy_call(request, EMBEDDINGS)
 
 
+async def _listing_policy(request: web.Request, agent: Row) -> CompiledPolicy | None:
+    """The policy a run this agent starts now is bound to: the one `x-rungate-policy` names, else the agent's."""
+    store = request.app[STORE]
+    pin = request.headers.get("x-rungate-policy")
+    if pin is not None:
+        match = POLICY_PIN.match(pin.strip())
+        if match is None:
+            raise BadRequest("The policy must be given as NAME or NAME@VERSION.", code="invalid_policy_name")
+        row = await queries.policy_by_name(store, match["name"])
+        version = int(match["version"]) if match["version"] else None
+        if row is None or (version is not None and version > int(row["version"])):
+            raise BadRequest(f"Policy {pin.strip()} not found.", code="unknown_policy")
+    else:
+        row = await queries.get_policy(store, agent["policy_id"]) if agent.get("policy_id") else None
+        version = None
+    if row is None:
+        return None
+    version = version or int(row["version"])
+    compiled = cached_policy(row["id"], version)
+    if compiled is None:
+        stored = await queries.policy_version(store, row["id"], version)
+        assert stored is not None  # versions are never deleted
+        compiled = compile_policy(row["id"], version, stored["document"])
+    return compiled
+
+
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
-    """The models Rungate can price, in the caller's format (Anthropic when `anthropic-version` is sent)."""
-    await authenticate_agent(request, request.app[STORE])
-    table = request.app[PRICES]
-    if "anthropic-version" in request.headers:
-        items = [{"type": "model", "id": p.model, "display_name": p.model, "created_at": "2026-01-01T00:00:00Z"}
-                 for p in table if p.provider == "anthropic"]
+    """The models this agent's policy lets it call (SPEC §3), in the caller's format (Anthropic when
+    `anthropic-version` is sent): the models Rungate can price and the names routes give, less those the
+    policy's model lists refuse (lists in shadow mode refuse nothing)."""
+    agent = await authenticate_agent(request, request.app[STORE])
+    policy = await _listing_policy(request, agent)
+    anthropic = "anthropic-version" in request.headers
+    fmt = MESSAGES if anthropic else CHAT  # a route name is listed when a target can serve this format
+    provider = fmt.provider
+    names = [(p.provider or "rungate", p.model) for p in request.app[PRICES]
+             if (not anthropic or p.provider == "anthropic") and model_allowed(policy, p.provider or "", p.model)]
+    priced = {model for _, model in names}
+    route_tables = (*([policy.routes] if policy is not None else []), request.app[SETTINGS].routes)
+    for table in route_tables:
+        for name, targets in table.exact.items():
+            usable = any(serves(fmt, spec) and model_allowed(policy, spec.provider, spec.model) for spec in targets)
+            if usable and name not in priced and model_allowed(policy, provider, name):
+                names.append(("rungate", name))
+                priced.add(name)
+    if anthropic:
+        items = [{"type": "model", "id": model, "display_name": model, "created_at": "2026-01-01T00:00:00Z"}
+                 for _, model in names]
         return web.json_response({"data": items, "has_more": False,
                                   "first_id": items[0]["id"] if items else None,
                                   "last_id": items[-1]["id"] if items else None})
     return web.json_response({"object": "list", "data": [
-        {"id": p.model, "object": "model", "created": 1767225600, "owned_by": p.provider or "rungate"}
-        for p in table]})
+        {"id": model, "object": "model", "created": 1767225600, "owned_by": owner} for owner, model in names]})
 
 
 def _run_id(request: web.Request) -> str:
