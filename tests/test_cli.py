@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -28,6 +29,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def wait_until_healthy(http: aiohttp.ClientSession, base: str, server: subprocess.Popen[bytes]) -> None:
+    """Wait until the `rungate serve` at `base` answers `/health` with 200 (at most 30 s; not if it exits)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with http.get(base + "/health") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        assert server.poll() is None, server.stderr.read() if server.stderr else "server exited"
+        await asyncio.sleep(0.05)
 
 
 def test_agents_create_and_list(tmp_path: Path) -> None:
@@ -109,19 +125,7 @@ async def test_serve_with_the_mock_provider_end_to_end(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with http.get(base + "/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "server did not start"
-                assert server.poll() is None, server.stderr.read() if server.stderr else ""
-                import asyncio
-
-                await asyncio.sleep(0.1)
+            await wait_until_healthy(http, base, server)
             body: dict[str, Any] = {"model": "mock-gpt", "messages": [{"role": "user", "content": "first try"}]}
             async with http.post(base + "/v1/chat/completions", data=orjson.dumps(body),
                                  headers={"authorization": f"Bearer {token}",
@@ -153,7 +157,6 @@ def test_a_lost_key_file_is_refused_rather_than_replaced_silently(tmp_path: Path
 async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None:
     """SPEC: kill the server at any moment and `rungate verify` passes on restart; projections rebuild equal;
     and every answer an agent received whole was recorded before it was released (its step is settled)."""
-    import asyncio
     import random
     import signal
 
@@ -170,13 +173,7 @@ async def test_kill_9_under_load_leaves_a_verifiable_log(tmp_path: Path) -> None
                                   stderr=subprocess.DEVNULL, env={**os.environ, "RUNGATE_LOG_LEVEL": "warning"})
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                try:
-                    async with http.get(base + "/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+            await wait_until_healthy(http, base, server)
 
             async def hammer(worker: int, base: str = base, round_: int = round_) -> None:
                 for i in range(10_000):
@@ -255,7 +252,6 @@ def test_serve_takes_the_config_file_after_the_command_too(tmp_path: Path) -> No
 
 async def test_sigterm_lets_calls_in_flight_finish_and_leaves_no_open_step(tmp_path: Path, aiohttp_server: Any) -> None:
     """A deploy's restart (SIGTERM): streams in flight are answered whole and settled, then the server exits 0."""
-    import asyncio
     import signal
 
     from aiohttp import web
@@ -286,13 +282,7 @@ async def test_sigterm_lets_calls_in_flight_finish_and_leaves_no_open_step(tmp_p
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                try:
-                    async with http.get(base + "/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+            await wait_until_healthy(http, base, server)
 
             async def stream(i: int) -> bytes:
                 body = {"model": "mock-gpt", "stream": True,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import GatewayFactory
+from tests.conftest import Gateway, GatewayFactory
 from tests.faults import WORDS, chat_events, messages_events
 from tests.store_helpers import read_only
 
@@ -29,8 +30,25 @@ FORMATS = {
 }
 
 
-def _stream(path: str, model: str) -> bytes:
-    return b"".join((chat_events if path.endswith("completions") else messages_events)(model))
+def _events(path: str, model: str) -> list[bytes]:
+    """The scripted answer's events in the format of the upstream path asked."""
+    return (chat_events if path.endswith("completions") else messages_events)(model)
+
+
+def _upstream(answer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_post("/v1/messages", answer)
+    return app
+
+
+async def _gateway_behind(upstream: web.Application, name: str, make_gateway: GatewayFactory,
+                          aiohttp_server: Any) -> tuple[Gateway, str]:
+    """Rungate with both vendors' base URLs on `upstream`, and an agent's token."""
+    server = await aiohttp_server(upstream)
+    gateway = await make_gateway(RUNGATE_OPENAI_BASE_URL=str(server.make_url("/v1")),
+                                 RUNGATE_ANTHROPIC_BASE_URL=str(server.make_url("")).rstrip("/"))
+    return gateway, await gateway.new_agent(name)
 
 
 def _cutting_upstream() -> web.Application:
@@ -40,7 +58,7 @@ def _cutting_upstream() -> web.Application:
         body = await request.json()
         text = body["messages"][-1]["content"]
         cut_at = int(re.search(r"cut at (\d+)", text)[1])  # type: ignore[index]
-        data = _stream(request.path, body["model"])
+        data = b"".join(_events(request.path, body["model"]))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(data[:cut_at])
@@ -50,10 +68,7 @@ def _cutting_upstream() -> web.Application:
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    app.router.add_post("/v1/messages", answer)
-    return app
+    return _upstream(answer)
 
 
 def _offsets(events: list[bytes], rng: random.Random) -> list[int]:
@@ -70,10 +85,7 @@ def _offsets(events: list[bytes], rng: random.Random) -> list[int]:
 async def test_a_stream_cut_at_any_byte_is_settled_charged_and_ended_properly(
         fmt: str, make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
     path, model, events_of = FORMATS[fmt]
-    upstream = await aiohttp_server(_cutting_upstream())
-    gateway = await make_gateway(RUNGATE_OPENAI_BASE_URL=str(upstream.make_url("/v1")),
-                                 RUNGATE_ANTHROPIC_BASE_URL=str(upstream.make_url("")).rstrip("/"))
-    token = await gateway.new_agent(f"cuts-{fmt}")
+    gateway, token = await _gateway_behind(_cutting_upstream(), f"cuts-{fmt}", make_gateway, aiohttp_server)
     events = events_of(model)
     total = sum(map(len, events))
     wrong: list[str] = []
@@ -120,7 +132,7 @@ def _paced_upstream(pause_s: float = 0.004) -> web.Application:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        events = (chat_events if request.path.endswith("completions") else messages_events)(body["model"])
+        events = _events(request.path, body["model"])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for event in events:
@@ -129,20 +141,14 @@ def _paced_upstream(pause_s: float = 0.004) -> web.Application:
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    app.router.add_post("/v1/messages", answer)
-    return app
+    return _upstream(answer)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 async def test_an_agent_that_leaves_at_any_byte_leaves_a_settled_charged_step(
         fmt: str, make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
     path, model, _ = FORMATS[fmt]
-    upstream = await aiohttp_server(_paced_upstream())
-    gateway = await make_gateway(RUNGATE_OPENAI_BASE_URL=str(upstream.make_url("/v1")),
-                                 RUNGATE_ANTHROPIC_BASE_URL=str(upstream.make_url("")).rstrip("/"))
-    token = await gateway.new_agent(f"leaves-{fmt}")
+    gateway, token = await _gateway_behind(_paced_upstream(), f"leaves-{fmt}", make_gateway, aiohttp_server)
     rng = random.Random(f"leave-{fmt}")
     wrong: list[str] = []
     for leave_at in sorted(rng.sample(range(1, 2400), 16)):
