@@ -151,11 +151,12 @@ async def _runs_show(store: EventStore, run_id: str) -> int:
 
 
 async def _runs_stop(store: EventStore, run_id: str, reason: str | None) -> int:
-    """`rungate runs stop`: record the stop in the log; later calls of the run are refused everywhere."""
+    """`rungate runs stop`: record the stop in the log; later calls of the run are refused everywhere, and
+    a server running on the same database cuts the calls it has in flight (`rungate.proxy.inflight`)."""
     command = StopRun(run_id, reason)
     await store.execute(command)
-    print(f"run {run_id} {'stopped' if command.stopped else 'was already stopped'}; to cut its calls in flight"
-          f" as well, stop it through the server: POST /api/runs/{run_id}/stop")
+    print(f"run {run_id} {'stopped' if command.stopped else 'was already stopped'}; a server running on this"
+          f" database cuts the run's calls in flight within a second")
     return 0
 
 
@@ -283,10 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs_list.add_argument("--status")
     runs_list.add_argument("--limit", type=_positive, default=50)
     runs.add_parser("show").add_argument("run_id")
-    runs_stop = runs.add_parser("stop", help="the kill switch: refuse the run's later calls (see --help)",
-                                description="Refuse every later call of the run (403 run_force_stopped). Calls"
-                                            " already in flight in a running server are cut only when the stop"
-                                            " goes through it: POST /api/runs/{id}/stop.")
+    runs_stop = runs.add_parser("stop", help="the kill switch: refuse the run's later calls, cut those in flight",
+                                description="Refuse every later call of the run (403 run_force_stopped). A"
+                                            " server running on the same database cuts the run's calls in flight"
+                                            " when it reads the stop from the log (within about a quarter"
+                                            " second).")
     runs_stop.add_argument("run_id")
     runs_stop.add_argument("--reason")
     runs_resume = runs.add_parser("resume", help="let a stopped or blocked run take calls again")

@@ -124,6 +124,19 @@ async def open_steps_started_before(store: EventStore, before: str, limit: int =
     return [row["id"] for row in rows]
 
 
+async def head_position(store: EventStore) -> int:
+    """The position of the log's newest event (0 for an empty log)."""
+    row = await store.fetchone("SELECT max(position) AS head FROM events")
+    return int(row["head"] or 0) if row is not None else 0
+
+
+async def stops_between(store: EventStore, after: int, upto: int) -> list[tuple[str, int]]:
+    """(run id, position) of every `RunStopped` in positions `after` (exclusive) to `upto`, oldest first."""
+    rows = await store.fetch("SELECT position, data FROM events WHERE position > ? AND position <= ?"
+                             " AND type = 'RunStopped' ORDER BY position", (after, upto))
+    return [(orjson.loads(row["data"])["run_id"], int(row["position"])) for row in rows]
+
+
 # Agents as views show them: with the name of their default policy.
 _AGENTS = ("SELECT agents.*, policies.name AS policy_name FROM agents"
            " LEFT JOIN policies ON policies.id = agents.policy_id")

@@ -1,10 +1,13 @@
 """The kill switch (SPEC §4): `POST /api/runs/{id}/stop` refuses every later call of the run and cuts the
 calls in flight — a stream ends with a protocol-correct error event and is charged what it relayed; resume
-(with a top-up) lets the run go on. Both are events."""
+(with a top-up) lets the run go on. Both are events. A stop recorded by another process (the CLI) cuts a
+running server's calls too, those admitted before the stop only."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,15 @@ import orjson
 import pytest
 from aiohttp import web
 
+from rungate import queries
+from rungate.admin import CreateAgent
 from rungate.config import load_settings
 from rungate.proxy.app import create_app
-from rungate.runs import run_stream
+from rungate.proxy.inflight import Inflight, watch_stops
+from rungate.runs import AdmitCall, ResumeRun, StopRun, run_stream
 from tests.conftest import ADMIN_TOKEN
 from tests.openapi_check import validate_response
+from tests.store_helpers import facts, opened
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -175,3 +182,109 @@ async def _run_events(root: str, run_id: str) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(root + f"/api/runs/{run_id}/events", headers=ADMIN) as r:
         return [orjson.loads(line) for line in (await r.read()).splitlines() if line]
 
+
+
+async def _open_stream(client: openai.AsyncOpenAI, run_id: str, received: list[str]) -> asyncio.Task[None]:
+    """Start a stream of the slow upstream's 100 chunks in run `run_id`; returns the task reading it into
+    `received` once its first 5 chunks arrived."""
+    stream = await client.chat.completions.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "go"}], stream=True,
+        extra_headers={"x-rungate-run-id": run_id})
+
+    async def read() -> None:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+
+    reader = asyncio.create_task(read())
+    while len(received) < 5:
+        await asyncio.sleep(0.02)
+    return reader
+
+
+async def test_a_stop_from_the_command_line_cuts_a_running_servers_stream(aiohttp_server: Any,
+                                                                          tmp_path: Path) -> None:
+    root, token = await _setup(aiohttp_server, tmp_path)
+    client = openai.AsyncOpenAI(api_key=token, base_url=root + "/v1", max_retries=0)
+    async with client:
+        # given a stream in progress in the server
+        received: list[str] = []
+        reader = await _open_stream(client, "cli-stopped", received)
+        # when an operator stops the run with the CLI, another process writing the same database
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{tmp_path}/kill.db",
+            "runs", "stop", "cli-stopped", "--reason", "from a terminal",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(cli.communicate(), 60)
+        assert cli.returncode == 0, err.decode()
+        assert b"cuts the run's calls in flight" in out
+        stopped_at = time.monotonic()
+        # then the server cuts the stream within its watch interval, long before its 100 chunks
+        with pytest.raises(openai.APIError, match="stopped"):
+            await asyncio.wait_for(reader, 5)
+        assert time.monotonic() - stopped_at < 2 and len(received) < 90
+    status, steps, _ = await _admin(root, "GET", "/api/runs/cli-stopped/steps")
+    [step] = steps["data"]
+    assert step["status"] == "stopped" and step["tokens"]["output"] >= 5 and Decimal(step["cost_usd"]) > 0
+    status, run, _ = await _admin(root, "GET", "/api/runs/cli-stopped")
+    assert run["data"]["status"] == "stopped" and run["data"]["reserved_usd"] == "0"
+
+
+async def test_a_stop_recorded_elsewhere_and_undone_at_once_still_cuts_its_calls(aiohttp_server: Any,
+                                                                                  tmp_path: Path) -> None:
+    root, token = await _setup(aiohttp_server, tmp_path)
+    client = openai.AsyncOpenAI(api_key=token, base_url=root + "/v1", max_retries=0)
+    async with client:
+        # given a stream in progress
+        first: list[str] = []
+        cut = await _open_stream(client, "stop-and-go", first)
+        # when another writer of the database stops the run and resumes it at once (within one watch interval)
+        async with opened(tmp_path / "kill.db") as other:
+            await other.execute(StopRun("stop-and-go", "second thoughts"))
+            await other.execute(ResumeRun("stop-and-go"))
+        # then the stream admitted before the stop is cut all the same
+        with pytest.raises(openai.APIError, match="stopped"):
+            await asyncio.wait_for(cut, 5)
+        # and a stream admitted after the resume runs to its end: the old stop is not its stop
+        second: list[str] = []
+        kept = await _open_stream(client, "stop-and-go", second)
+        await asyncio.wait_for(kept, 15)
+        assert len(second) == 100
+    status, steps, _ = await _admin(root, "GET", "/api/runs/stop-and-go/steps")
+    assert [s["status"] for s in steps["data"]] == ["stopped", "ok"]
+
+
+class _InFlight:
+    """A call in flight as the registry sees it: its run, where it was admitted, whether it was cut."""
+
+    def __init__(self, run_id: str, admitted_at: int) -> None:
+        self.run_id, self.admitted_at, self.cuts = run_id, admitted_at, 0
+
+    def stop(self) -> None:
+        self.cuts += 1
+
+
+async def test_the_stop_watch_cuts_a_runs_calls_admitted_before_the_stop_once(tmp_path: Path) -> None:
+    async with opened(tmp_path / "watch.db") as store:
+        create = CreateAgent("watched", {})
+        await store.execute(create)
+        for run_id in ("stopped-run", "other-run"):
+            await store.execute(AdmitCall(await facts(store, create.agent_id, run_id=run_id)))
+        inflight = Inflight()
+        watch = asyncio.create_task(watch_stops(store, inflight, poll_s=0.3))
+        await asyncio.sleep(0.01)  # the watch has read the head: what follows is new to it
+        # given calls admitted before the stop, in its run and in another
+        before = _InFlight("stopped-run", await queries.head_position(store))
+        elsewhere = _InFlight("other-run", before.admitted_at)
+        # when the run is stopped and resumed within one interval, then a call is admitted after the resume
+        await store.execute(StopRun("stopped-run", "test"))
+        await store.execute(ResumeRun("stopped-run"))
+        after = _InFlight("stopped-run", await queries.head_position(store) + 1)
+        for call in (before, elsewhere, after):
+            inflight.add(call)
+        await asyncio.sleep(0.8)  # two intervals
+        watch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watch
+    # then only the call admitted before the stop, in its run, was cut, and once
+    assert (before.cuts, elsewhere.cuts, after.cuts) == (1, 0, 0)

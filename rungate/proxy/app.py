@@ -20,7 +20,7 @@ from rungate.log import configure, get_logger
 from rungate.prices import PriceTable
 from rungate.providers.mock import create_mock_app
 from rungate.proxy.breaker import Breakers
-from rungate.proxy.inflight import Inflight
+from rungate.proxy.inflight import Inflight, watch_stops
 from rungate.proxy.keys import AGENTS, BREAKERS, HTTP, INFLIGHT, KEYRING, PRICES, SETTINGS, STORE, TARGETS
 from rungate.proxy.middleware import add_request_id, error_middleware
 from rungate.proxy.routes import routes as proxy_routes
@@ -81,6 +81,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[INFLIGHT] = Inflight()
     app[BREAKERS] = Breakers(settings.breaker_threshold, settings.breaker_cooldown_s)
     sweeper = asyncio.create_task(_sweep_idle_runs(app), name="rungate-idle-sweeper")
+    # The kill switch across processes: stops recorded elsewhere (the CLI, another server) cut calls here.
+    stop_watch = asyncio.create_task(watch_stops(store, app[INFLIGHT]), name="rungate-stop-watch")
     # Webhooks are sent from the event log by their own task and HTTP session, never on the request path.
     app[WEBHOOKS] = Deliverer(settings, store, app[KEYRING])
     await app[WEBHOOKS].start()
@@ -88,9 +90,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[WEBHOOKS].stop()  # before the store closes: deliveries cut here are sent again next start
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in (sweeper, stop_watch):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await session.close()
         if mock_runner is not None:
             await mock_runner.cleanup()

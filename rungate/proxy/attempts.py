@@ -201,10 +201,12 @@ async def record_admission(store: EventStore, admit: AdmitCall, call: Call) -> N
     """Record the admission. If the caller is cancelled meanwhile, the admission may still commit, so a
     settlement is queued behind it (the writer applies jobs in order): the step closes at no cost."""
     try:
-        await store.execute(admit, metadata={"agent_id": call.agent_id})
+        recorded = await store.execute(admit, metadata={"agent_id": call.agent_id})
     except asyncio.CancelledError:
         with contextlib.suppress(StoreError):  # the admission may have been refused: nothing to close
             await shielded(store.execute(SettleStep(admit.step_id, reason="cancelled before forwarding",
                                                      charge_reservation=False)))
         raise
     call.run_id = admit.run_id
+    if recorded:
+        call.admitted_at = recorded[0].position
