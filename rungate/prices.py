@@ -126,12 +126,14 @@ class ModelPrice:
                 total += (usage.output - reasoning) * self.output + reasoning * self.reasoning
             return total / _PER_TOKENS
 
-    def max_cost(self, input_tokens: int, max_output_tokens: int | None = None) -> Decimal:
+    def max_cost(self, input_tokens: int, max_output_tokens: int | None = None, *,
+                 cache_writes: bool = False) -> Decimal:
         """The worst-case USD cost of a call, for admission and reservation.
 
-        `input_tokens` at the `input` rate plus the output limit (`max_output_tokens`, else the model's own
-        limit, else 0) at the higher of the `output` and `reasoning` rates. Cache writes are not assumed.
-        Raises `ValueError` if a count is negative.
+        `input_tokens` at the `input` rate (at the dearest of it and the two cache-write rates when the call
+        asks for prompt caching, `cache_writes`: every input token may then be written to the cache) plus
+        the output limit (`max_output_tokens`, else the model's own limit, else 0) at the higher of the
+        `output` and `reasoning` rates. Raises `ValueError` if a count is negative.
         """
         if input_tokens < 0:
             raise ValueError(f"input_tokens must be >= 0, got {input_tokens}")
@@ -139,8 +141,11 @@ class ModelPrice:
             raise ValueError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
         limit = max_output_tokens if max_output_tokens is not None else (self.max_output_tokens or 0)
         output_rate = max(self.output, self.reasoning or Decimal(0))
+        input_rate = self.input
+        if cache_writes:
+            input_rate = max(input_rate, self.cache_write or input_rate, self.cache_write_1h or input_rate)
         with localcontext(_EXACT):
-            return (input_tokens * self.input + limit * output_rate) / _PER_TOKENS
+            return (input_tokens * input_rate + limit * output_rate) / _PER_TOKENS
 
 
     @functools.cached_property
@@ -180,14 +185,16 @@ class ModelPrice:
         reasoning = min(usage.reasoning, usage.output)
         return total + (usage.output - reasoning) * output_rate + reasoning * reasoning_rate
 
-    def max_cost_pico(self, input_tokens: int, max_output_tokens: int | None = None) -> int:
+    def max_cost_pico(self, input_tokens: int, max_output_tokens: int | None = None, *,
+                      cache_writes: bool = False) -> int:
         """`to_pico(self.max_cost(...))`, computed in integers when the prices allow it."""
         rates = self._pico_rates
         if rates is None or input_tokens < 0 or (max_output_tokens is not None and max_output_tokens < 0):
-            return to_pico(self.max_cost(input_tokens, max_output_tokens))
+            return to_pico(self.max_cost(input_tokens, max_output_tokens, cache_writes=cache_writes))
         limit = max_output_tokens if max_output_tokens is not None else (self.max_output_tokens or 0)
         output_rate = max(rates[1], rates[5] or 0)
-        return input_tokens * rates[0] + limit * output_rate
+        input_rate = max(rates[0], rates[3], rates[4]) if cache_writes else rates[0]
+        return input_tokens * input_rate + limit * output_rate
 
 
 class PriceTable:
@@ -291,20 +298,23 @@ class PriceTable:
         price = self.lookup(model)
         return None if price is None else price.cost(usage)
 
-    def max_cost(self, model: str, input_tokens: int, max_output_tokens: int | None) -> Decimal | None:
+    def max_cost(self, model: str, input_tokens: int, max_output_tokens: int | None, *,
+                 cache_writes: bool = False) -> Decimal | None:
         """The worst-case USD cost on `model` (see `ModelPrice.max_cost`), or `None` if unpriced."""
         price = self.lookup(model)
-        return None if price is None else price.max_cost(input_tokens, max_output_tokens)
+        return None if price is None else price.max_cost(input_tokens, max_output_tokens, cache_writes=cache_writes)
 
     def cost_pico(self, model: str, usage: Usage) -> int | None:
         """The cost of `usage` on `model` in whole pico-USD (rounded up), or `None` if unpriced."""
         price = self.lookup(model)
         return None if price is None else price.cost_pico(usage)
 
-    def max_cost_pico(self, model: str, input_tokens: int, max_output_tokens: int | None) -> int | None:
+    def max_cost_pico(self, model: str, input_tokens: int, max_output_tokens: int | None, *,
+                      cache_writes: bool = False) -> int | None:
         """The worst-case cost on `model` in whole pico-USD (rounded up), or `None` if unpriced."""
         price = self.lookup(model)
-        return None if price is None else price.max_cost_pico(input_tokens, max_output_tokens)
+        return None if price is None else price.max_cost_pico(input_tokens, max_output_tokens,
+                                                              cache_writes=cache_writes)
 
     def _resolve(self, name: str) -> ModelPrice | None:
         found = self._index.get(name)

@@ -475,6 +475,36 @@ def test_integer_costs_equal_the_decimal_costs_rounded_up(model: str, inp: int, 
     assert exact is not None and worst is not None
     assert table.cost_pico(model, usage) == to_pico(exact)
     assert table.max_cost_pico(model, inp, max_out) == to_pico(worst)
+    cached_worst = table.max_cost(model, inp, max_out, cache_writes=True)
+    assert cached_worst is not None and cached_worst >= worst
+    assert table.max_cost_pico(model, inp, max_out, cache_writes=True) == to_pico(cached_worst)
+
+
+@given(st.sampled_from(sorted(SHIPPED.models)), TOKENS, TOKENS, TOKENS, TOKENS, st.integers(0, 10**6))
+def test_the_worst_case_of_a_caching_call_bounds_any_split_of_its_input(model: str, uncached: int, read: int,
+                                                                         written: int, written_1h: int,
+                                                                         limit: int) -> None:
+    """However the provider splits a caching call's input among uncached, read and written tokens, and with
+    any output up to the limit, the bill stays within the worst case reserved for it."""
+    price = SHIPPED.lookup(model)
+    assert price is not None
+    total = uncached + read + written + written_1h
+    bill = price.cost(Usage(input=uncached, cached=read, cache_write=written, cache_write_1h=written_1h,
+                            output=limit, reasoning=limit))
+    assert bill <= price.max_cost(total, limit, cache_writes=True)
+    assert to_pico(bill) <= price.max_cost_pico(total, limit, cache_writes=True)
+
+
+def test_a_caching_calls_input_is_reserved_at_the_dearest_write_rate() -> None:
+    price = ModelPrice(model="m", provider=None, input=D("2"), output=D("8"), cache_write=D("2.5"),
+                       cache_write_1h=D("4"))
+    # 1M input at 4 (the 1-hour write rate) + 1M output at 8 = $12; without caching, input at 2: $10
+    assert price.max_cost(1_000_000, 1_000_000, cache_writes=True) == 12
+    assert price.max_cost(1_000_000, 1_000_000) == 10
+    # finer than a pico per token: the Decimal path agrees with the integer one
+    fine = ModelPrice(model="f", provider=None, input=D("0.0000001"), output=D("8"), cache_write_1h=D("0.0000003"))
+    assert fine.max_cost_pico(10**7, 0, cache_writes=True) == to_pico(fine.max_cost(10**7, 0, cache_writes=True))
+    assert fine.max_cost_pico(10**7, 0, cache_writes=True) == 3_000_000  # 10M tokens at $0.0000003 per 1M
 
 
 def test_integer_costs_fall_back_for_prices_finer_than_a_pico_per_token() -> None:

@@ -104,7 +104,7 @@ class Call:
     input_estimate: int
     reserved_pusd: int
     started: float = field(default_factory=time.monotonic)
-    admitted_at: int = 0  # the log position of the call's first admission (what a stop is compared with)
+    admitted_at: int = 0  # the log position of the current attempt's admission (what a stop is compared with)
     settled: bool = False
     meter: StreamMeter | None = None
     usage: Usage = field(default_factory=Usage)

@@ -168,6 +168,7 @@ class Planner:
     input_tokens: int
     max_output: int | None
     choices: int
+    cache_writes: bool = False  # the call asks for prompt caching: its input may be billed at a write rate
 
     def __call__(self, policy: CompiledPolicy | None) -> Plan | None:
         routed = policy.routes.match(self.model) if policy is not None and policy.routes else None
@@ -204,14 +205,16 @@ class Planner:
 
     def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = (), *,
                 routed: bool = False, extra_input: int = 0) -> Plan:
-        """The plan with the first target's worst case (input estimate plus the output limit, at its price);
+        """The plan with the first target's worst case (input estimate plus the output limit, at its price,
+        the input at a cache-write rate where the call asks for caching and that rate is dearer);
         `extra_input` tokens more of input (a continuation carries the answer so far)."""
         first = targets[0]
         price = self.prices.lookup(first.model)
         out_limit = self.max_output if self.max_output is not None else (
             price.max_output_tokens if price is not None else None)
         input_tokens = self.input_tokens + extra_input
-        worst = self.prices.max_cost_pico(first.model, input_tokens, (out_limit or 0) * self.choices)
+        worst = self.prices.max_cost_pico(first.model, input_tokens, (out_limit or 0) * self.choices,
+                                          cache_writes=self.cache_writes)
         return Plan(targets=tuple(targets), provider=first.provider, model=first.model, reserved_pusd=worst or 0,
                     reserved_tokens=input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
                     price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped,

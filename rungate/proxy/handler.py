@@ -130,17 +130,21 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     # request whatever its key order, and the same body sent to another endpoint is another request.
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     fingerprint = hashlib.sha256(fmt.name.encode() + b"\n" + canonical).hexdigest()
+    # Prompt caching asked for anywhere (Anthropic's `cache_control`, on the request or a block): the input may
+    # be billed at a cache-write rate, dearer than the input rate, so the worst case counts it so. (As a key it
+    # is `"cache_control":`; the same words inside a string are escaped and do not match.)
+    cache_writes = b'"cache_control":' in canonical
     offered = offered_tools(body)
     # The route's targets are picked inside the admission, once the run's policy (whose routes win) is known;
     # the first target's worst case is what the admission reserves.
     planner = Planner(fmt, model, settings.routes, prices, app[BREAKERS], app[TARGETS].circuit, input_estimate,
-                      _max_output(body, fmt), choices)
+                      _max_output(body, fmt), choices, cache_writes)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
         endpoint=fmt.name, provider=fmt.provider, model=model, stream=stream, fingerprint=fingerprint,
         reserved_pusd=0, idle_timeout_s=settings.idle_timeout_s, tools=offered, policy_name=options.policy_name,
         policy_version=options.policy_version, input_tokens=input_estimate, embedding=fmt.meter is None,
-        choices=choices, planner=planner))
+        choices=choices, planner=planner, cache_writes=cache_writes))
     # Until a target is resolved the call names the model as asked (a retry answered from a hold keeps it).
     call = Call(fmt, agent["id"], "", admit.step_id, Target(fmt.provider, model, "", "", ""), stream,
                 input_estimate, 0, fingerprint=fingerprint, offered=offered, approval_mode=approval_mode,
