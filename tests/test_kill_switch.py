@@ -79,23 +79,31 @@ async def _admin(root: str, method: str, path: str, json: Any = None) -> tuple[i
         return r.status, await r.json(), r.headers
 
 
+async def _open_stream(client: openai.AsyncOpenAI, run_id: str, received: list[str]) -> asyncio.Task[None]:
+    """Start a stream of the slow upstream's 100 chunks in run `run_id`; returns the task reading it into
+    `received` once its first 5 chunks arrived."""
+    stream = await client.chat.completions.create(
+        model="mock-gpt", messages=[{"role": "user", "content": "go"}], stream=True,
+        extra_headers={"x-rungate-run-id": run_id})
+
+    async def read() -> None:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+
+    reader = asyncio.create_task(read())
+    while len(received) < 5:
+        await asyncio.sleep(0.02)
+    return reader
+
+
 async def test_stop_cuts_a_live_stream_and_refuses_the_run_until_resumed(aiohttp_server: Any, tmp_path: Path) -> None:
     root, token = await _setup(aiohttp_server, tmp_path)
     client = openai.AsyncOpenAI(api_key=token, base_url=root + "/v1", max_retries=0)
     async with client:
         # given a stream in progress
-        stream = await client.chat.completions.create(
-            model="mock-gpt", messages=[{"role": "user", "content": "go"}], stream=True,
-            extra_headers={"x-rungate-run-id": "long-job"})
         received: list[str] = []
-        async def read() -> None:
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    received.append(chunk.choices[0].delta.content)
-
-        reader = asyncio.create_task(read())
-        while len(received) < 5:
-            await asyncio.sleep(0.02)
+        reader = await _open_stream(client, "long-job", received)
         # when an operator stops the run
         status, body, headers = await _admin(root, "POST", "/api/runs/long-job/stop", {"reason": "runaway"})
         assert status == 200 and body["data"]["status"] == "stopped" and headers["x-rungate-calls-cut"] == "1"
@@ -181,25 +189,6 @@ async def test_stop_and_resume_are_events_and_refuse_what_they_cannot_do(aiohttp
 async def _run_events(root: str, run_id: str) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as http, http.get(root + f"/api/runs/{run_id}/events", headers=ADMIN) as r:
         return [orjson.loads(line) for line in (await r.read()).splitlines() if line]
-
-
-
-async def _open_stream(client: openai.AsyncOpenAI, run_id: str, received: list[str]) -> asyncio.Task[None]:
-    """Start a stream of the slow upstream's 100 chunks in run `run_id`; returns the task reading it into
-    `received` once its first 5 chunks arrived."""
-    stream = await client.chat.completions.create(
-        model="mock-gpt", messages=[{"role": "user", "content": "go"}], stream=True,
-        extra_headers={"x-rungate-run-id": run_id})
-
-    async def read() -> None:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
-
-    reader = asyncio.create_task(read())
-    while len(received) < 5:
-        await asyncio.sleep(0.02)
-    return reader
 
 
 async def test_a_stop_from_the_command_line_cuts_a_running_servers_stream(aiohttp_server: Any,
