@@ -39,8 +39,10 @@ from rungate.usage import Usage
 
 __all__ = ["PRICE_KEYS", "ModelPrice", "PriceTable", "format_usd", "to_pico"]
 
-PRICE_KEYS: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
-"""The price fields of a model: what the data file and overrides may set (USD per 1M tokens)."""
+PRICE_KEYS: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning",
+                               "web_search_per_1k")
+"""The price fields of a model: what the data file and overrides may set (USD per 1M tokens; the fee for the
+provider's server-side web search, `web_search_per_1k`, in USD per 1,000 searches)."""
 
 _REQUIRED_PRICES = ("input", "output")
 _ENTRY_KEYS = frozenset(PRICE_KEYS) | {"provider", "max_output_tokens", "kind", "note"}
@@ -53,6 +55,7 @@ _SNAPSHOT = re.compile(
     r"|(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))$"
 )
 _PER_TOKENS = Decimal(1_000_000)
+_PER_SEARCHES = Decimal(1_000)  # `web_search_per_1k` is per 1,000 searches
 
 
 def snapshot_base(model: str) -> str | None:
@@ -73,6 +76,7 @@ class ModelPrice:
     `cache_read`, `cache_write` and `cache_write_1h` of `None` mean "billed at the next rate down":
     a cache read or 5-minute write at `input`, a 1-hour write at `cache_write` (else `input`).
     `reasoning` of `None` means reasoning tokens are billed as output (both vendors do so today).
+    `web_search_per_1k` is the fee per 1,000 server-side web searches (`None`: searches are not billed).
     `max_output_tokens` is the model's output limit, used for worst-case reservations; `None` if unknown.
     `kind` is `"chat"` or `"embedding"`.
     """
@@ -85,6 +89,7 @@ class ModelPrice:
     cache_write: Decimal | None = None
     cache_write_1h: Decimal | None = None
     reasoning: Decimal | None = None
+    web_search_per_1k: Decimal | None = None
     max_output_tokens: int | None = None
     kind: str = "chat"
 
@@ -103,7 +108,8 @@ class ModelPrice:
         """The exact USD cost of `usage` at these prices (reference §5.3); no rounding.
 
         Reasoning tokens are part of `usage.output`; when `reasoning` is priced they are billed at that
-        rate instead of `output`. Raises `ValueError` if a token count is negative.
+        rate instead of `output`. Web searches cost `web_search_per_1k` each thousand. Raises `ValueError`
+        if a count is negative.
         """
         counts = usage.as_dict()
         for key, count in counts.items():
@@ -124,7 +130,8 @@ class ModelPrice:
             else:
                 reasoning = min(usage.reasoning, usage.output)
                 total += (usage.output - reasoning) * self.output + reasoning * self.reasoning
-            return total / _PER_TOKENS
+            searches = usage.web_searches * (self.web_search_per_1k or 0) / _PER_SEARCHES
+            return total / _PER_TOKENS + searches
 
     def max_cost(self, input_tokens: int, max_output_tokens: int | None = None, *,
                  cache_writes: bool = False) -> Decimal:
@@ -173,17 +180,23 @@ class ModelPrice:
 
     def cost_pico(self, usage: Usage) -> int:
         """`to_pico(self.cost(usage))`, computed in integers when the prices allow it."""
-        rates = self._pico_rates
-        if rates is None or min(usage.input, usage.output, usage.cached, usage.cache_write, usage.cache_write_1h,
-                                usage.reasoning) < 0:
+        rates, search_fee = self._pico_rates, self._pico_search_fee
+        if rates is None or search_fee is None or min(usage.input, usage.output, usage.cached, usage.cache_write,
+                                                      usage.cache_write_1h, usage.reasoning, usage.web_searches) < 0:
             return to_pico(self.cost(usage))  # also raises for negative counts
         input_rate, output_rate, read_rate, write_rate, write_1h_rate, reasoning_rate = rates
         total = (usage.input * input_rate + usage.cached * read_rate + usage.cache_write * write_rate
-                 + usage.cache_write_1h * write_1h_rate)
+                 + usage.cache_write_1h * write_1h_rate + usage.web_searches * search_fee)
         if reasoning_rate is None:
             return total + usage.output * output_rate
         reasoning = min(usage.reasoning, usage.output)
         return total + (usage.output - reasoning) * output_rate + reasoning * reasoning_rate
+
+    @functools.cached_property
+    def _pico_search_fee(self) -> int | None:
+        """Integer pico-USD per web search (0 when searches are not billed), or None when not whole."""
+        scaled = (self.web_search_per_1k or Decimal(0)) * _PICO_PER_USD / _PER_SEARCHES
+        return int(scaled) if scaled == scaled.to_integral_value() else None
 
     def max_cost_pico(self, input_tokens: int, max_output_tokens: int | None = None, *,
                       cache_writes: bool = False) -> int:
@@ -461,6 +474,7 @@ def _with_prices(base: ModelPrice, values: Mapping[str, Decimal]) -> ModelPrice:
         cache_write=values.get("cache_write", base.cache_write),
         cache_write_1h=values.get("cache_write_1h", base.cache_write_1h),
         reasoning=values.get("reasoning", base.reasoning),
+        web_search_per_1k=values.get("web_search_per_1k", base.web_search_per_1k),
     )
 
 

@@ -8,6 +8,7 @@ Counts are kept as the provider bills them so the cost can be computed at the se
 - `cache_write_1h` input tokens written with a 1-hour TTL (Anthropic; billed at `cache_write_1h`)
 - `output`       output tokens, reasoning included (both vendors bill reasoning at the output rate)
 - `reasoning`    the part of `output` spent on reasoning (informational unless priced separately)
+- `web_searches` server-side web searches the provider ran for the call (Anthropic; billed per search)
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ class Usage:
     cache_write: int = 0
     cache_write_1h: int = 0
     reasoning: int = 0
+    web_searches: int = 0
 
     @classmethod
     def from_dict(cls, stored: Mapping[str, int]) -> Usage:
         """The usage an event stored (`as_dict`'s keys; a missing one is 0, others are ignored)."""
         return cls(stored.get("input", 0), stored.get("output", 0), stored.get("cached", 0),
-                   stored.get("cache_write", 0), stored.get("cache_write_1h", 0), stored.get("reasoning", 0))
+                   stored.get("cache_write", 0), stored.get("cache_write_1h", 0), stored.get("reasoning", 0),
+                   stored.get("web_searches", 0))
 
     @property
     def total_input(self) -> int:
@@ -44,7 +47,8 @@ class Usage:
         return self.total_input + self.output
 
     def as_dict(self) -> dict[str, int]:
-        return {
+        """The counts as an event stores them (`web_searches` only when there were any)."""
+        counts = {
             "input": self.input,
             "output": self.output,
             "cached": self.cached,
@@ -52,3 +56,6 @@ class Usage:
             "cache_write_1h": self.cache_write_1h,
             "reasoning": self.reasoning,
         }
+        if self.web_searches:
+            counts["web_searches"] = self.web_searches
+        return counts

@@ -461,6 +461,21 @@ def test_messages_stream_cumulative_message_delta() -> None:
     assert meter.output_text_bytes == ANTHROPIC_CHARS
 
 
+def test_messages_stream_counts_the_web_searches_of_its_last_message_delta() -> None:
+    stream = typed(
+        *ANTHROPIC_HEAD,
+        {"type": "message_delta", "usage": {"output_tokens": 5, "server_tool_use": {"web_search_requests": 1}}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"output_tokens": 9, "server_tool_use": {"web_search_requests": 3}}},
+        {"type": "message_stop"},
+    )
+    meter = MessagesStreamMeter()
+    run(meter, stream)
+    assert meter.usage is not None and meter.usage.web_searches == 3  # cumulative: the last count, not a sum
+    assert meter.usage.as_dict()["web_searches"] == 3
+    assert "web_searches" not in Usage(input=1).as_dict()  # stored only when there were some
+
+
 def test_messages_stream_cut_before_message_delta_keeps_input_side() -> None:
     meter = MessagesStreamMeter()
     run(meter, typed(*ANTHROPIC_HEAD))
@@ -683,7 +698,7 @@ def test_stream_meters_ignore_invalid_usage_values() -> None:
                     "service_tier": "standard",
                 }
             },
-            Usage(input=12, output=30, cached=200, cache_write=40, cache_write_1h=60, reasoning=11),
+            Usage(input=12, output=30, cached=200, cache_write=40, cache_write_1h=60, reasoning=11, web_searches=1),
         ),
         (
             usage_from_messages,

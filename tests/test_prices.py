@@ -227,6 +227,20 @@ def test_reasoning_tokens_are_billed_at_a_reasoning_price_when_set() -> None:
     assert PriceTable.load().cost("o3", Usage(input=1000, output=3000, reasoning=2000)) == D("0.026")
 
 
+def test_web_searches_cost_their_fee_per_thousand(table: PriceTable) -> None:
+    # claude-sonnet-4-5: 1000 input at 3.00 per 1M = $0.003, plus 3 searches at $10 per 1,000 = $0.03
+    usage = Usage(input=1000, web_searches=3)
+    assert table.cost("claude-sonnet-4-5", usage) == D("0.033")
+    assert table.cost_pico("claude-sonnet-4-5", usage) == to_pico(D("0.033"))
+    # a model with no search fee bills none; a fee finer than a pico per search takes the Decimal path
+    assert table.cost("gpt-4o", Usage(web_searches=3)) == 0
+    fine = ModelPrice(model="f", provider=None, input=D("1"), output=D("1"), web_search_per_1k=D("0.0000000001"))
+    assert fine.cost_pico(Usage(web_searches=3)) == to_pico(fine.cost(Usage(web_searches=3))) == 1
+    # overridable like any price
+    cheaper = PriceTable.load({"claude-sonnet-4-5": {"web_search_per_1k": "5"}})
+    assert cheaper.cost("claude-sonnet-4-5", Usage(web_searches=2)) == D("0.01")
+
+
 def test_a_negative_token_count_is_a_bug() -> None:
     with pytest.raises(ValueError, match="usage.output"):
         PriceTable.load().cost("gpt-4o", Usage(output=-1))

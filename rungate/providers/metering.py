@@ -197,6 +197,7 @@ _ANTHROPIC_COUNTS = (
 _ANTHROPIC_NESTED = {
     "cache_creation": ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"),
     "output_tokens_details": ("thinking_tokens",),
+    "server_tool_use": ("web_search_requests",),
 }
 
 
@@ -225,6 +226,7 @@ def _anthropic_usage(usage: Any) -> Usage | None:
         cache_write=write_5m,
         cache_write_1h=write_1h,
         reasoning=min(thinking, output),
+        web_searches=_count(_dict_get(usage, "server_tool_use", "web_search_requests")) or 0,
     )
 
 
@@ -233,7 +235,8 @@ def usage_from_messages(body: Any) -> Usage | None:
 
     input = input_tokens; cached = cache_read_input_tokens; cache_write = the 5-minute part of the
     `cache_creation` split when present (else cache_creation_input_tokens); cache_write_1h = the 1-hour
-    part; output = output_tokens; reasoning = output_tokens_details.thinking_tokens when present.
+    part; output = output_tokens; reasoning = output_tokens_details.thinking_tokens when present;
+    web_searches = server_tool_use.web_search_requests.
     """
     return _anthropic_usage(body.get("usage") if isinstance(body, dict) else None)
 
