@@ -134,14 +134,17 @@ class ModelPrice:
             return total / _PER_TOKENS + searches
 
     def max_cost(self, input_tokens: int, max_output_tokens: int | None = None, *,
-                 cache_writes: bool = False) -> Decimal:
+                 cache_writes: bool = False, web_searches: int = 0) -> Decimal:
         """The worst-case USD cost of a call, for admission and reservation.
 
         `input_tokens` at the `input` rate (at the dearest of it and the two cache-write rates when the call
         asks for prompt caching, `cache_writes`: every input token may then be written to the cache) plus
         the output limit (`max_output_tokens`, else the model's own limit, else 0) at the higher of the
-        `output` and `reasoning` rates. Raises `ValueError` if a count is negative.
+        `output` and `reasoning` rates, plus `web_searches` searches at their fee. Raises `ValueError` if a
+        count is negative.
         """
+        if web_searches < 0:
+            raise ValueError(f"web_searches must be >= 0, got {web_searches}")
         if input_tokens < 0:
             raise ValueError(f"input_tokens must be >= 0, got {input_tokens}")
         if max_output_tokens is not None and max_output_tokens < 0:
@@ -152,7 +155,8 @@ class ModelPrice:
         if cache_writes:
             input_rate = max(input_rate, self.cache_write or input_rate, self.cache_write_1h or input_rate)
         with localcontext(_EXACT):
-            return (input_tokens * input_rate + limit * output_rate) / _PER_TOKENS
+            searches = web_searches * (self.web_search_per_1k or 0) / _PER_SEARCHES
+            return (input_tokens * input_rate + limit * output_rate) / _PER_TOKENS + searches
 
 
     @functools.cached_property
@@ -199,15 +203,17 @@ class ModelPrice:
         return int(scaled) if scaled == scaled.to_integral_value() else None
 
     def max_cost_pico(self, input_tokens: int, max_output_tokens: int | None = None, *,
-                      cache_writes: bool = False) -> int:
+                      cache_writes: bool = False, web_searches: int = 0) -> int:
         """`to_pico(self.max_cost(...))`, computed in integers when the prices allow it."""
-        rates = self._pico_rates
-        if rates is None or input_tokens < 0 or (max_output_tokens is not None and max_output_tokens < 0):
-            return to_pico(self.max_cost(input_tokens, max_output_tokens, cache_writes=cache_writes))
+        rates, search_fee = self._pico_rates, self._pico_search_fee
+        if (rates is None or search_fee is None or input_tokens < 0 or web_searches < 0
+                or (max_output_tokens is not None and max_output_tokens < 0)):
+            return to_pico(self.max_cost(input_tokens, max_output_tokens, cache_writes=cache_writes,
+                                         web_searches=web_searches))
         limit = max_output_tokens if max_output_tokens is not None else (self.max_output_tokens or 0)
         output_rate = max(rates[1], rates[5] or 0)
         input_rate = max(rates[0], rates[3], rates[4]) if cache_writes else rates[0]
-        return input_tokens * input_rate + limit * output_rate
+        return input_tokens * input_rate + limit * output_rate + web_searches * search_fee
 
 
 class PriceTable:
@@ -312,10 +318,11 @@ class PriceTable:
         return None if price is None else price.cost(usage)
 
     def max_cost(self, model: str, input_tokens: int, max_output_tokens: int | None, *,
-                 cache_writes: bool = False) -> Decimal | None:
+                 cache_writes: bool = False, web_searches: int = 0) -> Decimal | None:
         """The worst-case USD cost on `model` (see `ModelPrice.max_cost`), or `None` if unpriced."""
         price = self.lookup(model)
-        return None if price is None else price.max_cost(input_tokens, max_output_tokens, cache_writes=cache_writes)
+        return None if price is None else price.max_cost(input_tokens, max_output_tokens, cache_writes=cache_writes,
+                                                         web_searches=web_searches)
 
     def cost_pico(self, model: str, usage: Usage) -> int | None:
         """The cost of `usage` on `model` in whole pico-USD (rounded up), or `None` if unpriced."""
@@ -323,11 +330,11 @@ class PriceTable:
         return None if price is None else price.cost_pico(usage)
 
     def max_cost_pico(self, model: str, input_tokens: int, max_output_tokens: int | None, *,
-                      cache_writes: bool = False) -> int | None:
+                      cache_writes: bool = False, web_searches: int = 0) -> int | None:
         """The worst-case cost on `model` in whole pico-USD (rounded up), or `None` if unpriced."""
         price = self.lookup(model)
         return None if price is None else price.max_cost_pico(input_tokens, max_output_tokens,
-                                                              cache_writes=cache_writes)
+                                                              cache_writes=cache_writes, web_searches=web_searches)
 
     def _resolve(self, name: str) -> ModelPrice | None:
         found = self._index.get(name)

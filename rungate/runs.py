@@ -181,6 +181,7 @@ class CallFacts:
     policy_version: int | None = None
     input_tokens: int = 0  # the input estimate (for `on_exceed: shrink`, with the model's price)
     cache_writes: bool = False  # the request asks for prompt caching (its input may cost a write rate)
+    web_searches: int = 0  # the most server-side web searches the request allows (each billed a fee)
     price: ModelPrice | None = None
     embedding: bool = False
     choices: int = 1
@@ -481,7 +482,8 @@ class AdmitCall:
                 verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]
             if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts) and price is not None:
                 # What shrinking needs of the price, worked out only when it may happen.
-                ask = replace(ask, input_pusd=price.max_cost_pico(f.input_tokens, 0, cache_writes=f.cache_writes),
+                ask = replace(ask, input_pusd=price.max_cost_pico(f.input_tokens, 0, cache_writes=f.cache_writes,
+                                                                  web_searches=f.web_searches),
                               output_pusd_per_million=price.max_cost_pico(0, 1_000_000))
                 shrunk = shrink(self.policy, state, ask)
                 if shrunk is not None:

@@ -241,6 +241,16 @@ def test_web_searches_cost_their_fee_per_thousand(table: PriceTable) -> None:
     assert cheaper.cost("claude-sonnet-4-5", Usage(web_searches=2)) == D("0.01")
 
 
+def test_the_worst_case_counts_the_fees_of_the_searches_a_call_allows(table: PriceTable) -> None:
+    # claude-sonnet-4-5: 1000 input at 3.00 + 100 output at 15.00 per 1M = $0.0045, plus 5 searches at $0.01
+    assert table.max_cost("claude-sonnet-4-5", 1000, 100, web_searches=5) == D("0.0545")
+    assert table.max_cost_pico("claude-sonnet-4-5", 1000, 100, web_searches=5) == to_pico(D("0.0545"))
+    bill = table.cost("claude-sonnet-4-5", Usage(input=1000, output=100, web_searches=5))
+    assert bill == table.max_cost("claude-sonnet-4-5", 1000, 100, web_searches=5)
+    with pytest.raises(ValueError, match="web_searches"):
+        table.max_cost_pico("claude-sonnet-4-5", 1000, 100, web_searches=-1)
+
+
 def test_a_negative_token_count_is_a_bug() -> None:
     with pytest.raises(ValueError, match="usage.output"):
         PriceTable.load().cost("gpt-4o", Usage(output=-1))

@@ -1,5 +1,6 @@
 """Anthropic's server-side web search is billed per search besides the tokens: a call that searched records,
-and is charged, its searches at the price table's `web_search_per_1k` (plain answers and streams alike)."""
+and is charged, its searches at the price table's `web_search_per_1k` (plain answers and streams alike), and a
+call reserves the fees of the searches its tools allow (`max_uses`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from rungate.config import load_settings
 from rungate.prices import PriceTable, format_usd
+from rungate.providers.metering import estimate_input_tokens, web_search_limit
 from rungate.proxy.app import create_app
 from rungate.usage import Usage
 from tests.conftest import ADMIN_TOKEN
@@ -89,3 +91,37 @@ async def test_a_call_that_searched_is_charged_its_searches(aiohttp_server: Any,
     assert [Decimal(step["cost_usd"]) for step in steps] == [Decimal(format_usd(expected))] * 2
     tokens_only = PriceTable.load().cost_pico(MODEL, Usage(input=120, output=40))
     assert tokens_only is not None and expected - tokens_only == SEARCHES * 10_000_000_000  # $0.01 each, in pico
+
+
+async def test_a_call_reserves_the_fees_of_the_searches_it_allows(aiohttp_server: Any, tmp_path: Path) -> None:
+    upstream = await aiohttp_server(searching_upstream())
+    server = await aiohttp_server(create_app(load_settings(env={
+        "RUNGATE_DATABASE_URL": f"sqlite:///{tmp_path}/cap.db", "RUNGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RUNGATE_ANTHROPIC_BASE_URL": str(upstream.make_url("")).rstrip("/"), "ANTHROPIC_API_KEY": "sk-ant-fees-1",
+        "RUNGATE_LOG_LEVEL": "warning"})))
+    root = str(server.make_url("")).rstrip("/")
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    prices = PriceTable.load()
+    async with aiohttp.ClientSession() as http:
+        async with http.put(root + "/api/policies/by-name/tiny", headers=admin,
+                            json={"budget": {"hard_limit_usd": "0.000001"}}) as resp:
+            assert resp.status == 201
+        async with http.post(root + "/api/agents", headers=admin, json={"name": "capped", "policy": "tiny"}) as resp:
+            token = (await resp.json())["data"]["token"]
+        asked = {}
+        for uses in (None, 7):  # a search tool without max_uses, then one allowing 7 searches
+            tool: dict[str, Any] = {"type": "web_search_20250305", "name": "web_search"}
+            if uses is not None:
+                tool["max_uses"] = uses
+            body = {"model": MODEL, "max_tokens": 100, "tools": [tool],
+                    "messages": [{"role": "user", "content": "what changed today?"}]}
+            async with http.post(root + "/v1/messages", data=orjson.dumps(body), headers={
+                    "x-api-key": token, "anthropic-version": "2023-06-01", "content-type": "application/json",
+                    "x-rungate-run-id": f"capped-{uses}"}) as resp:
+                assert resp.status == 402
+                asked[uses] = Decimal((await resp.json())["error"]["context"]["requested_usd"])
+            assert web_search_limit(body) == (uses or 0)
+            worst = prices.max_cost_pico(MODEL, estimate_input_tokens(body), 100, web_searches=uses or 0)
+            assert worst is not None and asked[uses] == Decimal(format_usd(worst))
+    # the seven allowed searches add $0.07 to the worst case (the two bodies differ by `"max_uses":7,` too)
+    assert asked[7] - asked[None] >= Decimal("0.07")

@@ -334,6 +334,18 @@ def estimate_input_tokens(body: Any) -> int:
     return max(1, -(-size // 4))
 
 
+def web_search_limit(body: Any) -> int:
+    """The most server-side web searches a request allows: the sum of `max_uses` over its `web_search_*` tools
+    (Anthropic). A search tool without `max_uses` adds nothing: its searches have no bound to reserve."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    limit = 0
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
+            uses = _count(tool.get("max_uses"))
+            limit += uses or 0
+    return limit
+
+
 # --------------------------------------------------------------------------------------------------
 # Stream meters
 

@@ -169,6 +169,7 @@ class Planner:
     max_output: int | None
     choices: int
     cache_writes: bool = False  # the call asks for prompt caching: its input may be billed at a write rate
+    web_searches: int = 0  # the most server-side web searches the call allows (their fees are reserved)
 
     def __call__(self, policy: CompiledPolicy | None) -> Plan | None:
         routed = policy.routes.match(self.model) if policy is not None and policy.routes else None
@@ -206,7 +207,8 @@ class Planner:
     def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = (), *,
                 routed: bool = False, extra_input: int = 0) -> Plan:
         """The plan with the first target's worst case (input estimate plus the output limit, at its price,
-        the input at a cache-write rate where the call asks for caching and that rate is dearer);
+        the input at a cache-write rate where the call asks for caching and that rate is dearer, and the fees of
+        the web searches it allows);
         `extra_input` tokens more of input (a continuation carries the answer so far)."""
         first = targets[0]
         price = self.prices.lookup(first.model)
@@ -214,7 +216,7 @@ class Planner:
             price.max_output_tokens if price is not None else None)
         input_tokens = self.input_tokens + extra_input
         worst = self.prices.max_cost_pico(first.model, input_tokens, (out_limit or 0) * self.choices,
-                                          cache_writes=self.cache_writes)
+                                          cache_writes=self.cache_writes, web_searches=self.web_searches)
         return Plan(targets=tuple(targets), provider=first.provider, model=first.model, reserved_pusd=worst or 0,
                     reserved_tokens=input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
                     price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped,

@@ -19,7 +19,7 @@ from rungate.auth import authenticate_agent
 from rungate.enforce.tools import offered_tools
 from rungate.errors import BadRequest
 from rungate.ids import is_valid_client_id
-from rungate.providers.metering import estimate_input_tokens, prepare_chat_stream_request
+from rungate.providers.metering import estimate_input_tokens, prepare_chat_stream_request, web_search_limit
 from rungate.proxy.attempts import record_admission, run_attempts
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.call import Budget, Call, settle_step, shielded
@@ -134,17 +134,18 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     # be billed at a cache-write rate, dearer than the input rate, so the worst case counts it so. (As a key it
     # is `"cache_control":`; the same words inside a string are escaped and do not match.)
     cache_writes = b'"cache_control":' in canonical
+    searches = web_search_limit(body)  # their fees are part of the worst case
     offered = offered_tools(body)
     # The route's targets are picked inside the admission, once the run's policy (whose routes win) is known;
     # the first target's worst case is what the admission reserves.
     planner = Planner(fmt, model, settings.routes, prices, app[BREAKERS], app[TARGETS].circuit, input_estimate,
-                      _max_output(body, fmt), choices, cache_writes)
+                      _max_output(body, fmt), choices, cache_writes, searches)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
         endpoint=fmt.name, provider=fmt.provider, model=model, stream=stream, fingerprint=fingerprint,
         reserved_pusd=0, idle_timeout_s=settings.idle_timeout_s, tools=offered, policy_name=options.policy_name,
         policy_version=options.policy_version, input_tokens=input_estimate, embedding=fmt.meter is None,
-        choices=choices, planner=planner, cache_writes=cache_writes))
+        choices=choices, planner=planner, cache_writes=cache_writes, web_searches=searches))
     # Until a target is resolved the call names the model as asked (a retry answered from a hold keeps it).
     call = Call(fmt, agent["id"], "", admit.step_id, Target(fmt.provider, model, "", "", ""), stream,
                 input_estimate, 0, fingerprint=fingerprint, offered=offered, approval_mode=approval_mode,
