@@ -59,13 +59,18 @@ def searching_upstream() -> web.Application:
     return app
 
 
-async def test_a_call_that_searched_is_charged_its_searches(aiohttp_server: Any, tmp_path: Path) -> None:
+async def _gateway(aiohttp_server: Any, tmp_path: Path) -> str:
+    """Rungate in front of `searching_upstream`, on a fresh database; its root URL."""
     upstream = await aiohttp_server(searching_upstream())
     server = await aiohttp_server(create_app(load_settings(env={
         "RUNGATE_DATABASE_URL": f"sqlite:///{tmp_path}/fees.db", "RUNGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         "RUNGATE_ANTHROPIC_BASE_URL": str(upstream.make_url("")).rstrip("/"), "ANTHROPIC_API_KEY": "sk-ant-fees-1",
         "RUNGATE_LOG_LEVEL": "warning"})))
-    root = str(server.make_url("")).rstrip("/")
+    return str(server.make_url("")).rstrip("/")
+
+
+async def test_a_call_that_searched_is_charged_its_searches(aiohttp_server: Any, tmp_path: Path) -> None:
+    root = await _gateway(aiohttp_server, tmp_path)
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with aiohttp.ClientSession() as http, http.post(root + "/api/agents", json={"name": "searcher"},
                                                           headers=admin) as resp:
@@ -94,12 +99,7 @@ async def test_a_call_that_searched_is_charged_its_searches(aiohttp_server: Any,
 
 
 async def test_a_call_reserves_the_fees_of_the_searches_it_allows(aiohttp_server: Any, tmp_path: Path) -> None:
-    upstream = await aiohttp_server(searching_upstream())
-    server = await aiohttp_server(create_app(load_settings(env={
-        "RUNGATE_DATABASE_URL": f"sqlite:///{tmp_path}/cap.db", "RUNGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "RUNGATE_ANTHROPIC_BASE_URL": str(upstream.make_url("")).rstrip("/"), "ANTHROPIC_API_KEY": "sk-ant-fees-1",
-        "RUNGATE_LOG_LEVEL": "warning"})))
-    root = str(server.make_url("")).rstrip("/")
+    root = await _gateway(aiohttp_server, tmp_path)
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     prices = PriceTable.load()
     async with aiohttp.ClientSession() as http:
