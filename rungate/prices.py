@@ -130,8 +130,7 @@ class ModelPrice:
             else:
                 reasoning = min(usage.reasoning, usage.output)
                 total += (usage.output - reasoning) * self.output + reasoning * self.reasoning
-            searches = usage.web_searches * (self.web_search_per_1k or 0) / _PER_SEARCHES
-            return total / _PER_TOKENS + searches
+            return total / _PER_TOKENS + self._search_fees(usage.web_searches)
 
     def max_cost(self, input_tokens: int, max_output_tokens: int | None = None, *,
                  cache_writes: bool = False, web_searches: int = 0) -> Decimal:
@@ -143,20 +142,23 @@ class ModelPrice:
         `output` and `reasoning` rates, plus `web_searches` searches at their fee. Raises `ValueError` if a
         count is negative.
         """
-        if web_searches < 0:
-            raise ValueError(f"web_searches must be >= 0, got {web_searches}")
         if input_tokens < 0:
             raise ValueError(f"input_tokens must be >= 0, got {input_tokens}")
         if max_output_tokens is not None and max_output_tokens < 0:
             raise ValueError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
+        if web_searches < 0:
+            raise ValueError(f"web_searches must be >= 0, got {web_searches}")
         limit = max_output_tokens if max_output_tokens is not None else (self.max_output_tokens or 0)
         output_rate = max(self.output, self.reasoning or Decimal(0))
         input_rate = self.input
         if cache_writes:
             input_rate = max(input_rate, self.cache_write or input_rate, self.cache_write_1h or input_rate)
         with localcontext(_EXACT):
-            searches = web_searches * (self.web_search_per_1k or 0) / _PER_SEARCHES
-            return (input_tokens * input_rate + limit * output_rate) / _PER_TOKENS + searches
+            return (input_tokens * input_rate + limit * output_rate) / _PER_TOKENS + self._search_fees(web_searches)
+
+    def _search_fees(self, searches: int) -> Decimal:
+        """The exact USD fee of `searches` web searches (0 where the model bills none); call it in `_EXACT`."""
+        return searches * (self.web_search_per_1k or Decimal(0)) / _PER_SEARCHES
 
 
     @functools.cached_property
