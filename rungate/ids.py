@@ -39,7 +39,9 @@ def new_token(prefix: str) -> str:
 
 def token_hash(token: str) -> str:
     """The SHA-256 hex digest under which a token is stored and looked up."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    # A header's bytes that are not UTF-8 reach us as lone surrogates: hashed as they are, such a token simply
+    # matches none (401), where a strict encode would fail the request with a 500.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def is_valid_client_id(value: str) -> bool:

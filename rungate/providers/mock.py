@@ -335,7 +335,7 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
     if problem is not None:
         return _error(False, 400, problem, digest)
     dimensions = body.get("dimensions")
-    if not (isinstance(dimensions, int) and 1 <= dimensions <= 4096):
+    if isinstance(dimensions, bool) or not (isinstance(dimensions, int) and 1 <= dimensions <= 4096):
         dimensions = DEFAULT_DIMENSIONS
     inputs = _embedding_inputs(body["input"])
     return _json(fmt.embeddings(body, inputs, dimensions), _id_headers(False, digest))

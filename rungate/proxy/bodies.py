@@ -1,4 +1,5 @@
-"""Reading request bodies: size limit after decompression, strict JSON, content type."""
+"""Reading request bodies: size limit after decompression, content encoding, strict JSON, nesting depth,
+content type."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 
-from rungate.errors import BadRequest, PayloadTooLarge
+from rungate.errors import BadRequest, ClientError, PayloadTooLarge
+
+# The encodings aiohttp decodes (brotli and zstd only with their optional packages, which Rungate does not
+# install: aiohttp refuses those itself). Any other would reach the JSON parser still encoded.
+_DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+# How deep a body's arrays and objects may nest. orjson reads 1024 levels but writes only 254, and a body is
+# written again (its fingerprint, events that carry it) with a few levels around it: past this, refuse it.
+MAX_JSON_DEPTH = 128
+_ORJSON_WRITE_DEPTH = 254
+_PADDING = _ORJSON_WRITE_DEPTH - MAX_JSON_DEPTH
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -18,10 +28,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+    if encoding is not None and any(part.strip().lower() not in _DECODED_ENCODINGS for part in encoding.split(",")):
+        raise ClientError(f"Content-Encoding {encoding!r} is not supported; send the body plain, gzip or deflate.",
+                          status=415, code="unsupported_content_encoding")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.") from None
+    except web.RequestPayloadError:  # not what its Content-Encoding says (or cut short)
+        raise BadRequest(f"Request body could not be read as sent (Content-Encoding {encoding or 'none'}).",
+                         code="invalid_body") from None
     if len(body) > limit:
         raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
     return body
@@ -53,4 +70,20 @@ async def read_json_object(request: web.Request, limit: int, *,
         raise BadRequest(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(value):
+        raise BadRequest(f"Request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
+                         code="invalid_json")
     return raw, value
+
+
+def _too_deep(value: dict[str, Any]) -> bool:
+    """Whether `value` nests deeper than `MAX_JSON_DEPTH`: orjson, asked to write it inside enough levels of
+    padding, reaches its own limit exactly then (checked only for bodies with that many brackets at all)."""
+    padded: Any = value
+    for _ in range(_PADDING):
+        padded = [padded]
+    try:
+        orjson.dumps(padded)
+    except orjson.JSONEncodeError:
+        return True
+    return False

@@ -32,7 +32,8 @@ import orjson
 from rungate.clock import utcnow
 from rungate.enforce.policy import CompiledPolicy
 from rungate.enforce.rules import model_allowed
-from rungate.prices import PriceTable
+from rungate.errors import BadRequest
+from rungate.prices import PriceTable, format_usd
 from rungate.proxy.breaker import Breakers, TargetKey
 from rungate.proxy.crossing import CROSSINGS
 from rungate.proxy.formats import WireFormat
@@ -41,6 +42,9 @@ from rungate.runs import Plan
 from rungate.translate.errors import is_context_length_error
 
 RETRIES_PER_TARGET = 1
+# The most one call may reserve ($100,000): far above any real call's worst case, and low enough that a run's
+# reservations, summed in 64-bit pico-USD columns, cannot overflow.
+MAX_RESERVATION_PUSD = 100_000 * 10**12
 MAX_ATTEMPTS = 8
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -217,6 +221,10 @@ class Planner:
         input_tokens = self.input_tokens + extra_input
         worst = self.prices.max_cost_pico(first.model, input_tokens, (out_limit or 0) * self.choices,
                                           cache_writes=self.cache_writes, web_searches=self.web_searches)
+        if worst is not None and worst > MAX_RESERVATION_PUSD:
+            raise BadRequest(f"The call's worst case ({format_usd(worst)} USD at {first.model}'s price) is more than"
+                             f" one call may reserve ({format_usd(MAX_RESERVATION_PUSD)} USD); ask for fewer"
+                             " output tokens or fewer choices.", code="reservation_too_large")
         return Plan(targets=tuple(targets), provider=first.provider, model=first.model, reserved_pusd=worst or 0,
                     reserved_tokens=input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
                     price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped,

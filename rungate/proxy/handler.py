@@ -32,15 +32,20 @@ from rungate.proxy.upstream import Target
 from rungate.runs import AdmitCall, CallFacts
 
 _TRUE = {"1", "true", "yes"}
+_FALSE = {"", "0", "false", "no"}
 _MAX_MODEL_CHARS = 256
+MAX_OUTPUT_TOKENS = 10**8  # an output limit asked above this is refused (400)
 # `x-rungate-policy` (or the body's `rungate.policy`): `NAME` or `NAME@VERSION`.
 POLICY_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]{0,99})(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 
 
 def _max_output(body: dict[str, Any], fmt: WireFormat) -> int | None:
+    """The output limit the call asks for (a value of another type is the provider's to refuse)."""
     for key in fmt.max_tokens_keys:
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if value > MAX_OUTPUT_TOKENS:  # no model writes this much; its worst case would not fit the ledger
+                raise BadRequest(f"`{key}` must be at most {MAX_OUTPUT_TOKENS}.", code="invalid_max_tokens")
             return value
     return None
 
@@ -70,7 +75,13 @@ def _run_options(request: web.Request, body: dict[str, Any]) -> RunOptions:
     run_id = request.headers.get("x-rungate-run-id") or options.get("run_id")
     if run_id is not None and (not isinstance(run_id, str) or not is_valid_client_id(run_id)):
         raise BadRequest("Run id must be 1-128 characters of letters, digits and _ . : -", code="invalid_run_id")
-    new_run = request.headers.get("x-rungate-new-run", "").strip().lower() in _TRUE or options.get("new_run") is True
+    header = request.headers.get("x-rungate-new-run", "").strip().lower()
+    if header not in _TRUE and header not in _FALSE:
+        raise BadRequest("x-rungate-new-run must be true or false.", code="invalid_rungate_options")
+    new_run = options.get("new_run", False)
+    if not isinstance(new_run, bool):
+        raise BadRequest("`rungate.new_run` must be a boolean.", code="invalid_rungate_options")
+    new_run = new_run or header in _TRUE
     pin = request.headers.get("x-rungate-policy") or options.get("policy")
     name, version = None, None
     if pin is not None:

@@ -20,12 +20,15 @@ from rungate.proxy.keys import REQUEST_ID, STREAM_STARTED
 
 log = get_logger("rungate.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_KEPT_HEADERS = frozenset({"allow"})
 _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
 def _is_anthropic(request: web.Request) -> bool:
-    return request.path.rstrip("/").endswith("/messages")
+    """Anthropic's routes: `/v1/messages` and anything under it (`/v1/messages/count_tokens`, not served)."""
+    path = request.path.rstrip("/")
+    return path.endswith("/messages") or "/messages/" in path
 
 
 def render_error(request: web.Request, exc: RungateError) -> web.Response:
@@ -75,7 +78,9 @@ def _render_exception(request: web.Request, exc: Exception) -> web.StreamRespons
             raise exc  # redirects and the like are answers, not errors
         message = exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}."
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return render_error(request, ClientError(message, status=exc.status, code=code))
+        # What aiohttp's answer says besides its body stays (a 405's `Allow`, which RFC 9110 requires).
+        kept = {name: value for name, value in exc.headers.items() if name.lower() in _KEPT_HEADERS}
+        return render_error(request, ClientError(message, status=exc.status, code=code, headers=kept))
     log.exception("unhandled_error")
     return render_error(request, RungateError("Internal error; see the server log.", status=500))
 

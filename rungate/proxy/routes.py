@@ -30,6 +30,8 @@ from rungate.views import run_view, step_view
 
 routes = web.RouteTableDef()
 MAX_TOKENS = 10**12  # far beyond any real call, far below the 64-bit columns that sum them
+MAX_LATENCY_MS = 10**10  # about 115 days
+MAX_STATUS_CHARS = 100
 
 
 @routes.post("/v1/chat/completions")
@@ -176,9 +178,11 @@ async def log_step(request: web.Request) -> web.Response:
         raise BadRequest("args and result must be objects.")
     status = body.get("status", "success")
     latency = body.get("latency_ms", 0)
-    if not isinstance(status, str) or (not isinstance(latency, (int, float)) or isinstance(latency, bool)
-                                       or latency < 0):
-        raise BadRequest("status must be a string and latency_ms a non-negative number.")
+    if (not isinstance(status, str) or not status.strip() or len(status) > MAX_STATUS_CHARS
+            or not status.isprintable()):
+        raise BadRequest(f"status must be a printable string of 1 to {MAX_STATUS_CHARS} characters.")
+    if not isinstance(latency, (int, float)) or isinstance(latency, bool) or not 0 <= latency <= MAX_LATENCY_MS:
+        raise BadRequest(f"latency_ms must be a number between 0 and {MAX_LATENCY_MS}.")
     error = body.get("error_message")
     step = ToolStepLogged(step_id=new_id("stp"), run_id=run_id, tool=tool.strip(), status=status,
                           provider=body.get("provider") if isinstance(body.get("provider"), str) else None,
