@@ -177,3 +177,23 @@ async def test_an_agent_that_leaves_at_any_byte_leaves_a_settled_charged_step(
         elif got_words and not steps[0][1]:
             wrong.append(f"left at {leave_at}: tokens reached the agent but the step cost {steps[0][1]}")
     assert wrong == [], "\n".join(wrong)
+
+
+async def test_an_anthropic_stream_cut_before_its_final_usage_is_charged_the_output_relayed(
+        make_gateway: GatewayFactory, aiohttp_server: Any) -> None:
+    # Anthropic reports the input side (and an output of 1) in message_start and the output only in
+    # message_delta: cut between the two, the step once took that 1 as the provider's final count.
+    gateway, token = await _gateway_behind(_cutting_upstream(), "cut-before-delta", make_gateway, aiohttp_server)
+    events = messages_events("mock-claude")
+    before_delta = sum(map(len, events[:-2]))  # every text delta and content_block_stop, not message_delta
+    body = {"model": "mock-claude", "stream": True, "max_tokens": 50,
+            "messages": [{"role": "user", "content": f"cut at {before_delta}"}], "rungate": {"run_id": "cut-late"}}
+    async with aiohttp.ClientSession() as http, http.post(gateway.url + "/v1/messages", json=body,
+                                                          headers={"x-api-key": token}) as resp:
+        received = await resp.read()
+    assert all(f'"{word}"'.encode() in received for word in WORDS)  # the whole text reached the agent
+    with read_only(gateway.db_path) as db:
+        step = db.execute("SELECT status, tokens_input, tokens_output, estimated FROM steps WHERE run_id = ?",
+                          ("cut-late",)).fetchone()
+    relayed_estimate = -(-len("".join(WORDS).encode()) // 4)  # UTF-8 bytes / 4, rounded up
+    assert step == ("cut", 10, relayed_estimate, 1)  # the reported input, the relayed output, marked estimated

@@ -375,8 +375,14 @@ class _StreamMeter:
 
     @property
     def usage(self) -> Usage | None:
-        """The provider-reported usage once seen, else None."""
+        """The provider-reported usage once seen, else None (possibly partial: see `usage_final`)."""
         return self._usage
+
+    @property
+    def usage_final(self) -> bool:
+        """Whether `usage` is the provider's count for the whole answer (OpenAI reports usage once, at the
+        end; Anthropic reports the input side first and the output at the end)."""
+        return self._usage is not None
 
     @property
     def done(self) -> bool:
@@ -654,6 +660,10 @@ class MessagesStreamMeter(_StreamMeter):
 
     def _accumulators(self) -> Iterable[_CallAcc]:
         return (self._calls[i] for i in sorted(self._calls))
+
+    @property
+    def usage_final(self) -> bool:
+        return self._final_output
 
     def estimated_usage(self, input_estimate: int) -> Usage:
         usage = self._usage

@@ -174,8 +174,11 @@ class Call:
         self.failovers += 1
 
     def seen_usage(self) -> tuple[Usage, bool]:
-        """What a stream reported so far, or an estimate from what was relayed (and whether estimated)."""
-        if self.meter is not None and self.meter.usage is not None:
+        """What a stream reported for the whole answer, or else an estimate from what it reported so far and
+        what was relayed (and whether estimated). An Anthropic stream cut before its `message_delta` has
+        reported only its input side (and an output of 1): the output relayed is estimated, never taken as 1."""
+        if self.meter is not None and self.meter.usage_final:
+            assert self.meter.usage is not None
             return self.meter.usage, False
         if self.meter is not None:
             return self.meter.estimated_usage(self.input_estimate), True
