@@ -203,7 +203,9 @@ async def test_blocked_tools_are_refused_under_any_spelling(gateway: Gateway) ->
     fine = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     status, _, _ = await post(gateway, token, chat(tools=[fine]))
     assert status == 200
-    for spelling in ("Shell-Exec", " shell.exec", "mcp__box__shell_exec", "DELETE_FILES"):
+    for spelling in ("Shell-Exec", " shell.exec", "mcp__box__shell_exec", "DELETE_FILES", "mcp_box_shell_exec",
+                     "srv__shell_exec", "mcp.box.shell_exec", "a/b/shell_exec", "\uff53\uff48\uff45\uff4c\uff4c_exec",
+                     "shell\u200bexec", "mcp__fs__delete_file"):
         tool = {"type": "function", "function": {"name": spelling, "parameters": {"type": "object"}}}
         status, _, body = await post(gateway, token, chat(tools=[fine, tool]))
         assert status == 403 and body["error"]["code"] == "tool_blocked", spelling

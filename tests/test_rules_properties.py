@@ -66,14 +66,19 @@ WORDS = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_si
 
 @settings(max_examples=300, deadline=None)
 @given(words=WORDS, separators=st.lists(SEPARATORS, min_size=4, max_size=4), upper=st.lists(st.booleans(), max_size=30),
-       prefix=st.sampled_from(["", "mcp__srv__", "server/", "box:"]), pad=st.sampled_from(["", " ", "  "]))
+       prefix=st.sampled_from(["", "mcp__srv__", "mcp_srv_", "srv__", "mcp.srv.", "server/", "a/b/", "box:"]),
+       pad=st.sampled_from(["", " ", "  "]), invisible=st.sampled_from(["", "\u200b", "\u2060", "\ufeff"]),
+       wide=st.booleans())
 def test_a_blocked_tool_cannot_slip_past_by_spelling(words: list[str], separators: list[str], upper: list[bool],
-                                                     prefix: str, pad: str) -> None:
+                                                     prefix: str, pad: str, invisible: str, wide: bool) -> None:
     canonical = "_".join(words)
     variant = "".join(w + (separators[i] if i < len(words) - 1 else "") for i, w in enumerate(words))
     variant = "".join(c.upper() if i < len(upper) and upper[i] else c for i, c in enumerate(variant))
+    variant = variant[:1] + invisible + variant[1:]  # a zero-width character inside the first word
+    if wide:  # fullwidth forms (ａ for a, ０ for 0), which NFKC folds back
+        variant = "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in variant)
+    assert canonical_tool(pad + variant + pad) == canonical_tool(canonical)
     spelled = pad + prefix + variant + pad
-    assert canonical_tool(spelled) == canonical_tool(canonical)
     policy = CompiledPolicy("pol_t", 1, parse_document({"name": "t", "tools": {"blocked": [canonical]}}))
     assert policy.tools_blocked.blocked(spelled)
     assert not policy.tools_blocked.blocked(spelled + "x")  # a different tool is not caught

@@ -9,10 +9,12 @@ for approval rules and `tools.blocked` alike, so a spelling variant escapes neit
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import operator
 import re
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -30,23 +32,42 @@ REGEX_BUDGET_S: Final = 0.25        # per `gate()` call, so many slow patterns c
 
 # --- tool names -----------------------------------------------------------------------------------------
 
-_SEPARATORS = re.compile(r"[\s\-_.]+")
+# Between the words of a tool name: whitespace, `-`, `_`, `.`, and the `/` and `:` that MCP clients put between a
+# server's name and its tool's (`mcp__github__create_issue`, `mcp_github_create_issue`, `github/create_issue`).
+_SEPARATORS = re.compile(r"[\s\-_./:]+")
+
+
+@functools.lru_cache(maxsize=4096)
+def _tool_words(name: str) -> tuple[str, ...]:
+    """The words of a tool name, compatibility-normalized (NFKC: fullwidth and other look-alike forms of ASCII
+    letters become those letters), with invisible format characters (zero-width spaces, joiners, direction
+    marks) removed, and case-folded."""
+    text = unicodedata.normalize("NFKC", name)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return tuple(word for word in _SEPARATORS.split(text.casefold()) if word)
 
 
 def canonical_tool(name: str) -> str:
-    """A tool name reduced so variant spellings compare equal: case, surrounding space, `-`/`_`/`.`
-    separators and MCP-style server prefixes (`mcp__server__tool`, `server/tool`, `server:tool`) ignored."""
-    stripped = name.strip()
-    if stripped.lower().startswith("mcp__"):
-        stripped = stripped.split("__", 2)[-1]
-    else:
-        stripped = re.sub(r"^[^/:]+[/:]", "", stripped)
-    return _SEPARATORS.sub("", stripped.lower())
+    """A tool name reduced so variant spellings compare equal: compatibility forms, invisible characters,
+    case, surrounding space and separators (`-`, `_`, `.`, `/`, `:`, spaces) ignored."""
+    return "".join(_tool_words(name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tool_endings(name: str) -> tuple[str, ...]:
+    """The canonical forms of `name` and of every ending of it that starts at a word: what a pattern is
+    compared with, so that a server prefix of any shape (`mcp__srv__`, `mcp_srv_`, `srv.`, `a/b/`) cannot hide
+    a blocked tool. `mcp_srv_shell_exec` → (`exec`, `shellexec`, `srvshellexec`, `mcpsrvshellexec`)."""
+    words = _tool_words(name)
+    return tuple("".join(words[i:]) for i in range(len(words) - 1, -1, -1))
 
 
 class ToolMatcher:
     """Tool name patterns (names or globs such as `delete_*`) compared on canonical names.
 
+    A name matches a pattern when the name, or an ending of it that starts at a word, equals the pattern
+    canonically: `shell_exec` blocks `Shell-Exec`, `mcp__box__shell_exec` and `box/shell_exec`, not
+    `myshell_exec`. (So a one-word pattern such as `exec` blocks every tool whose last word is `exec`.)
     One matcher for `tools.blocked` and approval rules; `blocked` is the name the blocking rule reads.
     """
 
@@ -59,8 +80,11 @@ class ToolMatcher:
 
     def matches(self, tool: str) -> bool:
         """Whether `tool`, as an agent or model spelled it, matches any pattern."""
-        name = canonical_tool(tool)
-        return name in self._exact or bool(self._regex and self._regex.match(name))
+        endings = _tool_endings(tool)
+        if any(ending in self._exact for ending in endings):
+            return True
+        regex = self._regex
+        return regex is not None and any(regex.match(ending) for ending in endings)
 
     blocked = matches
 
