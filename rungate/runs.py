@@ -38,7 +38,7 @@ from rungate.errors import (
     StoreError,
     Unauthorized,
 )
-from rungate.events import NewEvent, canonical_json, stream_name
+from rungate.events import Event, NewEvent, canonical_json, stream_name
 from rungate.events.catalogue import (
     CallRefused,
     HeldAnswerRetried,
@@ -251,6 +251,7 @@ class AdmitCall:
     hold: Row | None = None
     hold_outcome: str | None = None
     plan: Plan | None = None  # set when the facts carry a planner
+    run_exists: bool = False  # the call's run is the agent's and exists: a refusal is recorded on its stream
     _idle_seen: tuple[tuple[str, str], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -399,6 +400,7 @@ class AdmitCall:
         if f.run_id is not None:
             if run is not None and run["agent_id"] != f.agent_id:
                 self._refuse(_run_unavailable())
+            self.run_exists = run is not None
             if run is not None and run["status"] == "stopped":
                 self.policy = _found_policy(found, _run_ref(run))
                 self._refuse(force_stopped(f.run_id, self.policy))
@@ -417,6 +419,7 @@ class AdmitCall:
                 run = None
             self.run_id = run["id"] if run is not None else new_id("run")
         starting = run is None
+        self.run_exists = not starting
         ref_lookup = self._binding_lookup(agent, starting)
         if starting and f.policy_name is not None and self._binding(found, run, starting, ref_lookup) is None:
             raise BadRequest(f"Policy {f.policy_name}{'' if f.policy_version is None else f'@{f.policy_version}'}"
@@ -494,15 +497,15 @@ class AdmitCall:
                     if f.failover is not None:
                         verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]
             # Every request for a model outside the lists is a drift, whatever else refuses the call.
-            drift = [event for v in verdicts if v.code == "model_not_allowed" for event in self._drift(v)]
+            drift = [self._drift(v) for v in verdicts if v.code == "model_not_allowed"]
             for verdict in verdicts:
                 if not verdict.shadow:
-                    extra = list(drift)
+                    extra: list[NewEvent] = []
                     if not starting and run is not None:  # a run refused for one of its caps: once per cap
                         extra.extend(NewEvent(run_stream(self.run_id), e)
                                      for e in budgets.exceeded_on_refusal(run, self.policy, state, verdict.rule))
-                    self._refuse(self._governance(verdict), rule=verdict.rule, extra=extra)
-            events.extend(drift)
+                    self._refuse(self._governance(verdict), rule=verdict.rule, drift=drift, extra=extra)
+            events.extend(NewEvent(run_stream(self.run_id), e) for e in drift)  # the run exists once admitted
             for verdict in verdicts:
                 decisions.append({"rule": verdict.rule, "code": verdict.code, "mode": "shadow",
                                   "message": verdict.message})
@@ -534,21 +537,22 @@ class AdmitCall:
         self.hold, self.hold_outcome = hold, "pending" if outcome == "pending" else "released"
         return [retried]
 
-    def _drift(self, verdict: Verdict) -> list[NewEvent]:
+    def _drift(self, verdict: Verdict) -> PolicyDrifted:
         assert self.policy is not None
         f = self.facts
-        return [NewEvent(stream_name("agent", f.agent_id), PolicyDrifted(
-            agent_id=f.agent_id, run_id=self.run_id, model=f.model, provider=f.provider, rule=verdict.rule,
-            policy=self.policy.ref, enforced=not verdict.shadow))]
+        return PolicyDrifted(agent_id=f.agent_id, run_id=self.run_id, model=f.model, provider=f.provider,
+                             rule=verdict.rule, policy=self.policy.ref, enforced=not verdict.shadow)
 
     def _governance(self, verdict: Verdict) -> GovernanceRefusal:
         assert self.policy is not None
         return governance_error(self.policy, self.run_id, verdict, self.step_id)
 
-    def _refuse(self, error: RungateError, rule: str | None = None, extra: Sequence[NewEvent] = ()) -> NoReturn:
+    def _refuse(self, error: RungateError, rule: str | None = None, drift: Sequence[Event] = (),
+                extra: Sequence[NewEvent] = ()) -> NoReturn:
         f = self.facts
         refused = refusal(f.agent_id, self.run_id or f.run_id, f.endpoint, f.model, error, rule=rule,
-                          policy=None if self.policy is None else self.policy.ref)
+                          policy=None if self.policy is None else self.policy.ref, on_run=self.run_exists,
+                          step_id=self.step_id, extra=drift)
         raise Refused(refused.error, [*refused.events, *extra])
 
 
@@ -673,12 +677,17 @@ def force_stopped(run_id: str, policy: CompiledPolicy | None = None) -> Governan
 
 
 def refusal(agent_id: str, run_id: str | None, endpoint: str, model: str | None, error: RungateError, *,
-            rule: str | None = None, policy: dict[str, Any] | None = None) -> Refused:
-    """Refuse a call with `error` and record the refusal (`CallRefused`) on the agent's stream."""
-    return Refused(error, [NewEvent(stream_name("agent", agent_id), CallRefused(
+            rule: str | None = None, policy: dict[str, Any] | None = None, on_run: bool = False,
+            step_id: str | None = None, extra: Sequence[Event] = ()) -> Refused:
+    """Refuse a call with `error` and record the refusal (`CallRefused`, then `extra`): on the run's stream when
+    the call was refused inside a run of this agent (`on_run`: its audit trail and replay show every decision),
+    else on the agent's (no run of its own: the run was another agent's, or the call would have started it)."""
+    stream = run_stream(run_id) if on_run and run_id is not None else stream_name("agent", agent_id)
+    refused = CallRefused(
         agent_id=agent_id, run_id=run_id, endpoint=endpoint, model=model, status=error.status, code=error.code,
         reason=error.message, rule=rule or (error.context.get("rule") if isinstance(error, GovernanceRefusal)
-                                             else None), policy=policy))])
+                                             else None), policy=policy, step_id=step_id)
+    return Refused(error, [NewEvent(stream, event) for event in (refused, *extra)])
 
 
 def agent_disabled(run_id: str | None, policy: CompiledPolicy | None = None) -> GovernanceRefusal:
@@ -908,11 +917,13 @@ class LogToolStep:
         ref = self._ref(found)
         if ref is not None:
             self.policy = cached_policy(*ref) or _compile(found, *ref)
+        own = run is not None  # refusals inside the agent's own run are on the run's stream
         if run is not None and run["status"] == "stopped":
             raise refusal(self.agent_id, self.run_id, "steps", None, force_stopped(self.run_id, self.policy),
-                          policy=None if self.policy is None else self.policy.ref)
+                          policy=None if self.policy is None else self.policy.ref, on_run=own)
         if run is not None and run["status"] in CLOSED:
-            raise refusal(self.agent_id, self.run_id, "steps", None, _run_closed(self.run_id, run["status"]))
+            raise refusal(self.agent_id, self.run_id, "steps", None, _run_closed(self.run_id, run["status"]),
+                          on_run=own)
         if self.step.run_id != self.run_id:
             raise ValueError("the step belongs to another run")
         if run is not None and self.policy is not None and self.policy.approvals and self.fingerprint:
@@ -926,7 +937,8 @@ class LogToolStep:
                 if not verdict.shadow:
                     raise refusal(self.agent_id, self.run_id, "steps", None,
                                   governance_error(self.policy, self.run_id, verdict, self.step.step_id),
-                                  rule=verdict.rule, policy=self.policy.ref)
+                                  rule=verdict.rule, policy=self.policy.ref, on_run=own,
+                                  step_id=self.step.step_id)
                 self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")
         if run is None:
             events.append(NewEvent(run_stream(self.run_id), RunStarted(
@@ -976,7 +988,7 @@ class LogToolStep:
         if outcome == "rejected":
             raise refusal(self.agent_id, self.run_id, "steps", None,
                           approval_rejected(self.run_id, hold, now, self.policy), rule=f"approvals.{hold['rule']}",
-                          policy=None if self.policy is None else self.policy.ref)
+                          policy=None if self.policy is None else self.policy.ref, on_run=True)
         self.hold, self.hold_outcome = hold, "pending" if outcome == "pending" else "released"
         if outcome == "pending" or hold["released"]:
             return [retried]

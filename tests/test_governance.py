@@ -182,11 +182,14 @@ async def test_models_are_refused_in_each_sdks_own_way_and_the_refusal_is_record
     # the refusals are events naming the rule and the policy version
     code, agents = await gateway.admin("GET", "/api/agents")
     agent_id = next(a["id"] for a in agents["data"] if a["name"] == "picky")
-    events = [e for e in await _agent_events(gateway, agent_id) if e["type"] == "CallRefused"]
+    # (on the run's stream, so its audit trail and `rungate replay` show them)
+    _, runs = await gateway.admin("GET", f"/api/runs?agent_id={agent_id}")
+    trail = await _run_events(gateway, runs["data"][0]["id"])
+    events = [e for e in trail if e["type"] == "CallRefused"]
     assert [(e["data"]["code"], e["data"]["rule"], e["data"]["policy"]["version"]) for e in events] == [
         ("model_not_allowed", "models.allowed", 1), ("model_not_allowed", "models.allowed", 1)]
     # and each attempt outside the list is a policy drift
-    drifts = [e["data"] for e in await _agent_events(gateway, agent_id) if e["type"] == "PolicyDrifted"]
+    drifts = [e["data"] for e in trail if e["type"] == "PolicyDrifted"]
     assert [(d["model"], d["enforced"]) for d in drifts] == [("gpt-4o", True), ("claude-haiku-4-5", True)]
 
 
@@ -195,6 +198,16 @@ async def _agent_events(gateway: Gateway, agent_id: str) -> list[dict[str, Any]]
 
     store = gateway.app[STORE]
     return [r._asdict() for r in await store.read_stream(f"agent-{agent_id}")]
+
+
+async def _agent_decisions(gateway: Gateway, agent_id: str) -> list[dict[str, Any]]:
+    """The agent's own stream and each of its runs' (those through the audit API), in log order: a refusal
+    inside a run is on the run's stream, one with no run of the agent's on the agent's."""
+    events = await _agent_events(gateway, agent_id)
+    _, runs = await gateway.admin("GET", f"/api/runs?agent_id={agent_id}")
+    for run in runs["data"]:
+        events += await _run_events(gateway, run["id"])
+    return sorted(events, key=lambda e: e["position"])
 
 
 async def test_blocked_tools_are_refused_under_any_spelling(gateway: Gateway) -> None:
@@ -240,7 +253,7 @@ async def test_shadow_mode_records_and_warns_but_lets_the_call_through(gateway: 
     code, steps = await gateway.admin("GET", "/api/runs/shadowed/steps")
     assert len(steps["data"]) == 2
     code, run = await gateway.admin("GET", "/api/runs/shadowed")
-    drifts = [e["data"] for e in await _agent_events(gateway, run["data"]["agent_id"]) if e["type"] == "PolicyDrifted"]
+    drifts = [e["data"] for e in await _run_events(gateway, "shadowed") if e["type"] == "PolicyDrifted"]
     assert [d["enforced"] for d in drifts] == [False, False]
     started = [e for e in await _run_events(gateway, "shadowed") if e["type"] == "StepStarted"]
     assert {w["code"] for w in started[1]["data"]["warnings"]} == {"model_not_allowed", "runaway_prevention"}
@@ -543,7 +556,7 @@ async def test_drift_is_recorded_when_another_rule_refuses_and_snapshots_are_mat
     assert status == 403 and body["error"]["code"] == "tool_blocked"
     code, agents = await gateway.admin("GET", "/api/agents")
     agent_id = next(a["id"] for a in agents["data"] if a["name"] == "mixed-user")
-    drifts = [e["data"] for e in await _agent_events(gateway, agent_id) if e["type"] == "PolicyDrifted"]
+    drifts = [e["data"] for e in await _agent_decisions(gateway, agent_id) if e["type"] == "PolicyDrifted"]
     assert [(d["model"], d["enforced"]) for d in drifts] == [("mock-gpt-2024-08-06", False)]
 
 

@@ -143,7 +143,12 @@ async def test_refusals_of_a_stopped_run_and_a_disabled_agent_name_the_policy(tm
         with pytest.raises(GovernanceRefusal) as disabled:
             await store.execute(AdmitCall(await facts(store, agent, run_id="fresh")))
         refusals.append(disabled.value)
-        recorded = [e.data for e in await store.read_stream(f"agent-{agent}") if e.type == "CallRefused"]
+        logged = sorted([*await store.read_stream("run-explicit"), *await store.read_stream(f"agent-{agent}")],
+                        key=lambda e: e.position)
+        recorded = [e.data for e in logged if e.type == "CallRefused"]
+        # the refusal inside the stopped run is on its stream; those with no run of the agent's on the agent's
+        assert [e.stream for e in logged if e.type == "CallRefused"] == ["run-explicit", f"agent-{agent}",
+                                                                         f"agent-{agent}"]
 
     # then each refusal names the rule and the policy (id, name, version), in the answer and in the log
     assert [(r.code, r.context["rule"]) for r in refusals] == [("run_force_stopped", "run.stopped")] * 2 + [

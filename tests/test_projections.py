@@ -292,7 +292,7 @@ async def test_a_completed_run_is_closed_and_refuses_more_calls(tmp_path: Path) 
         after = len(log)
 
     # then the run shows completed with its reason and metadata, a second completion changes nothing,
-    # and calls into it are refused with run_closed: each refusal is recorded on the agent's stream only
+    # and calls into it are refused with run_closed: each refusal is recorded on the run's stream, its audit trail
     assert [e.type for e in done] == ["RunCompleted"] and again == []
     assert (run["status"], run["ended_reason"], run["ended_at"], run["metadata"]) == (
         "completed", "agent_done", done[0].recorded_at, '{"outcome":"refunded"}')
@@ -301,8 +301,8 @@ async def test_a_completed_run_is_closed_and_refuses_more_calls(tmp_path: Path) 
     assert tool_refused.value.code == "run_closed"
     assert after == count + 2
     assert [(e.type, e.stream, e.data["code"], e.data["endpoint"]) for e in log[-2:]] == [
-        ("CallRefused", f"agent-{agent}", "run_closed", "chat"),
-        ("CallRefused", f"agent-{agent}", "run_closed", "steps")]
+        ("CallRefused", "run-job-c", "run_closed", "chat"),
+        ("CallRefused", "run-job-c", "run_closed", "steps")]
 
 
 async def test_an_explicit_run_of_another_agent_is_refused(tmp_path: Path) -> None:

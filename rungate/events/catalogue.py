@@ -166,10 +166,12 @@ class StepFailedOver(Event):
 
 
 class CallRefused(Event):
-    """A call was refused before anything went upstream; recorded on the agent's stream (SPEC §4).
+    """A call was refused before anything went upstream (SPEC §4); recorded on its run's stream when it was
+    refused inside a run of its agent, else on the agent's stream.
 
     `rule` names the rule by its path in the policy and `policy` the version that refused (None for
-    refusals no policy makes, such as a closed run).
+    refusals no policy makes, such as a closed run). `step_id` is the id the refused call's step would have
+    had: the `step_that_tripped` a budget refusal names.
     """
 
     agent_id: str
@@ -181,6 +183,7 @@ class CallRefused(Event):
     reason: str
     rule: str | None = None
     policy: dict[str, Any] | None = None
+    step_id: str | None = None
 
 
 class BudgetAlerted(Event):
