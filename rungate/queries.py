@@ -43,8 +43,9 @@ def _instant(value: str | None, name: str) -> str | None:
 
 async def list_runs(store: EventStore, *, agent_id: str | None = None, status: str | None = None,
                     since: str | None = None, until: str | None = None, limit: int = 50,
-                    cursor: str | None = None) -> tuple[list[Row], str | None]:
-    """Runs newest first, filtered; returns the page and the cursor of the next page (or None)."""
+                    cursor: str | None = None, offset: int = 0) -> tuple[list[Row], str | None]:
+    """Runs newest first, filtered; returns the page and the cursor of the next page (or None). Pages follow
+    `cursor` (stable while runs start) or skip `offset` runs (what the `rungate` SDK's `offset` asks)."""
     if status is not None and status not in RUN_STATUSES:
         raise BadRequest(f"`status` must be one of {', '.join(RUN_STATUSES)}.", code="invalid_status")
     if limit < 1:
@@ -62,8 +63,8 @@ async def list_runs(store: EventStore, *, agent_id: str | None = None, status: s
         clauses.append("(started_at < ? OR (started_at = ? AND id < ?))")
         params.extend([started_at, started_at, run_id])
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = await store.fetch(f"SELECT * FROM runs {where} ORDER BY started_at DESC, id DESC LIMIT ?",
-                             (*params, limit + 1))
+    rows = await store.fetch(f"SELECT * FROM runs {where} ORDER BY started_at DESC, id DESC LIMIT ? OFFSET ?",
+                             (*params, limit + 1, offset))
     page = rows[:limit]
     next_cursor = _cursor_encode(page[-1]["started_at"], page[-1]["id"]) if len(rows) > limit else None
     return page, next_cursor
@@ -73,8 +74,10 @@ async def get_run(store: EventStore, run_id: str) -> Row | None:
     return await store.fetchone("SELECT * FROM runs WHERE id = ?", (run_id,))
 
 
-async def run_steps(store: EventStore, run_id: str) -> list[Row]:
-    return await store.fetch("SELECT * FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))
+async def run_steps(store: EventStore, run_id: str, *, limit: int | None = None, offset: int = 0) -> list[Row]:
+    """The run's steps in order: all of them, or `limit` after the first `offset`."""
+    return await store.fetch("SELECT * FROM steps WHERE run_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+                             (run_id, -1 if limit is None else limit, offset))
 
 
 async def agent_by_token_hash(store: EventStore, digest: str) -> Row | None:

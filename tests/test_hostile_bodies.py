@@ -183,3 +183,22 @@ async def test_a_405_names_the_allowed_methods_and_anthropic_paths_answer_in_ant
     assert answer["error"]["code"] == "method_not_allowed"
     status, answer, _ = await send(gateway, "/v1/messages/count_tokens", orjson.dumps(MESSAGES), agent(token))
     assert status == 404 and answer["type"] == "error" and answer["error"]["type"] == "not_found_error"
+
+
+async def test_admin_input_that_would_fail_later_is_refused_at_once(gateway: Gateway) -> None:
+    # A provider key with a line break was stored, then failed every call to the provider with a 500.
+    status, answer = await gateway.admin("POST", "/api/provider-keys", {
+        "provider": "openai", "name": "nl", "api_key": "sk-abcdefgh\r\nX-Injected: yes"})
+    assert status == 400 and answer["error"]["code"] == "invalid_api_key"
+    _, keys = await gateway.admin("GET", "/api/provider-keys")
+    assert [k["name"] for k in keys["data"]] == []
+    # An agent asked for disabled was created active; a bad status was ignored.
+    status, answer = await gateway.admin("POST", "/api/agents", {"name": "odd", "status": "paused"})
+    assert status == 400 and answer["error"]["code"] == "invalid_status"
+    status, answer = await gateway.admin("POST", "/api/agents", {"name": "off", "status": "disabled"})
+    assert status == 201 and answer["data"]["status"] == "disabled" and answer["data"]["token"]
+    status, answer = await gateway.admin("POST", "/api/agents", {"name": "p", "policy_id": "pol_missing"})
+    assert status == 404
+    for query in ("/api/agents?status=paused", "/api/runs?offset=-1", "/api/runs?offset=1&cursor=abc"):
+        status, answer = await gateway.admin("GET", query)
+        assert status == 400, query

@@ -170,3 +170,37 @@ async def test_sdk_raises_approval_required_then_gets_the_answer_once_approved(g
     assert result["tool"]["name"] == "issue_refund"
     assert json.loads(result["tool"]["arguments"]) == {"amount_usd": 800}
     assert sum(1 for r in gateway.upstream_requests if r["path"].endswith("/chat/completions")) == 1
+
+
+async def test_sdk_admin_client_creates_lists_and_pages_as_it_asks(gateway: Gateway, sdk_dir: Path) -> None:
+    # The SDK's Admin client names a policy by `policy_id` and pages with `offset` and `limit`: once ignored
+    # (an agent created with no policy, every page the first, every step at once).
+    status, body = await gateway.admin("PUT", "/api/policies/by-name/sdk-pol", {"models": {"blocked": ["gpt-4o"]}})
+    assert status in (200, 201)
+    policy_id = body["data"]["id"]
+    result = await run_sdk(sdk_dir, f"""
+        import json, rungate
+        admin = rungate.Admin(token="{ADMIN_TOKEN}", base_url="{gateway.url}")
+        made = admin.agents.create(name="sdk-admin-agent", policy_id="{policy_id}")["data"]
+        token = made["token"]
+        client = rungate.Rungate(api_key=token, base_url="{gateway.url}")
+        for n in range(3):
+            with client.run() as run:
+                for i in range(n + 1):
+                    run.chat.completions.create(model="mock-gpt", messages=[{{"role": "user", "content": f"c{{i}}"}}])
+        admin.agents.patch(admin.agents.create(name="sdk-off", policy_id=None)["data"]["id"], status="disabled")
+        runs = [admin.runs.list(agent_id=made["id"], limit=2, offset=o)["data"] for o in (0, 2)]
+        last = runs[0][0]["id"]  # the newest run: three steps
+        print(json.dumps({{
+            "policy": made["policy"], "pages": [[r["id"] for r in page] for page in runs],
+            "disabled": [a["name"] for a in admin.agents.list(status="disabled")["data"]],
+            "with_policy": [a["name"] for a in admin.agents.list(policy_id="{policy_id}")["data"]],
+            "steps": [len(admin.runs.steps(last, limit=n, offset=o)["data"])
+                      for n, o in ((2, 0), (2, 2), (None, None))],
+        }}))
+    """)
+    assert result["policy"] == {"id": policy_id, "name": "sdk-pol"}
+    first, second = result["pages"]
+    assert len(first) == 2 and len(second) == 1 and not set(first) & set(second)
+    assert result["disabled"] == ["sdk-off"] and result["with_policy"] == ["sdk-admin-agent"]
+    assert result["steps"] == [2, 1, 3]

@@ -29,7 +29,7 @@ from rungate.proxy.bodies import read_json_object
 from rungate.proxy.gating import checked_edit
 from rungate.proxy.keys import BREAKERS, INFLIGHT, KEYRING, SETTINGS, STORE, TARGETS
 from rungate.runs import ResumeRun, StopRun, run_stream
-from rungate.store import Append
+from rungate.store import Append, EventStore
 from rungate.views import agent_view, approval_view, budgeted_run_view, provider_key_view, step_view
 from rungate.webhooks.admin import create_webhook, delete_webhook, rotate_webhook_secret, update_webhook
 from rungate.webhooks.deliver import WEBHOOKS
@@ -56,6 +56,9 @@ def _found(row: dict[str, Any] | None, what: str) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"{what} not found.")
     return row
+
+
+AGENT_STATUSES = ("active", "disabled")
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -102,14 +105,43 @@ async def providers_health(request: web.Request) -> web.Response:
 @routes.post("/api/agents")
 async def agents_create(request: web.Request) -> web.Response:
     body = await _body(request)
-    row, token = await create_agent(request.app[STORE], body.get("name"), body.get("metadata"), body.get("policy"))
+    if body.get("status", "active") not in AGENT_STATUSES:
+        raise BadRequest(f"`status` must be one of {', '.join(AGENT_STATUSES)}.", code="invalid_status")
+    store = request.app[STORE]
+    policy = await _policy_name(store, body)
+    row, token = await create_agent(store, body.get("name"), body.get("metadata"), policy)
+    if body.get("status") == "disabled":  # created disabled: the same event a PATCH records
+        await store.execute(UpdateAgent(row["id"], None, True, None))
+        row = await _agent_or_404(request, row["id"])
     return _data(agent_view(row, token), status=201)
+
+
+async def _policy_name(store: EventStore, body: dict[str, Any]) -> Any:
+    """The default policy a create names: `policy` (a name), or `policy_id` (an id, as the `rungate` SDK sends
+    it), resolved to its name; both must then name the same policy."""
+    policy_id = body.get("policy_id")
+    if policy_id is None:
+        return body.get("policy")
+    if not isinstance(policy_id, str):
+        raise BadRequest("policy_id must be a policy's id (or null).", code="invalid_policy_name")
+    row = await queries.get_policy(store, policy_id)
+    if row is None:
+        raise NotFound(f"Policy {policy_id} not found.")
+    if body.get("policy") is not None and body["policy"] != row["name"]:
+        raise BadRequest(f"policy ({body['policy']}) and policy_id ({policy_id}, named {row['name']}) name"
+                         " different policies.", code="invalid_policy_name")
+    return row["name"]
 
 
 @routes.get("/api/agents")
 async def agents_list(request: web.Request) -> web.Response:
     _admin(request)
-    rows = await queries.list_agents(request.app[STORE])
+    status, policy_id = request.query.get("status"), request.query.get("policy_id")
+    if status is not None and status not in AGENT_STATUSES:
+        raise BadRequest(f"`status` must be one of {', '.join(AGENT_STATUSES)}.", code="invalid_status")
+    rows = [r for r in await queries.list_agents(request.app[STORE])
+            if (status is None or bool(r["disabled"]) == (status == "disabled"))
+            and (policy_id is None or r["policy_id"] == policy_id)]
     return _data([agent_view(r) for r in rows], next=None)
 
 
@@ -130,7 +162,7 @@ def _agent_changes(body: dict[str, Any]) -> tuple[str | None, bool | None, dict[
     if metadata is not None and not isinstance(metadata, dict):
         raise BadRequest("metadata must be an object.", code="invalid_metadata")
     if "status" in body:
-        if body["status"] not in ("active", "disabled"):
+        if body["status"] not in AGENT_STATUSES:
             raise BadRequest("status must be active or disabled.", code="invalid_status")
         disabled = body["status"] == "disabled"
     if "disabled" in body:
@@ -295,9 +327,12 @@ async def policies_version(request: web.Request) -> web.Response:
 async def runs_list(request: web.Request) -> web.Response:
     _admin(request)
     q = request.query
+    if "offset" in q and "cursor" in q:
+        raise BadRequest("Page with `cursor` or with `offset`, not both.", code="invalid_parameter")
     rows, next_cursor = await queries.list_runs(
         request.app[STORE], agent_id=q.get("agent_id"), status=q.get("status"), since=q.get("since"),
-        until=q.get("until"), limit=_int_param(request, "limit", 50, 1, 500), cursor=q.get("cursor"))
+        until=q.get("until"), limit=_int_param(request, "limit", 50, 1, 500), cursor=q.get("cursor"),
+        offset=_int_param(request, "offset", 0, 0, 2**31))
     store = request.app[STORE]
     return _data([await budgeted_run_view(store, r) for r in rows], next=next_cursor)
 
@@ -352,7 +387,9 @@ async def runs_resume(request: web.Request) -> web.Response:
 async def runs_steps(request: web.Request) -> web.Response:
     _admin(request)
     run = await _run_or_404(request)
-    return _data([step_view(r) for r in await queries.run_steps(request.app[STORE], run["id"])], next=None)
+    limit, offset = _int_param(request, "limit", 0, 1, 10**6) or None, _int_param(request, "offset", 0, 0, 2**31)
+    steps = await queries.run_steps(request.app[STORE], run["id"], limit=limit, offset=offset)
+    return _data([step_view(r) for r in steps], next=None)
 
 
 @routes.get("/api/runs/{run_id}/ledger")
