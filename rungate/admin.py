@@ -12,7 +12,7 @@ from typing import Any
 from rungate import queries
 from rungate.config import Settings
 from rungate.crypto import Keyring, key_hint, load_keyring
-from rungate.errors import BadRequest, ConfigError, Conflict, NotFound
+from rungate.errors import BadRequest, ConfigError, Conflict, NotFound, StoreError
 from rungate.events import NewEvent, stream_name
 from rungate.events.catalogue import (
     AgentCreated,
@@ -211,5 +211,14 @@ async def open_keyring(settings: Settings, store: EventStore) -> Keyring:
     if keyring.generated and await queries.provider_key_count(store):
         raise ConfigError(f"RUNGATE_MASTER_KEY: the key file beside the database ({settings.sqlite_path}.key) is"
                           " missing but provider keys are stored under it; restore it or set RUNGATE_MASTER_KEY")
+    # A wrong key would start, then fail every call that needs a stored key (and store new keys under a second
+    # master key): each stored key is opened once here instead.
+    for row in await queries.list_provider_keys(store):
+        try:
+            keyring.decrypt(row["id"], row["nonce"], row["ciphertext"])
+        except StoreError:
+            raise ConfigError(f"RUNGATE_MASTER_KEY: the stored provider key {row['name']} ({row['id']}) does not"
+                              " decrypt under this master key; set the key the provider keys were stored"
+                              " under") from None
     keyring.persist()
     return keyring

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -50,9 +52,15 @@ def _serve(settings: Settings) -> int:
     from rungate.proxy.app import create_app
 
     app = create_app(settings)
-    print(f"rungate {__version__} listening on http://{settings.host}:{settings.port}"
-          f" (database {settings.database_display}{', mock provider' if settings.mock else ''})", flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    listening = (f"rungate {__version__} listening on http://{settings.host}:{settings.port}"
+                 f" (database {settings.database_display}{', mock provider' if settings.mock else ''})")
+    try:
+        # aiohttp prints once the database is open and the socket bound: only then is Rungate listening.
+        web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+                    print=lambda _: print(listening, flush=True))
+    except OSError as exc:  # the address is taken, or not this machine's
+        raise ConfigError(f"RUNGATE_HOST/RUNGATE_PORT: cannot listen on {settings.host}:{settings.port}:"
+                          f" {exc.strerror or exc}") from None
     return 0
 
 
@@ -212,12 +220,16 @@ async def _approvals_decide(store: EventStore, gate_id: str, approve: bool, reas
 
 
 async def _replay(store: EventStore, run_id: str, after: int) -> int:
-    events = await store.read_stream(run_stream(run_id), after_position=after)
+    """Every event of the run's stream after position `after`, read in pages (a run may hold any number)."""
+    events = await store.read_stream(run_stream(run_id), after_position=after, limit=_REPLAY_PAGE)
     if not events and await queries.get_run(store, run_id) is None:
         print(f"run {run_id} not found", file=sys.stderr)
         return 1
-    for rec in events:
-        sys.stdout.write(orjson.dumps(rec.as_line()).decode() + "\n")
+    while events:
+        sys.stdout.write("".join(orjson.dumps(rec.as_line()).decode() + "\n" for rec in events))
+        if len(events) < _REPLAY_PAGE:
+            break
+        events = await store.read_stream(run_stream(run_id), after_position=events[-1].position, limit=_REPLAY_PAGE)
     return 0
 
 
@@ -230,10 +242,34 @@ async def _verify(store: EventStore) -> int:
     return 1
 
 
-async def _rebuild(store: EventStore) -> int:
-    count = await store.rebuild()
+async def _rebuild(store: EventStore, force: bool) -> int:
+    """Replay the log into fresh projections, once its chain verifies: a changed log would bake what was
+    changed into the balances (`--force` rebuilds from it anyway)."""
+    report = await store.verify()
+    if not report.ok and not force:
+        print(f"error: the event log is broken at position {report.broken_at} ({report.reason}); nothing was"
+              " rebuilt (run `rungate verify`; --force rebuilds from the log as it is)", file=sys.stderr)
+        return 1
+    try:
+        count = await store.rebuild()
+    except sqlite3.Error as exc:
+        print(f"error: the log cannot be replayed ({exc}); the projections are unchanged", file=sys.stderr)
+        return 1
     print(f"rebuilt projections from {count} events")
     return 0
+
+
+_REPLAY_PAGE = 1000
+# Commands that may create the database (setting up before the first `serve`); every other one works on an
+# existing log, and a mistyped path must not read as an empty, verified one.
+_CREATES = {("agents", "create"), ("keys", "add"), ("policies", "apply")}
+
+
+def _position(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 2**62:
+        raise argparse.ArgumentTypeError("must be a log position, 0 or more")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -314,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="print a run's events as NDJSON")
     replay.add_argument("run_id")
-    replay.add_argument("--after", type=int, default=0)
+    replay.add_argument("--after", type=_position, default=0, help="only events after this log position")
     sub.add_parser("verify", help="check the event log's hash chain")
-    sub.add_parser("rebuild", help="drop the projections and replay the log into them")
+    rebuild = sub.add_parser("rebuild", help="drop the projections and replay the log into them (once it verifies)")
+    rebuild.add_argument("--force", action="store_true", help="rebuild even if the log does not verify")
     return parser
 
 
@@ -335,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             from rungate.demo import run_demo
 
             return asyncio.run(run_demo(settings, args.port))
+        path = settings.sqlite_path
+        if (args.command, getattr(args, "action", None)) not in _CREATES and path is not None and not path.exists():
+            raise ConfigError(f"RUNGATE_DATABASE_URL: no database at {path} (serve, agents create, keys add and"
+                              " policies apply create one)")
         return asyncio.run(_with_store(settings, lambda store: _dispatch(args, settings, store)))
     except ConfigError as exc:
         print(f"configuration error: {exc.message}", file=sys.stderr)
@@ -342,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except RungateError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader stopped (`rungate replay RUN | head`): what it read was whole lines
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings, store: EventStore) -> int:
@@ -381,7 +425,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: EventSt
         case ("verify", _):
             return await _verify(store)
         case ("rebuild", _):
-            return await _rebuild(store)
+            return await _rebuild(store, args.force)
     raise ConfigError(f"unknown command {args.command}")
 
 

@@ -312,3 +312,77 @@ async def test_sigterm_lets_calls_in_flight_finish_and_leaves_no_open_step(tmp_p
         statuses = [row[0] for row in conn.execute("SELECT status FROM steps")]
     assert sorted(statuses) == ["ok"] * 8
     assert rungate(db, "verify").stdout.startswith("ok")
+
+
+def test_operator_commands_refuse_a_database_that_is_not_there(tmp_path: Path) -> None:
+    # A mistyped path once created an empty database and reported it verified.
+    missing = tmp_path / "typo" / "rungate.db"
+    for command in (["verify"], ["runs", "list"], ["replay", "run_x"], ["rebuild"], ["agents", "list"]):
+        result = rungate(missing, *command)
+        assert result.returncode == 2 and f"no database at {missing}" in result.stderr, command
+    assert not missing.parent.exists()
+    after = rungate(tmp_path / "x.db", "replay", "run_x", "--after", "99999999999999999999")
+    assert after.returncode == 2 and "log position" in after.stderr  # argparse's refusal, not a traceback
+
+
+async def test_replay_prints_every_event_of_a_long_run(tmp_path: Path) -> None:
+    from projections import ALL
+    from rungate.admin import create_agent
+    from rungate.events.catalogue import ToolStepLogged
+    from rungate.runs import LogToolStep
+    from rungate.store import SQLiteEventStore
+
+    db = tmp_path / "long.db"
+    store = SQLiteEventStore(db, projections=ALL)
+    await store.start()
+    try:
+        agent, _ = await create_agent(store, "long")
+        for n in range(1205):  # more than a page of the replay's reads
+            await store.execute(LogToolStep(agent["id"], "long-run", ToolStepLogged(
+                step_id=f"stp_{n}", run_id="long-run", tool="t", status="ok")))
+    finally:
+        await store.close()
+    lines = rungate(db, "replay", "long-run").stdout.splitlines()
+    assert len(lines) == 1206 and json.loads(lines[-1])["data"]["step_id"] == "stp_1204"
+    head = subprocess.run(f"{sys.executable} -m rungate --database-url sqlite:///{db} replay long-run | head -3",
+                          shell=True, capture_output=True, text=True, timeout=60)
+    assert len(head.stdout.splitlines()) == 3 and "Traceback" not in head.stderr
+
+
+def test_rebuild_refuses_a_log_that_does_not_verify(tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+
+    db = tmp_path / "demo.db"
+    assert rungate(db, "demo").returncode == 0
+    copy = tmp_path / "tampered.db"
+    shutil.copy(db, copy)
+    with sqlite3.connect(copy) as conn:  # a forged cost, made possible by dropping the guard first
+        conn.execute("DROP TRIGGER events_no_update")
+        conn.execute("UPDATE events SET data = replace(data, '\"output\"', '\"outpvt\"') WHERE type = 'StepCompleted'")
+    refused = rungate(copy, "rebuild")
+    assert refused.returncode == 1 and "broken at position" in refused.stderr
+    assert "nothing was rebuilt" in refused.stderr
+    assert rungate(db, "rebuild").returncode == 0  # the untouched log rebuilds
+
+
+async def test_serve_says_why_it_cannot_start(tmp_path: Path) -> None:
+    db = tmp_path / "srv.db"
+    first = "11" * 32
+    assert rungate(db, "keys", "add", "openai", "main", stdin="sk-first-key-123456\n",
+                   env={"RUNGATE_MASTER_KEY": first}).returncode == 0
+    # another master key: refused at start-up, not by every later call that needs the stored key
+    wrong = subprocess.run([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve", "--port",
+                            str(free_port())], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "RUNGATE_LOG_LEVEL": "warning", "RUNGATE_MASTER_KEY": "22" * 32})
+    assert wrong.returncode == 2 and "RUNGATE_MASTER_KEY" in wrong.stderr and "main" in wrong.stderr
+    assert "listening" not in wrong.stdout
+    # a port already taken: a message naming the setting, and no claim of listening
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([sys.executable, "-m", "rungate", "--database-url", f"sqlite:///{db}", "serve",
+                               "--port", str(taken.getsockname()[1])], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "RUNGATE_LOG_LEVEL": "warning", "RUNGATE_MASTER_KEY": first})
+    assert busy.returncode == 2 and "RUNGATE_PORT" in busy.stderr and "Traceback" not in busy.stderr
+    assert "listening" not in busy.stdout
