@@ -644,7 +644,8 @@ async def test_a_blocked_tool_in_the_models_answer_is_not_delivered(gateway: Gat
                 headers={"Authorization": f"Bearer {token}", **headers,
                          "x-rungate-run-id": f"answer-s-{route}"}) as resp:
             raw = await resp.read()
-        assert resp.status == 200 and b"shell_exec" not in raw and b"tool_blocked" in raw, (route, raw[-300:])
+        # its error event carries the refusal's code (not a broken stream's), so an SDK can tell the two apart
+        assert resp.status == 200 and b"shell_exec" not in raw and b'"code":"tool_blocked"' in raw, (route, raw[-300:])
         code, steps = await gateway.admin("GET", f"/api/runs/answer-s-{route}/steps")
         assert [s["status"] for s in steps["data"]] == ["blocked"]
     # an allowed tool still goes through

@@ -108,9 +108,10 @@ async def test_stop_cuts_a_live_stream_and_refuses_the_run_until_resumed(aiohttp
         status, body, headers = await _admin(root, "POST", "/api/runs/long-job/stop", {"reason": "runaway"})
         assert status == 200 and body["data"]["status"] == "stopped" and headers["x-rungate-calls-cut"] == "1"
         validate_response("POST", "/api/runs/{run_id}/stop", 200, body)
-        # then the stream ends at once with an error the SDK raises, long before its 100 chunks
-        with pytest.raises(openai.APIError, match="stopped"):
+        # then the stream ends at once with an error the SDK raises, long before its 100 chunks, coded as the stop
+        with pytest.raises(openai.APIError, match="stopped") as cut:
             await asyncio.wait_for(reader, 5)
+        assert cut.value.code == "run_force_stopped"
         assert 5 <= len(received) < 60
         # and the next call of the run is refused
         with pytest.raises(openai.PermissionDeniedError) as refused:

@@ -72,14 +72,25 @@ def client_error_inner(anthropic: bool, status: int, code: str, message: str) ->
     return {"message": message, "type": kind, "param": None, "code": code}
 
 
-def stream_error_event(fmt: WireFormat, message: str, code: str = "upstream_stream_broken") -> bytes:
-    """A protocol-correct in-stream error: both SDKs raise on it instead of seeing a clean end."""
+BROKEN_STREAM = "upstream_stream_broken"
+
+
+def stream_error_event(fmt: WireFormat, message: str, code: str = BROKEN_STREAM) -> bytes:
+    """A protocol-correct in-stream error: both SDKs raise on it instead of seeing a clean end.
+
+    A stream that broke is a server error; one a governance decision ended (`code` such as `tool_blocked` or
+    `run_force_stopped`) says so in its type (`governance_block`; Anthropic's `permission_error`, what its
+    403 refusals are) and carries the refusal's code, so an SDK can tell the two apart.
+    """
+    governed = code != BROKEN_STREAM
     if fmt.name == "messages":
-        return encode_event(orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}}),
-                            "error")
+        error: dict[str, str] = {"type": "permission_error" if governed else "api_error", "message": message}
+        if governed:
+            error["code"] = code
+        return encode_event(orjson.dumps({"type": "error", "error": error}), "error")
+    kind = "governance_block" if governed else "server_error"
     if fmt.name == "responses":  # the openai SDK raises only when the event nests an `error` object
         return encode_event(orjson.dumps({"type": "error", "code": code, "message": message, "param": None,
-                                          "error": {"type": "server_error", "code": code, "message": message,
+                                          "error": {"type": kind, "code": code, "message": message,
                                                     "param": None}}), "error")
-    return encode_event(orjson.dumps({"error": {"message": message, "type": "server_error", "param": None,
-                                                "code": code}}))
+    return encode_event(orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}))

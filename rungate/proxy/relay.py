@@ -286,14 +286,15 @@ async def relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clien
             call.broken = True
             tail.append(stream_error_event(call.fmt, "The stream broke off before the end."))
         elif status == "stopped":
-            tail.append(stream_error_event(call.fmt, "An operator stopped this run; the stream ends here."))
+            tail.append(stream_error_event(call.fmt, "An operator stopped this run; the stream ends here.",
+                                           code="run_force_stopped"))
         elif withheld is not None and withheld.gated:
             tail.append(stream_error_event(call.fmt, "The answer called a tool that needs approval, which the"
                                                      " request did not offer; the stream ends here.",
                                            code="tool_approval_required"))
         elif status == "blocked":
             tail.append(stream_error_event(call.fmt, "The answer called a tool this run's policy blocks"
-                                                     " (tool_blocked); the stream ends here."))
+                                                     " (tool_blocked); the stream ends here.", code="tool_blocked"))
         # Chat streams: the trailer follows [DONE]. Stock OpenAI SDKs stop reading at [DONE], so they never see
         # it (placed before, openai 3.x yields it as a chunk whose `choices` is None and naive loops crash);
         # the `rungate` SDK reads on to the end of the body and picks it up. Other formats end with it.
