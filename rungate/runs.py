@@ -60,6 +60,8 @@ from rungate.usage import Usage
 # Statuses a call cannot continue (stopped: 403, completed: 409). A `blocked` run is not closed: its calls are
 # judged by its policy, which refuses them (402) until an operator resumes it; steps may still be logged.
 CLOSED = ("completed", "stopped")
+# Refusals `on_exceed: shrink` answers by lowering the call's output limit: a run cap and the agent's hourly cap.
+_SHRINKABLE = frozenset({"budget_exceeded", "hourly_cost_exceeded"})
 # What admission reads of a run (the write transaction fetches only these).
 _RUN_COLUMNS = ("id", "agent_id", "status", "open_steps", "last_activity_at", "policy_id", "policy_version",
                 "idle_timeout_s",
@@ -483,16 +485,16 @@ class AdmitCall:
             verdicts = evaluate(self.policy, state, ask, windows, now_s, hour)
             if f.failover is not None:
                 verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]
-            if any(v.code == "budget_exceeded" and not v.shadow for v in verdicts) and price is not None:
+            if any(v.code in _SHRINKABLE and not v.shadow for v in verdicts) and price is not None:
                 # What shrinking needs of the price, worked out only when it may happen.
                 ask = replace(ask, input_pusd=price.max_cost_pico(f.input_tokens, 0, cache_writes=f.cache_writes,
                                                                   web_searches=f.web_searches),
                               output_pusd_per_million=price.max_cost_pico(0, 1_000_000))
-                shrunk = shrink(self.policy, state, ask)
+                shrunk = shrink(self.policy, state, ask, hour)
                 if shrunk is not None:
                     self.max_output = (shrunk.reserved_tokens - shrunk.input_tokens) // max(1, f.choices)
                     self.warnings.append(f"budget: the output limit was lowered to {self.max_output} tokens so"
-                                         " the call fits the run's remaining budget")
+                                         " the call fits the remaining budget")
                     ask, verdicts = shrunk, evaluate(self.policy, state, shrunk, windows, now_s, hour)
                     if f.failover is not None:
                         verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]

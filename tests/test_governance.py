@@ -465,6 +465,27 @@ async def test_on_exceed_shrink_lowers_max_tokens_to_fit_while_a_useful_minimum_
     assert Decimal(run["data"]["spend_usd"]) <= Decimal(format_usd(fits_200)) and run["data"]["reserved_usd"] == "0"
 
 
+async def test_on_exceed_shrink_fits_a_call_to_the_agents_hourly_cap_too(gateway: Gateway) -> None:
+    prices = PriceTable.load()
+    body = chat("shrink me hourly", max_tokens=1000)
+    fits_150 = prices.max_cost_pico("mock-gpt", estimate_input_tokens(body), 150)
+    assert fits_150 is not None
+    # given no run cap, and an hourly cap that fits the input and 150 output tokens: a fresh agent's first call
+    # was refused 402 hourly_cost_exceeded, told to wait for spend that did not exist
+    await put_policy(gateway, "hour-shrinker", {"budget": {"agent_hourly_usd": format_usd(fits_150),
+                                                           "on_exceed": "shrink"}})
+    token = await agent_with_policy(gateway, "hour-squeezed", "hour-shrinker")
+    status, headers, _ = await post(gateway, token, body)
+    assert status == 200 and "lowered to 150 tokens" in headers["x-rungate-warning"]
+    assert gateway.upstream_requests[-1]["body"]["max_tokens"] == 150
+    # without shrink, the refusal says the call alone is too large, not to wait
+    await put_policy(gateway, "hour-refuser", {"budget": {"agent_hourly_usd": format_usd(fits_150)}})
+    token = await agent_with_policy(gateway, "hour-refused", "hour-refuser")
+    status, _, answer = await post(gateway, token, body)
+    assert status == 402 and answer["error"]["code"] == "hourly_cost_exceeded"
+    assert answer["error"]["context"]["next"].startswith("Lower max_tokens")
+
+
 async def test_rate_limits_refuse_with_an_accurate_retry_after(gateway: Gateway) -> None:
     body = chat("rated", max_tokens=10)
     per_call = estimate_input_tokens(body) + 10

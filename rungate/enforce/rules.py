@@ -117,7 +117,9 @@ def _hourly(policy: CompiledPolicy, ask: CallAsk, hour: AgentHour) -> list[Verdi
                     {"hourly_spend_usd": format_usd(hour.spend_pusd), "reserved_usd": format_usd(hour.reserved_pusd),
                      "limit_usd": format_usd(limit), "requested_usd": format_usd(ask.reserved_pusd),
                      "window_s": 3600, "oldest_minute": hour.oldest_minute,
-                     "next": "Wait until older spend leaves the rolling hour, or ask an operator."})]
+                     "next": "Lower max_tokens: this call's worst case alone exceeds the hourly cap, or ask an"
+                             " operator to raise it." if ask.reserved_pusd > limit else
+                             "Wait until older spend leaves the rolling hour, or ask an operator."})]
 
 
 def _rates(policy: CompiledPolicy, ask: CallAsk, windows: dict[str, RateWindow], now_s: int) -> list[Verdict]:
@@ -231,16 +233,21 @@ def _budget(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> list[Verdict
 SHRINK_MIN_OUTPUT_TOKENS = 32  # below this, a shrunk answer is too short to be useful: refuse instead
 
 
-def shrink(policy: CompiledPolicy, run: RunState, ask: CallAsk) -> CallAsk | None:
+def shrink(policy: CompiledPolicy, run: RunState, ask: CallAsk, hour: AgentHour | None = None) -> CallAsk | None:
     """`on_exceed: shrink`: the same call with the most output that fits what is left of the run's USD and
-    token budgets, or None when less than `SHRINK_MIN_OUTPUT_TOKENS` would fit (or nothing can shrink)."""
+    token budgets and of the agent's hourly cap (`hour`, when it has one), or None when less than
+    `SHRINK_MIN_OUTPUT_TOKENS` would fit (or nothing can shrink)."""
     if not policy.shrink or ask.embedding or not ask.priced or ask.kind != "llm" or not ask.output_bounded:
         return None
     most = ask.reserved_tokens - ask.input_tokens  # the output the call asked for at most (all choices)
+    lefts = []
     limit = budget_limit_pusd(policy, run)
     if limit is not None:
-        left = limit - run.spend_pusd - run.reserved_pusd - ask.input_pusd
-        if ask.output_pusd_per_million > 0:
+        lefts.append(limit - run.spend_pusd - run.reserved_pusd - ask.input_pusd)
+    if policy.agent_hourly_pusd is not None and hour is not None:
+        lefts.append(policy.agent_hourly_pusd - hour.spend_pusd - hour.reserved_pusd - ask.input_pusd)
+    if ask.output_pusd_per_million > 0:
+        for left in lefts:
             most = min(most, max(0, left) * 1_000_000 // ask.output_pusd_per_million)
     if policy.run_limit_tokens is not None:
         most = min(most, policy.run_limit_tokens - run.tokens_used - run.reserved_tokens - ask.input_tokens)
