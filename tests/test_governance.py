@@ -513,6 +513,12 @@ async def test_rate_limits_refuse_with_an_accurate_retry_after(gateway: Gateway)
         with pytest.raises(openai.RateLimitError):
             await client.chat.completions.create(model="mock-gpt", max_tokens=10,
                                                  messages=[{"role": "user", "content": "rated"}])
+    # a call larger than a whole minute's tokens is told so, and not invited to retry (no window would hold it)
+    status, headers, answer = await post(gateway, token, chat("rated", max_tokens=6 * per_call),
+                                         **{"x-rungate-run-id": "rated-3"})
+    assert status == 429 and "Retry-After" not in headers and headers["x-should-retry"] == "false"
+    assert answer["error"]["context"]["retry_after_s"] is None
+    assert answer["error"]["context"]["next"].startswith("Lower max_tokens")
 
 
 # --- regressions from review -----------------------------------------------------------------------

@@ -128,13 +128,21 @@ def _rates(policy: CompiledPolicy, ask: CallAsk, windows: dict[str, RateWindow],
         if rate is None:
             continue
         window = windows.get(scope, RateWindow())
-        # The oldest second in the window leaves it at oldest + 60; a call too big for any window waits a minute.
+        # The oldest second in the window leaves it at oldest + 60 (exact for requests; for tokens the earliest the
+        # call could fit: enough may leave only with later seconds).
         wait = max(1, (window.oldest + RATE_WINDOW_S - now_s) if window.oldest is not None else RATE_WINDOW_S)
         for key, used, asked, limit in (("requests_per_minute", window.requests, 1, rate.requests_per_minute),
                                         ("tokens_per_minute", window.tokens, ask.reserved_tokens,
                                          rate.tokens_per_minute)):
             if limit is not None and used + asked > limit:
                 unit = "requests" if key == "requests_per_minute" else "tokens"
+                if asked > limit:  # no window will ever hold it: waiting cannot help, so no retry is invited
+                    return [Verdict(f"rate_limits.{scope}.{key}", "rate_limited", 429,
+                                    f"This call alone asks {asked} {unit}, more than the {scope}'s limit of {limit}"
+                                    f" {unit} per minute.", shadow,
+                                    {"scope": scope, "limit": limit, "used": used, "requested": asked,
+                                     "window_s": RATE_WINDOW_S, "retry_after_s": None,
+                                     "next": "Lower max_tokens (or send less input) so the call fits the limit."})]
                 return [Verdict(f"rate_limits.{scope}.{key}", "rate_limited", 429,
                                 f"The {scope}'s limit of {limit} {unit} per minute is reached.", shadow,
                                 {"scope": scope, "limit": limit, "used": used, "requested": asked,
