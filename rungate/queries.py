@@ -23,9 +23,11 @@ def _cursor_encode(started_at: str, run_id: str) -> str:
 def _cursor_decode(cursor: str) -> tuple[str, str]:
     try:
         started_at, run_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return str(started_at), str(run_id)
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise BadRequest("`cursor` is not a cursor this API returned.", code="invalid_cursor") from None
+        started_at = run_id = None
+    if not isinstance(started_at, str) or not isinstance(run_id, str):  # two strings, as `_cursor_encode` writes
+        raise BadRequest("`cursor` is not a cursor this API returned.", code="invalid_cursor")
+    return started_at, run_id
 
 
 def _instant(value: str | None, name: str) -> str | None:

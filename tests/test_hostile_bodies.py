@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 from typing import Any
 from urllib.parse import urlsplit
@@ -199,6 +200,8 @@ async def test_admin_input_that_would_fail_later_is_refused_at_once(gateway: Gat
     assert status == 201 and answer["data"]["status"] == "disabled" and answer["data"]["token"]
     status, answer = await gateway.admin("POST", "/api/agents", {"name": "p", "policy_id": "pol_missing"})
     assert status == 404
-    for query in ("/api/agents?status=paused", "/api/runs?offset=-1", "/api/runs?offset=1&cursor=abc"):
+    forged = base64.urlsafe_b64encode(b'{"a": 1, "b": 2}').decode()  # two items, but not the two strings
+    for query in ("/api/agents?status=paused", "/api/runs?offset=-1", "/api/runs?offset=1&cursor=abc",
+                  f"/api/runs?cursor={forged}", "/api/provider-keys?provider=bogus"):
         status, answer = await gateway.admin("GET", query)
         assert status == 400, query

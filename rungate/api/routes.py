@@ -9,6 +9,7 @@ from aiohttp import web
 
 from rungate import __version__, queries
 from rungate.admin import (
+    PROVIDERS,
     DeleteAgent,
     RemoveProviderKey,
     RotateAgentToken,
@@ -234,7 +235,10 @@ async def keys_create(request: web.Request) -> web.Response:
 @routes.get("/api/provider-keys")
 async def keys_list(request: web.Request) -> web.Response:
     _admin(request)
-    rows = await queries.list_provider_keys(request.app[STORE], request.query.get("provider"))
+    provider = request.query.get("provider")
+    if provider is not None and provider not in PROVIDERS:
+        raise BadRequest(f"`provider` must be one of {', '.join(PROVIDERS)}.", code="invalid_provider")
+    rows = await queries.list_provider_keys(request.app[STORE], provider)
     return _data([provider_key_view(r) for r in rows], next=None)
 
 
