@@ -22,12 +22,13 @@ def _cursor_encode(started_at: str, run_id: str) -> str:
 
 def _cursor_decode(cursor: str) -> tuple[str, str]:
     try:
-        started_at, run_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        decoded = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        started_at = run_id = None
-    if not isinstance(started_at, str) or not isinstance(run_id, str):  # two strings, as `_cursor_encode` writes
+        decoded = None
+    # A list of two strings, as `_cursor_encode` writes.
+    if not (isinstance(decoded, list) and len(decoded) == 2 and all(isinstance(part, str) for part in decoded)):
         raise BadRequest("`cursor` is not a cursor this API returned.", code="invalid_cursor")
-    return started_at, run_id
+    return decoded[0], decoded[1]
 
 
 def _instant(value: str | None, name: str) -> str | None:
