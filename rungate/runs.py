@@ -932,6 +932,7 @@ class LogToolStep:
             hold = found.get(hold_lookup(self.run_id, self.fingerprint))
             if hold is not None:  # the same step sent again: its hold decides, not the rules
                 return self._retry_held(hold, run, found, now)
+        decisions: list[dict[str, Any]] = []
         if self.policy is not None:
             state = _state(self.run_id, run, None)
             ask = CallAsk("", "", 0, 0, True, (self.step.tool,), kind="tool")
@@ -942,12 +943,14 @@ class LogToolStep:
                                   rule=verdict.rule, policy=self.policy.ref, on_run=own,
                                   step_id=self.step.step_id)
                 self.warnings.append(f"shadow: {verdict.code} ({verdict.rule}): {verdict.message}")
+                decisions.append({"rule": verdict.rule, "code": verdict.code, "mode": "shadow",
+                                  "message": verdict.message})
         if run is None:
             events.append(NewEvent(run_stream(self.run_id), RunStarted(
                 run_id=self.run_id, agent_id=self.agent_id, auto=False,
                 policy=None if self.policy is None else self.policy.ref)))
-        if self.policy is not None:  # the step names the policy version that admitted it
-            self.step = self.step.model_copy(update={"policy": self.policy.ref})
+        if self.policy is not None:  # the step names the policy version that admitted it, and its shadow verdicts
+            self.step = self.step.model_copy(update={"policy": self.policy.ref, "warnings": decisions})
         gate_events, held = self._gate(now)
         if held:
             return [*events, *gate_events]

@@ -259,6 +259,30 @@ async def test_shadow_mode_records_and_warns_but_lets_the_call_through(gateway: 
     assert {w["code"] for w in started[1]["data"]["warnings"]} == {"model_not_allowed", "runaway_prevention"}
 
 
+async def test_shadow_mode_records_a_tool_the_answer_calls_and_warns_of_it(gateway: Gateway) -> None:
+    # A shadow tools.blocked once let a model's call of the tool through with no warning and no record.
+    await put_policy(gateway, "watch-tools", {"tools": {"blocked": ["shell_exec"], "mode": "shadow"}})
+    token = await agent_with_policy(gateway, "tool-watched", "watch-tools")
+    status, headers, answer = await post(gateway, token, chat('[tool:shell_exec {"cmd": "ls"}]'),
+                                         **{"x-rungate-run-id": "shadow-tools"})
+    assert status == 200 and answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "shell_exec"
+    assert "shadow: tool_blocked (tools.blocked)" in headers["x-rungate-warning"]
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + "/v1/chat/completions", json={**chat('[tool:shell_exec {"cmd": "ls"}]'), "stream": True},
+            headers={"Authorization": f"Bearer {token}", "x-rungate-run-id": "shadow-tools"}) as resp:
+        raw = await resp.read()
+    assert resp.status == 200 and b"shell_exec" in raw  # delivered: shadow mode refuses nothing
+    # and a logged step of the tool: its ToolStepLogged records the verdict, as the header reports it
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + "/v1/runs/shadow-tools/steps", json={"tool": "shell_exec"},
+            headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 201 and "shadow: tool_blocked" in resp.headers["x-rungate-warning"]
+    trail = await _run_events(gateway, "shadow-tools")
+    completed = [e["data"] for e in trail if e["type"] in ("StepCompleted", "ToolStepLogged")]
+    assert [[(w["rule"], w["mode"]) for w in c["warnings"]] for c in completed] == [
+        [("tools.blocked", "shadow")], [("tools.blocked", "shadow")], [("tools.blocked", "shadow")]]
+
+
 async def test_a_run_budget_refuses_the_call_that_would_not_fit_and_headers_are_exact(gateway: Gateway) -> None:
     prices = PriceTable.load()
     body = chat("budgeted call", max_tokens=50)

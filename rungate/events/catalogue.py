@@ -141,6 +141,8 @@ class StepCompleted(Event):
     tool_calls: list[dict[str, Any]] = []
     # Served by the other vendor: what its request, answer or stream could not carry and was dropped.
     translation_dropped: list[str] = []
+    # Shadow-mode decisions on the answer (a tool a shadow `tools.blocked` would have refused), as StepStarted's.
+    warnings: list[dict[str, Any]] = []
 
 
 class StepFailedOver(Event):
@@ -267,6 +269,7 @@ class ToolStepLogged(Event):
     latency_ms: int = 0
     error: str | None = None
     policy: dict[str, Any] | None = None  # the policy version that admitted it (`id`, `name`, `version`)
+    warnings: list[dict[str, Any]] = []  # shadow-mode decisions that would have refused it, as StepStarted's
 
 
 class AnswerHeld(Event):

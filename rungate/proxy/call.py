@@ -110,6 +110,8 @@ class Call:
     usage: Usage = field(default_factory=Usage)
     cost_pusd: int | None = 0
     warnings: list[str] = field(default_factory=list)
+    # Shadow-mode decisions on the answer, recorded with the step's StepCompleted (`warnings`).
+    decisions: list[dict[str, Any]] = field(default_factory=list)
     budget: Budget | None = None
     policy: CompiledPolicy | None = None  # the run's policy version (None: no policy)
     fingerprint: str = ""  # of the forwarded body: a retry of a held request is the same run and fingerprint
@@ -300,7 +302,7 @@ async def settle_step(store: EventStore, prices: PriceTable, call: Call, *, stat
         provider=call.target.provider, model=call.target.model, usage=usage.as_dict(), cost_pusd=cost,
         unpriced=unpriced, estimated=estimated, latency_ms=int((time.monotonic() - call.started) * 1000),
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls],
-        translation_dropped=list(call.dropped))
+        translation_dropped=list(call.dropped), warnings=list(call.decisions))
     holding = any(isinstance(new.event, AnswerHeld) for new in then)
     settled_now = False
     for attempt in range(SETTLE_ATTEMPTS):

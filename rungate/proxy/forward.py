@@ -16,7 +16,7 @@ from rungate.proxy.crossing import CROSSINGS
 from rungate.proxy.failover import Failure, failure_of
 from rungate.proxy.holding import await_approval, hold_if_gated
 from rungate.proxy.keys import HTTP, PRICES, SETTINGS, STORE
-from rungate.proxy.relay import blocked_tool, relay_stream, tool_refusal
+from rungate.proxy.relay import blocked_tool, note_shadowed_tools, relay_stream, tool_refusal
 from rungate.proxy.upstream import relayed_headers, upstream_headers
 from rungate.routing import RouteTarget
 from rungate.runs import force_stopped
@@ -170,6 +170,7 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                 parsed, payload = answer.body, orjson.dumps(answer.body)
             tool_calls = call.fmt.tool_calls(parsed)
             blocked = blocked_tool(call, tool_calls)
+            note_shadowed_tools(call, tool_calls)
             gated, then = hold_if_gated(call, tool_calls, upstream.status, headers, payload, stream=False) \
                 if blocked is None else (None, ())
             status = "blocked" if blocked is not None else "held" if gated is not None else "ok"

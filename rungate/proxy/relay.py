@@ -95,6 +95,18 @@ def blocked_tool(call: Call, tool_calls: Sequence[ToolCall]) -> str | None:
     return _blocked_name(call, [t.name for t in tool_calls])
 
 
+def note_shadowed_tools(call: Call, tool_calls: Sequence[ToolCall]) -> None:
+    """Record the tools the answer calls that the run's shadow-mode `tools.blocked` would have refused: a
+    decision on the step (its StepCompleted) and, where headers are still to go, `x-rungate-warning`."""
+    policy = call.policy
+    if policy is None or policy.tools_mode != "shadow" or not policy.tools_blocked.patterns:
+        return
+    for name in dict.fromkeys(t.name for t in tool_calls if t.name and policy.tools_blocked.blocked(t.name)):
+        message = f"the answer called tool {name}, which this policy blocks"
+        call.decisions.append({"rule": "tools.blocked", "code": "tool_blocked", "mode": "shadow", "message": message})
+        call.warnings.append(f"shadow: tool_blocked (tools.blocked): {message}")
+
+
 def tool_refusal(call: Call, tool: str) -> GovernanceRefusal:
     """403 `tool_blocked` for an answer that called `tool`: paid for, not delivered."""
     assert call.policy is not None
@@ -256,6 +268,7 @@ async def relay_stream(request: web.Request, call: Call, upstream: aiohttp.Clien
         gated: Hold | None = None
         then: tuple[NewEvent, ...] = ()
         tool_calls = agent_calls(call, meter.tool_calls)
+        note_shadowed_tools(call, tool_calls)
         if buffered is not None and status == "ok":
             gated, then = hold_if_gated(call, tool_calls, upstream.status, answer_headers,
                                         b"".join(buffered) + (held_done or b""), stream=True)
