@@ -18,7 +18,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from rungate import __version__, queries
+from rungate import __version__, queries, yamldoc
 from rungate.admin import add_provider_key, create_agent, open_keyring
 from rungate.approvals import DecideApproval, check_decision
 from rungate.clock import now_iso
@@ -75,7 +75,7 @@ async def _policies_apply(store: EventStore, path: str) -> int:
     """Apply a YAML or JSON policy file: create it, add a version, or report that nothing changed."""
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+            raw = yamldoc.load(handle)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import SecretStr
 
+from rungate import yamldoc
 from rungate.errors import ConfigError
 from rungate.routing import EMPTY as EMPTY_ROUTES
 from rungate.routing import RouteTable, parse_config_routes
@@ -227,7 +228,7 @@ def _parse_prices(raw: Any, source: str) -> dict[str, dict[str, Decimal]]:
 def _read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh) or {}
+            doc = yamldoc.load(fh) or {}
     except OSError as exc:
         raise ConfigError(f"RUNGATE_CONFIG: cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

@@ -386,3 +386,17 @@ async def test_serve_says_why_it_cannot_start(tmp_path: Path) -> None:
                               env={**os.environ, "RUNGATE_LOG_LEVEL": "warning", "RUNGATE_MASTER_KEY": first})
     assert busy.returncode == 2 and "RUNGATE_PORT" in busy.stderr and "Traceback" not in busy.stderr
     assert "listening" not in busy.stdout
+
+
+def test_a_policy_file_with_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    # YAML keeps the last of two equal keys without a word: here the cap would have become $9, not $1.
+    policy = tmp_path / "dup.yaml"
+    policy.write_text('name: dup\nbudget:\n  hard_limit_usd: "1.00"\n  hard_limit_usd: "9"\n', encoding="utf-8")
+    db = tmp_path / "dup.db"
+    result = rungate(db, "policies", "apply", str(policy))
+    assert result.returncode == 1 and "'hard_limit_usd' appears twice" in result.stderr and "line 4" in result.stderr
+    assert json.loads(rungate(db, "policies", "list").stdout) == []
+    config = tmp_path / "rungate.yaml"
+    config.write_text("server:\n  port: 9000\n  port: 9001\n", encoding="utf-8")
+    served = rungate(db, "--config", str(config), "verify")
+    assert served.returncode == 2 and "RUNGATE_CONFIG" in served.stderr and "appears twice" in served.stderr
