@@ -880,6 +880,9 @@ class LogToolStep:
     held: Hold | None = None
     hold: Row | None = None
     hold_outcome: str | None = None
+    # Only the refusal of a disabled agent's call (before its body is read): records nothing if the agent was
+    # enabled meanwhile.
+    refusing_disabled: bool = False
 
     def __post_init__(self) -> None:
         self._run = Lookup.of("runs", *_RUN_COLUMNS, id=self.run_id)
@@ -920,6 +923,14 @@ class LogToolStep:
         if ref is not None:
             self.policy = cached_policy(*ref) or _compile(found, *ref)
         own = run is not None  # refusals inside the agent's own run are on the run's stream
+        agent = found[self._agent]
+        if agent is None:
+            raise Unauthorized("Unknown agent token.")
+        if agent["disabled"]:  # judged here, not at authentication, so the refusal is recorded and names the policy
+            raise refusal(self.agent_id, self.run_id, "steps", None, agent_disabled(self.run_id, self.policy),
+                          policy=None if self.policy is None else self.policy.ref, on_run=own)
+        if self.refusing_disabled:
+            return []
         if run is not None and run["status"] == "stopped":
             raise refusal(self.agent_id, self.run_id, "steps", None, force_stopped(self.run_id, self.policy),
                           policy=None if self.policy is None else self.policy.ref, on_run=own)

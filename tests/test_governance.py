@@ -787,3 +787,23 @@ async def test_the_model_list_is_what_the_agents_policy_allows(gateway: Gateway)
     assert status == 200 and {m["id"] for m in shadow["data"]} == every
     status, unknown = await _models(gateway, free, **{"x-rungate-policy": "nope"})
     assert status == 400 and unknown["error"]["code"] == "unknown_policy"
+
+
+async def test_a_disabled_agents_logged_step_is_refused_naming_its_policy_and_recorded(gateway: Gateway) -> None:
+    # It was refused at authentication: run_id and the policy fields null, and nothing in the log.
+    await put_policy(gateway, "for-disabled", {"tools": {"blocked": ["rm_rf"]}})
+    token = await agent_with_policy(gateway, "soon-off", "for-disabled")
+    status, _, _ = await post(gateway, token, chat(), **{"x-rungate-run-id": "off-run"})
+    assert status == 200
+    _, agents = await gateway.admin("GET", "/api/agents?status=active")
+    agent_id = next(a["id"] for a in agents["data"] if a["name"] == "soon-off")
+    await gateway.admin("PATCH", f"/api/agents/{agent_id}", {"status": "disabled"})
+    async with aiohttp.ClientSession() as http, http.post(
+            gateway.url + "/v1/runs/off-run/steps", json={"tool": "lookup"},
+            headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 403
+        error = (await resp.json())["error"]
+    assert error["code"] == "agent_disabled" and error["run_id"] == "off-run"
+    assert (error["context"]["policy_name"], error["context"]["policy_version"]) == ("for-disabled", 1)
+    refused = [e["data"] for e in await _run_events(gateway, "off-run") if e["type"] == "CallRefused"]
+    assert [(r["code"], r["endpoint"]) for r in refused] == [("agent_disabled", "steps")]

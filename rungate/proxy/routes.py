@@ -165,8 +165,13 @@ def _tokens(value: Any) -> dict[str, int]:
 async def log_step(request: web.Request) -> web.Response:
     """Record a tool step the proxy cannot see (body of the `rungate` SDK's `log_tool_call`)."""
     store = request.app[STORE]
-    agent = await authenticate_agent(request, store)
+    # A disabled agent is refused by the command itself, before its body is read, so that the refusal is
+    # recorded and names the run's policy.
+    agent = await authenticate_agent(request, store, refuse_disabled=False)
     run_id = _run_id(request)
+    if agent["disabled"]:
+        await store.execute(LogToolStep(agent["id"], run_id, ToolStepLogged(
+            step_id=new_id("stp"), run_id=run_id, tool="", status=""), refusing_disabled=True))
     _, body = await read_json_object(request, request.app[SETTINGS].max_body_bytes)
     tool = body.get("tool", body.get("name"))
     if not isinstance(tool, str) or not tool.strip() or len(tool) > 200 or not tool.isprintable():
