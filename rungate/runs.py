@@ -470,7 +470,8 @@ class AdmitCall:
             windows: dict[str, RateWindow] = {}
             for scope, lookup in self._windows(self.policy, None if starting else self.run_id, now):
                 row = found.get(lookup)
-                windows[scope] = RateWindow(int(row["requests"]), int(row["tokens"]), row["oldest"]) if row \
+                windows[scope] = RateWindow(int(row["requests"]), int(row["tokens"]), row["oldest"],
+                                            row["detail"]) if row \
                     else RateWindow()
             if self.policy.agent_rate is not None and f.failover is None:
                 rate_scopes.append(f"agent:{f.agent_id}")
@@ -586,7 +587,7 @@ def _epoch(iso: str) -> int:
 
 @_shared
 def _window(scope: str, since: int) -> Lookup:
-    return Lookup.window("rate_buckets", ("requests", "tokens"), ("second", since), scope=scope)
+    return Lookup.window("rate_buckets", ("requests", "tokens"), ("second", since), detail="tokens", scope=scope)
 
 
 @_shared

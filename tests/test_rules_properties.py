@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rungate.enforce.policy import CompiledPolicy, canonical_tool, parse_document
-from rungate.enforce.rules import SHRINK_MIN_OUTPUT_TOKENS, CallAsk, RunState, budget_limit_pusd, evaluate, shrink
+from rungate.enforce.rules import (
+    RATE_WINDOW_S,
+    SHRINK_MIN_OUTPUT_TOKENS,
+    CallAsk,
+    RateWindow,
+    RunState,
+    budget_limit_pusd,
+    evaluate,
+    shrink,
+)
 from rungate.prices import format_usd
 
 PICO = st.integers(min_value=0, max_value=10**15)
@@ -99,3 +108,35 @@ def test_a_blocked_model_is_blocked_under_any_dated_snapshot_and_provider_prefix
     assert provider_scoped.models_allowed is not None
     assert provider_scoped.models_allowed.matches("openai", model)
     assert not provider_scoped.models_allowed.matches("anthropic", model)
+
+
+@settings(max_examples=300, deadline=None)
+@given(buckets=st.dictionaries(st.integers(941, 1000), st.integers(1, 500), min_size=1, max_size=30),
+       limit=st.integers(1, 3000), asked=st.integers(1, 3000))
+def test_a_tokens_per_minute_refusal_names_the_second_the_call_fits(buckets: dict[int, int], limit: int,
+                                                                    asked: int) -> None:
+    """Retry-After of a tokens limit: at now + wait the call fits the window, and one second earlier it does not."""
+    now = 1000
+    document = {"name": "r", "rate_limits": {"run": {"tokens_per_minute": limit}}}
+    policy = CompiledPolicy("pol_r", 1, parse_document(document))
+
+    def window_at(t: int) -> RateWindow:
+        kept = {s: n for s, n in buckets.items() if s > t - RATE_WINDOW_S}
+        return RateWindow(0, sum(kept.values()), min(kept, default=None),
+                          ",".join(f"{s}:{n}" for s, n in kept.items()) or None)
+
+    ask = CallAsk("openai", "gpt-4o", 0, asked, True, ())
+    [verdict] = evaluate(policy, RunState("r"), ask, {"run": window_at(now)}, now) or [None]
+    used = sum(buckets.values())
+    if used + asked <= limit:
+        assert verdict is None
+        return
+    assert verdict is not None and verdict.code == "rate_limited"
+    if asked > limit:  # never fits: no wait is promised
+        assert verdict.retry_after is None
+        return
+    wait = verdict.retry_after
+    assert wait is not None and wait >= 1
+    assert window_at(now + wait).tokens + asked <= limit
+    if wait > 1:
+        assert window_at(now + wait - 1).tokens + asked > limit

@@ -84,6 +84,20 @@ class RateWindow:
     requests: int = 0
     tokens: int = 0
     oldest: int | None = None
+    tokens_by_second: str | None = None  # "second:tokens,…" (any order), for the wait of a tokens limit
+
+
+def _tokens_leave_at(window: RateWindow, need: int) -> int | None:
+    """The second at which at least `need` of the window's tokens have left it (each second's leave 60 s after
+    it), or None when the window does not say per second."""
+    if not window.tokens_by_second:
+        return None
+    left = 0
+    for second, tokens in sorted(tuple(map(int, pair.split(":"))) for pair in window.tokens_by_second.split(",")):
+        left += tokens
+        if left >= need:
+            return second + RATE_WINDOW_S
+    return None
 
 
 RATE_WINDOW_S = 60
@@ -128,8 +142,7 @@ def _rates(policy: CompiledPolicy, ask: CallAsk, windows: dict[str, RateWindow],
         if rate is None:
             continue
         window = windows.get(scope, RateWindow())
-        # The oldest second in the window leaves it at oldest + 60 (exact for requests; for tokens the earliest the
-        # call could fit: enough may leave only with later seconds).
+        # The oldest second in the window leaves it at oldest + 60: room for one more request.
         wait = max(1, (window.oldest + RATE_WINDOW_S - now_s) if window.oldest is not None else RATE_WINDOW_S)
         for key, used, asked, limit in (("requests_per_minute", window.requests, 1, rate.requests_per_minute),
                                         ("tokens_per_minute", window.tokens, ask.reserved_tokens,
@@ -143,6 +156,9 @@ def _rates(policy: CompiledPolicy, ask: CallAsk, windows: dict[str, RateWindow],
                                     {"scope": scope, "limit": limit, "used": used, "requested": asked,
                                      "window_s": RATE_WINDOW_S, "retry_after_s": None,
                                      "next": "Lower max_tokens (or send less input) so the call fits the limit."})]
+                if key == "tokens_per_minute":  # room for this call's tokens: when enough seconds have left
+                    at = _tokens_leave_at(window, used + asked - limit)
+                    wait = max(1, at - now_s) if at is not None else wait
                 return [Verdict(f"rate_limits.{scope}.{key}", "rate_limited", 429,
                                 f"The {scope}'s limit of {limit} {unit} per minute is reached.", shadow,
                                 {"scope": scope, "limit": limit, "used": used, "requested": asked,

@@ -35,17 +35,18 @@ class Lookup:
     __slots__ = ("table", "sql", "names", "params", "row_id", "_hash")
 
     def __init__(self, table: str, where: tuple[tuple[str, Any], ...], columns: tuple[str, ...] = (),
-                 count: int = 0, sums: tuple[str, ...] = (), after: str = "") -> None:
+                 count: int = 0, sums: tuple[str, ...] = (), after: str = "", detail: str = "") -> None:
         # count > 0: a row `{"n": …}` counting the matches, up to this many, instead of the newest row.
         # sums (with after): a row of these columns' sums and `oldest`, over a range; `after` names the
-        # column the last `where` value is a lower bound for (exclusive).
+        # column the last `where` value is a lower bound for (exclusive); `detail` names one of `sums` whose
+        # value per `after` value the row also lists (`detail`: "after:value,…", in no particular order).
         if not where:
             raise ValueError("a lookup needs at least one condition")
         self.table = table
-        shape = (table, tuple([column for column, _ in where]), columns, count, sums, after)
+        shape = (table, tuple([column for column, _ in where]), columns, count, sums, after, detail)
         built = _SQL.get(shape)
         if built is None:
-            built = _SQL[shape] = (_lookup_sql(*shape), _lookup_names(columns, count, sums))
+            built = _SQL[shape] = (_lookup_sql(*shape), _lookup_names(columns, count, sums, detail))
         sql, self.names = built
         self.sql = sql
         self.params = tuple([value for _, value in where])
@@ -79,35 +80,41 @@ class Lookup:
         return cls(table, tuple(sorted(where.items())), (), up_to)
 
     @classmethod
-    def window(cls, table: str, sums: tuple[str, ...], after: tuple[str, Any], **where: Any) -> Lookup:
+    def window(cls, table: str, sums: tuple[str, ...], after: tuple[str, Any], *, detail: str = "",
+               **where: Any) -> Lookup:
         """`Lookup.window("rate_buckets", ("requests",), ("second", t), scope=s)`: a row with the sum of each
-        of `sums` and the smallest `oldest` value of the `after` column over the rows where it exceeds `t`."""
-        return cls(table, (*sorted(where.items()), after), (), 0, sums, after[0])
+        of `sums` and the smallest `oldest` value of the `after` column over the rows where it exceeds `t`
+        (and with `detail`, that sum column's value per `after` value)."""
+        return cls(table, (*sorted(where.items()), after), (), 0, sums, after[0], detail)
 
 
-# The SQL of each look-up shape (table, where columns, columns, count, sums, after) and the names of the columns
-# it selects (None: every column of the table): shapes come from code, so this stays as small as the number of
-# look-up kinds.
-_SQL: dict[tuple[str, tuple[str, ...], tuple[str, ...], int, tuple[str, ...], str],
+# The SQL of each look-up shape (table, where columns, columns, count, sums, after, detail) and the names of the
+# columns it selects (None: every column of the table): shapes come from code, so this stays as small as the
+# number of look-up kinds.
+_SQL: dict[tuple[str, tuple[str, ...], tuple[str, ...], int, tuple[str, ...], str, str],
            tuple[str, tuple[str, ...] | None]] = {}
 
 
-def _lookup_names(columns: tuple[str, ...], count: int, sums: tuple[str, ...]) -> tuple[str, ...] | None:
+def _lookup_names(columns: tuple[str, ...], count: int, sums: tuple[str, ...],
+                  detail: str = "") -> tuple[str, ...] | None:
     if sums:
-        return (*sums, "oldest")
+        return (*sums, "oldest", "detail") if detail else (*sums, "oldest")
     if count:
         return ("n",)
     return columns or None
 
 
 def _lookup_sql(table: str, where: tuple[str, ...], columns: tuple[str, ...], count: int,
-                sums: tuple[str, ...] = (), after: str = "") -> str:
+                sums: tuple[str, ...] = (), after: str = "", detail: str = "") -> str:
     if not all(_IDENTIFIER.match(name) for name in (table, *where, *columns, *sums)):
         raise ValueError(f"not a lookup over plain identifiers: {(table, *where, *columns, *sums)}")
+    if detail and detail not in sums:
+        raise ValueError(f"the detail column {detail} is not one of the sums {sums}")
     if sums:
         equal = " AND ".join(f"{column} = ?" for column in where[:-1])
         totals = ", ".join(f"coalesce(sum({column}), 0) AS {column}" for column in sums)
-        return f"SELECT {totals}, min({after}) AS oldest FROM {table} WHERE {equal} AND {after} > ?"
+        listed = f", group_concat({after} || ':' || {detail}) AS detail" if detail else ""
+        return f"SELECT {totals}, min({after}) AS oldest{listed} FROM {table} WHERE {equal} AND {after} > ?"
     clause = " AND ".join(f"{column} = ?" for column in where)
     if count:
         return f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE {clause} LIMIT {int(count)})"
