@@ -397,7 +397,9 @@ class AdmitCall:
             starting = self._starts_run(run, now, found)
             ref = self._binding(found, run, starting, self._binding_lookup(agent, starting))
             self.policy = _found_policy(found, ref)
-            self._refuse(agent_disabled(f.run_id, self.policy))
+            if run is not None and not starting and run["agent_id"] == f.agent_id:  # refused inside its own run
+                self.run_id, self.run_exists = run["id"], True
+            self._refuse(agent_disabled(self.run_id or f.run_id, self.policy))
         events: list[NewEvent] = []
         if f.run_id is not None:
             if run is not None and run["agent_id"] != f.agent_id:

@@ -805,5 +805,9 @@ async def test_a_disabled_agents_logged_step_is_refused_naming_its_policy_and_re
         error = (await resp.json())["error"]
     assert error["code"] == "agent_disabled" and error["run_id"] == "off-run"
     assert (error["context"]["policy_name"], error["context"]["policy_version"]) == ("for-disabled", 1)
+    # and a model call of the disabled agent in its run: refused and recorded on the run's stream the same way
+    status, _, answer = await post(gateway, token, chat(), **{"x-rungate-run-id": "off-run"})
+    assert status == 403 and answer["error"]["run_id"] == "off-run"
+    assert answer["error"]["context"]["policy_name"] == "for-disabled"
     refused = [e["data"] for e in await _run_events(gateway, "off-run") if e["type"] == "CallRefused"]
-    assert [(r["code"], r["endpoint"]) for r in refused] == [("agent_disabled", "steps")]
+    assert [(r["code"], r["endpoint"]) for r in refused] == [("agent_disabled", "steps"), ("agent_disabled", "chat")]
