@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         if (args.command, getattr(args, "action", None)) not in _CREATES and path is not None and not path.exists():
             raise ConfigError(f"RUNGATE_DATABASE_URL: no database at {path} (serve, agents create, keys add and"
                               " policies apply create one)")
+        if args.command == "verify":  # read-only: the file checked is not written to (not even its schema)
+            return asyncio.run(_verify(open_store(settings)))
         return asyncio.run(_with_store(settings, lambda store: _dispatch(args, settings, store)))
     except ConfigError as exc:
         print(f"configuration error: {exc.message}", file=sys.stderr)

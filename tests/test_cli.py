@@ -360,6 +360,13 @@ def test_rebuild_refuses_a_log_that_does_not_verify(tmp_path: Path) -> None:
     with sqlite3.connect(copy) as conn:  # a forged cost, made possible by dropping the guard first
         conn.execute("DROP TRIGGER events_no_update")
         conn.execute("UPDATE events SET data = replace(data, '\"output\"', '\"outpvt\"') WHERE type = 'StepCompleted'")
+    # verify names the break and leaves the evidence as it found it (it once put the dropped guard back)
+    before = copy.read_bytes()
+    verified = rungate(copy, "verify")
+    assert verified.returncode == 1 and verified.stdout.startswith("broken at position")
+    assert copy.read_bytes() == before
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events_no_update'").fetchone() == (0,)
     refused = rungate(copy, "rebuild")
     assert refused.returncode == 1 and "broken at position" in refused.stderr
     assert "nothing was rebuilt" in refused.stderr

@@ -381,8 +381,8 @@ class SQLiteEventStore:
         await self.fetch("SELECT 1")
 
     async def verify(self) -> VerifyReport:
-        """Check the chain on a read-only snapshot (on its own thread: writers are not held up)."""
-        self._require_writer()
+        """Check the chain on a read-only snapshot (on its own thread: writers are not held up). Needs no
+        `start`: a store never started checks the file without writing to it (no schema set-up)."""
         return await asyncio.to_thread(self._verify_snapshot)
 
     def _verify_snapshot(self) -> VerifyReport:
