@@ -848,13 +848,39 @@ class CompleteRun:
     run_id: str
     ended_reason: str
     metadata: dict[str, Any]
+    # Only the refusal of a disabled agent (before its body is read): changes nothing if it was enabled meanwhile.
+    refusing_disabled: bool = False
+
+    def __post_init__(self) -> None:
+        self._run = Lookup.of("runs", id=self.run_id)
+        self._agent = _admitting_agent(self.agent_id)
 
     def lookups(self) -> Sequence[Lookup]:
-        return (Lookup.of("runs", id=self.run_id),)
+        return (self._run, self._agent)
+
+    def _own_run(self, found: Mapping[Lookup, Row | None]) -> Row | None:
+        run = found[self._run]
+        return run if run is not None and run["agent_id"] == self.agent_id else None
+
+    def more_lookups(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[Lookup]:
+        wanted: list[Lookup] = []
+        agent, run = found[self._agent], self._own_run(found)
+        if agent is not None and agent["disabled"] and run is not None:  # its refusal names the run's policy
+            _known_policy(found, _run_ref(run), wanted)
+        return wanted
 
     def decide(self, found: Mapping[Lookup, Row | None], now: str) -> Sequence[NewEvent]:
-        run = found[self.lookups()[0]]
-        if run is None or run["agent_id"] != self.agent_id:
+        agent, run = found[self._agent], self._own_run(found)
+        if agent is None:
+            raise Unauthorized("Unknown agent token.")
+        if agent["disabled"]:  # judged here, not at authentication, so the refusal is recorded with the policy
+            policy = _found_policy(found, _run_ref(run)) if run is not None else None
+            raise refusal(self.agent_id, self.run_id if run is not None else None, "complete", None,
+                          agent_disabled(self.run_id if run is not None else None, policy),
+                          policy=None if policy is None else policy.ref, on_run=run is not None)
+        if self.refusing_disabled:
+            return ()
+        if run is None:
             raise NotFound(f"Run {self.run_id} not found.")  # another agent's run looks absent
         if run["status"] in CLOSED:
             return ()

@@ -809,5 +809,15 @@ async def test_a_disabled_agents_logged_step_is_refused_naming_its_policy_and_re
     status, _, answer = await post(gateway, token, chat(), **{"x-rungate-run-id": "off-run"})
     assert status == 403 and answer["error"]["run_id"] == "off-run"
     assert answer["error"]["context"]["policy_name"] == "for-disabled"
+    # and so is its completion of the run; its model listing names the policy too (a read: not recorded)
+    for method, path in (("POST", "/v1/runs/off-run/complete"), ("GET", "/v1/models")):
+        async with aiohttp.ClientSession() as http, http.request(
+                method, gateway.url + path, headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 403, path
+            error = (await resp.json())["error"]
+        assert error["code"] == "agent_disabled" and error["context"]["policy_name"] == "for-disabled", path
     refused = [e["data"] for e in await _run_events(gateway, "off-run") if e["type"] == "CallRefused"]
-    assert [(r["code"], r["endpoint"]) for r in refused] == [("agent_disabled", "steps"), ("agent_disabled", "chat")]
+    assert [(r["code"], r["endpoint"]) for r in refused] == [
+        ("agent_disabled", "steps"), ("agent_disabled", "chat"), ("agent_disabled", "complete")]
+    _, run = await gateway.admin("GET", "/api/runs/off-run")
+    assert run["data"]["status"] == "active"  # refused: the run was not completed

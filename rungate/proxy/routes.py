@@ -24,7 +24,7 @@ from rungate.proxy.formats import CHAT, EMBEDDINGS, MESSAGES, RESPONSES
 from rungate.proxy.gating import awaiting_response
 from rungate.proxy.handler import POLICY_PIN, proxy_call
 from rungate.proxy.keys import PRICES, SETTINGS, STORE
-from rungate.runs import CompleteRun, LogToolStep
+from rungate.runs import CompleteRun, LogToolStep, agent_disabled
 from rungate.store import Row
 from rungate.views import run_view, step_view
 
@@ -86,8 +86,10 @@ async def models(request: web.Request) -> web.Response:
     """The models this agent's policy lets it call (SPEC §3), in the caller's format (Anthropic when
     `anthropic-version` is sent): the models Rungate can price and the names routes give, less those the
     policy's model lists refuse (lists in shadow mode refuse nothing)."""
-    agent = await authenticate_agent(request, request.app[STORE])
+    agent = await authenticate_agent(request, request.app[STORE], refuse_disabled=False)
     policy = await _listing_policy(request, agent)
+    if agent["disabled"]:  # refused naming the policy its calls would run under, like its calls' refusals
+        raise agent_disabled(None, policy)
     anthropic = "anthropic-version" in request.headers
     fmt = MESSAGES if anthropic else CHAT  # a route name is listed when a target can serve this format
     provider = fmt.provider
@@ -122,8 +124,10 @@ def _run_id(request: web.Request) -> str:
 async def complete_run(request: web.Request) -> web.Response:
     """Close the run (idempotent: completing a closed run returns it unchanged)."""
     store = request.app[STORE]
-    agent = await authenticate_agent(request, store)
+    agent = await authenticate_agent(request, store, refuse_disabled=False)
     run_id = _run_id(request)
+    if agent["disabled"]:  # refused by the command, before the body is read: recorded, naming the run's policy
+        await store.execute(CompleteRun(agent["id"], run_id, "", {}, refusing_disabled=True))
     _, body = await read_json_object(request, request.app[SETTINGS].max_body_bytes, allow_empty=True)
     reason = body.get("ended_reason", "agent_signaled")
     metadata = body.get("metadata")
