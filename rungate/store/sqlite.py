@@ -84,6 +84,7 @@ class SQLiteEventStore:
         self._queue: collections.deque[Job] = collections.deque()
         self._wake: asyncio.Future[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._closed = False  # closed after running: verify refuses then (never started: it reads the file)
         # Serialises every use of the writer connection (batches on the loop, rebuild on the thread).
         self._conn_lock = asyncio.Lock()
         self._projection_versions: dict[str, int] = {p.name: 0 for p in self.projections}
@@ -160,6 +161,7 @@ class SQLiteEventStore:
 
     async def close(self) -> None:
         """Finish every command already queued (their callers learn the truth), then close."""
+        self._closed = True
         if self._writer_task is not None:
             task, self._writer_task = self._writer_task, None
             self._enqueue(_STOP)
@@ -382,7 +384,10 @@ class SQLiteEventStore:
 
     async def verify(self) -> VerifyReport:
         """Check the chain on a read-only snapshot (on its own thread: writers are not held up). Needs no
-        `start`: a store never started checks the file without writing to it (no schema set-up)."""
+        `start`: a store never started checks the file without writing to it (no schema set-up); a closed one
+        refuses, as its other operations do."""
+        if self._closed:
+            raise StoreError("the event store is closed")
         return await asyncio.to_thread(self._verify_snapshot)
 
     def _verify_snapshot(self) -> VerifyReport:
