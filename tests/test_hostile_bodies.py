@@ -15,7 +15,7 @@ import pytest
 from rungate.proxy.bodies import MAX_JSON_DEPTH
 from rungate.proxy.handler import MAX_OUTPUT_TOKENS
 from rungate.proxy.routes import MAX_LATENCY_MS, MAX_STATUS_CHARS
-from tests.conftest import Gateway
+from tests.conftest import ADMIN_TOKEN, Gateway
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": "mock-claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
@@ -205,3 +205,19 @@ async def test_admin_input_that_would_fail_later_is_refused_at_once(gateway: Gat
                   f"/api/runs?cursor={forged}", "/api/provider-keys?provider=bogus"):
         status, answer = await gateway.admin("GET", query)
         assert status == 400, query
+
+
+async def test_an_admin_body_that_gives_a_key_twice_is_refused(gateway: Gateway) -> None:
+    # JSON keeps the last of two equal keys: this policy would have capped runs at $9, not $1.
+    raw = b'{"budget": {"hard_limit_usd": "1.00", "hard_limit_usd": "9"}}'
+    status, answer, _ = await send(gateway, "/api/policies/by-name/dup", raw,
+                                   {"authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"},
+                                   method="PUT")
+    assert status == 400 and answer["error"]["code"] == "duplicate_key"
+    assert "hard_limit_usd" in answer["error"]["message"]
+    _, policies = await gateway.admin("GET", "/api/policies")
+    assert policies["data"] == []
+    status, _, _ = await send(gateway, "/api/policies/by-name/dup", b'{"budget": {"hard_limit_usd": "1.00"}}',
+                              {"authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"},
+                              method="PUT")
+    assert status in (200, 201)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -45,7 +46,22 @@ def _data(value: Any, status: int = 200, **extra: Any) -> web.Response:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     check_admin(request, request.app[SETTINGS])
-    return (await read_json_object(request, request.app[SETTINGS].max_body_bytes, allow_empty=True))[1]
+    raw, body = await read_json_object(request, request.app[SETTINGS].max_body_bytes, allow_empty=True)
+    if raw.strip():
+        # JSON keeps the last of two equal keys without a word; in an operator's document (a policy's caps, a
+        # webhook's events) that silently changes what was meant, so it is refused, as a YAML file's is.
+        json.loads(raw, object_pairs_hook=_unique_keys)
+    return body
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise BadRequest(f"The key {key!r} appears twice in one object of the request body.",
+                             code="duplicate_key")
+        seen[key] = value
+    return seen
 
 
 def _admin(request: web.Request) -> None:
