@@ -189,14 +189,14 @@ async def add_provider_key(store: EventStore, keyring: Keyring, provider: Any, n
         raise BadRequest(f"provider must be one of {', '.join(PROVIDERS)}.", code="invalid_provider")
     if not isinstance(secret, str) or len(secret.strip()) < 8:
         raise BadRequest("api_key must be a string of at least 8 characters.", code="invalid_api_key")
-    if not secret.strip().isprintable() or not secret.strip().isascii():
+    key = secret.strip()
+    if not key.isprintable() or not key.isascii():
         # It goes out in a header: a line break or control character would fail every call to the provider.
         raise BadRequest("api_key must be printable ASCII (no spaces at its ends, no line breaks or control"
                          " characters).", code="invalid_api_key")
     key_id = new_id("pk")
-    nonce, ciphertext = keyring.encrypt(key_id, secret.strip())
-    await store.execute(AddProviderKey(check_name(name, "Key"), provider, nonce, ciphertext,
-                                       key_hint(secret.strip()), key_id))
+    nonce, ciphertext = keyring.encrypt(key_id, key)
+    await store.execute(AddProviderKey(check_name(name, "Key"), provider, nonce, ciphertext, key_hint(key), key_id))
     row = await queries.get_provider_key(store, key_id)
     assert row is not None
     return row

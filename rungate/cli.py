@@ -424,8 +424,6 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, store: EventSt
             return await _approvals_decide(store, args.gate_id, False, args.reason, args.by, None)
         case ("replay", _):
             return await _replay(store, args.run_id, args.after)
-        case ("verify", _):
-            return await _verify(store)
         case ("rebuild", _):
             return await _rebuild(store, args.force)
     raise ConfigError(f"unknown command {args.command}")

@@ -407,7 +407,8 @@ async def runs_resume(request: web.Request) -> web.Response:
 async def runs_steps(request: web.Request) -> web.Response:
     _admin(request)
     run = await _run_or_404(request)
-    limit, offset = _int_param(request, "limit", 0, 1, 10**6) or None, _int_param(request, "offset", 0, 0, 2**31)
+    limit = _int_param(request, "limit", 1, 1, 10**6) if "limit" in request.query else None  # absent: all
+    offset = _int_param(request, "offset", 0, 0, 2**31)
     steps = await queries.run_steps(request.app[STORE], run["id"], limit=limit, offset=offset)
     return _data([step_view(r) for r in steps], next=None)
 
