@@ -408,13 +408,19 @@ def to_pico(amount: Decimal) -> int:
 
 
 MAX_AMOUNT_USD = Decimal(1_000_000)  # one amount a caller sends (a tool's cost, a top-up)
+# Money sent as text is plain decimal notation (SPEC: "1.03"): digits, optionally a point and more digits.
+# Python's Decimal also reads "1e3", " 2.5 ", "+2" and "1_000"; a caller's amount is taken only as SPEC writes it.
+_DECIMAL_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def parse_usd(value: Any) -> int:
-    """A USD amount sent as a decimal string or a number, in pico-USD; `ValueError` unless it is a finite
-    amount from 0 to `MAX_AMOUNT_USD`."""
+    """A USD amount sent as a decimal string ("2.50") or a number, in pico-USD; `ValueError` unless it is a
+    finite amount from 0 to `MAX_AMOUNT_USD` (a string in plain decimal notation: no sign, exponent, space or
+    digit separator)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("must be a decimal string or number")
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value):
+        raise ValueError("must be written as plain decimal digits, such as \"2.50\"")
     try:
         amount = Decimal(str(value))
     except InvalidOperation:

@@ -96,6 +96,25 @@ async def test_json_nested_past_the_limit_is_a_400_and_up_to_it_is_served(gatewa
     assert status in (200, 201)
 
 
+@pytest.mark.parametrize(("path", "template"), [("/v1/chat/completions", CHAT), ("/v1/messages", MESSAGES)])
+async def test_an_integer_beyond_64_bits_is_a_400_and_one_within_reaches_the_provider_unchanged(
+        gateway: Gateway, path: str, template: dict[str, Any]) -> None:
+    token = await gateway.new_agent()
+    # Such a number was read as a float and forwarded as one: 2**64 reached the provider as 1.8446744073709552e19
+    for number in (b"18446744073709551616", b"-9223372036854775809", b"9" * 5000):
+        data = orjson.dumps(template)[:-1] + b', "metadata": {"seed": ' + number + b"}}"
+        status, answer, _ = await send(gateway, path, data, agent(token))
+        assert status == 400, number[:30]
+        assert anthropic_error(answer) if path == "/v1/messages" else openai_error(answer, "invalid_json")
+    assert gateway.upstream_requests == []
+    # the edges of the 64-bit range, and a long run of digits inside a string, are forwarded as they were sent
+    for number in (2**64 - 1, -(2**63)):
+        body = {**template, "metadata": {"seed": number, "note": "1" * 40}}
+        status, _, _ = await send(gateway, path, orjson.dumps(body), agent(token))
+        assert status == 200
+        assert gateway.upstream_requests[-1]["body"]["metadata"] == {"seed": number, "note": "1" * 40}
+
+
 async def test_a_body_that_is_not_what_its_content_encoding_says_is_a_400(gateway: Gateway) -> None:
     token = await gateway.new_agent()
     plain = orjson.dumps(CHAT)
@@ -148,7 +167,7 @@ async def test_a_token_that_is_not_utf8_is_a_401(gateway: Gateway, request_line:
 
 async def test_tool_steps_refuse_latencies_and_statuses_the_ledger_cannot_hold(gateway: Gateway) -> None:
     token = await gateway.new_agent()
-    for bad in (b'"latency_ms": 1e300', b'"latency_ms": 99999999999999999999',
+    for bad in (b'"latency_ms": 1e300', b'"latency_ms": 9999999999999999999',
                 b'"latency_ms": %d' % (MAX_LATENCY_MS + 1), b'"status": ""',
                 b'"status": "%s"' % (b"s" * (MAX_STATUS_CHARS + 1)), b'"status": "ok\\nforged"'):
         status, answer, _ = await send(gateway, "/v1/runs/lat-1/steps", b'{"tool": "t", ' + bad + b"}", agent(token))

@@ -171,8 +171,9 @@ async def test_stop_and_resume_are_events_and_refuse_what_they_cannot_do(aiohttp
         assert resp.status in (200, 201)
     assert (await _admin(root, "POST", "/api/runs/done-run/stop"))[0] == 200
     assert (await _admin(root, "POST", "/api/runs/done-run/stop"))[0] == 200  # idempotent
-    status, body, _ = await _admin(root, "POST", "/api/runs/done-run/resume", {"add_usd": "-1"})
-    assert status == 400 and body["error"]["code"] == "invalid_amount"
+    for amount in ("-1", "1e3", " 2.5", "+2", "1_000", "2.", ".5", 2.5):  # money is a plain decimal string
+        status, body, _ = await _admin(root, "POST", "/api/runs/done-run/resume", {"add_usd": amount})
+        assert status == 400 and body["error"]["code"] == "invalid_amount", amount
     assert (await _admin(root, "POST", "/api/runs/done-run/resume", {"add_usd": "1.25"}))[0] == 200
     async with aiohttp.ClientSession() as http, http.post(
             root + "/v1/runs/done-run/complete", headers={"Authorization": f"Bearer {token}"}, json={}) as resp:

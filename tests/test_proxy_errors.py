@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import sys
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import anthropic
+import brotli
 import openai
 import orjson
 import pytest
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 from tests.conftest import Gateway, GatewayFactory
 
@@ -62,20 +71,43 @@ async def test_unknown_token_is_401_for_both_sdks(gateway: Gateway) -> None:
     assert status == 401 and body["error"]["code"] == "unauthorized"
 
 
-async def test_body_limit_is_checked_after_decompression(make_gateway: GatewayFactory) -> None:
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress, "zstd": zstd.compress}
+
+
+@pytest.mark.parametrize("encoding", sorted(COMPRESSORS))
+async def test_body_limit_is_checked_after_decompression(make_gateway: GatewayFactory, encoding: str) -> None:
     gateway = await make_gateway(RUNGATE_MAX_BODY_BYTES="4096")
     token = await gateway.new_agent()
     big = orjson.dumps({"model": "mock-gpt", "messages": [{"role": "user", "content": "a" * 10000}]})
-    compressed = gzip.compress(big)
+    compressed = COMPRESSORS[encoding](big)
     assert len(compressed) < 4096  # small on the wire, large once inflated
     status, body = await raw_post(gateway, "/v1/chat/completions", compressed,
                                   {"authorization": f"Bearer {token}", "content-type": "application/json",
-                                   "content-encoding": "gzip"})
+                                   "content-encoding": encoding})
+    assert status == 413 and body["error"]["code"] == "payload_too_large"
+    # a bomb: 10 MB inflated from a few kilobytes is refused too
+    bomb = COMPRESSORS[encoding](b'{"model": "mock-gpt", "messages": [], "x": "' + b"0" * 10**7 + b'"}')
+    status, body = await raw_post(gateway, "/v1/chat/completions", bomb,
+                                  {"authorization": f"Bearer {token}", "content-type": "application/json",
+                                   "content-encoding": encoding})
     assert status == 413 and body["error"]["code"] == "payload_too_large"
     status, body = await raw_post(gateway, "/v1/chat/completions", big,
                                   {"authorization": f"Bearer {token}", "content-type": "application/json"})
     assert status == 413
     assert gateway.upstream_requests == []
+
+
+@pytest.mark.parametrize("encoding", sorted(COMPRESSORS))
+async def test_a_compressed_body_is_served_as_the_plain_one(gateway: Gateway, encoding: str) -> None:
+    token = await gateway.new_agent()
+    # brotli and zstd bodies got aiohttp's plain-text 400 ("Please install `Brotli`") before their decoders
+    plain = {"model": "mock-gpt", "messages": [{"role": "user", "content": f"sent as {encoding}"}]}
+    status, body = await raw_post(gateway, "/v1/chat/completions", COMPRESSORS[encoding](orjson.dumps(plain)),
+                                  {"authorization": f"Bearer {token}", "content-type": "application/json",
+                                   "content-encoding": encoding})
+    assert status == 200 and body["object"] == "chat.completion"
+    assert gateway.upstream_requests[-1]["body"]["messages"] == plain["messages"]
 
 
 async def test_unreachable_upstream_is_502_provider_error_and_recorded(make_gateway: GatewayFactory) -> None:

@@ -3,6 +3,8 @@ content type."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
@@ -10,14 +12,19 @@ from aiohttp import hdrs, web
 
 from rungate.errors import BadRequest, ClientError, PayloadTooLarge
 
-# The encodings aiohttp decodes (brotli and zstd only with their optional packages, which Rungate does not
-# install: aiohttp refuses those itself). Any other would reach the JSON parser still encoded.
-_DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+# The encodings aiohttp decodes (brotli and zstd through the packages Rungate depends on for them). Any other
+# would reach the JSON parser still encoded.
+_DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate", "br", "zstd"})
 # How deep a body's arrays and objects may nest. orjson reads 1024 levels but writes only 254, and a body is
 # written again (its fingerprint, events that carry it) with a few levels around it: past this, refuse it.
 MAX_JSON_DEPTH = 128
 _ORJSON_WRITE_DEPTH = 254
 _PADDING = _ORJSON_WRITE_DEPTH - MAX_JSON_DEPTH
+# orjson reads an integer beyond 64 bits as a float, and a body is forwarded as Rungate writes it again: such a
+# number would reach the provider changed. Only a body with a run of 19 digits or more (2**63 has 19) can hold
+# one; only then is it looked at closely.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_INT_RANGE = range(-(2**63), 2**64)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -30,8 +37,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
     encoding = request.headers.get(hdrs.CONTENT_ENCODING)
     if encoding is not None and any(part.strip().lower() not in _DECODED_ENCODINGS for part in encoding.split(",")):
-        raise ClientError(f"Content-Encoding {encoding!r} is not supported; send the body plain, gzip or deflate.",
-                          status=415, code="unsupported_content_encoding")
+        raise ClientError(f"Content-Encoding {encoding!r} is not supported; send the body plain or as gzip, deflate,"
+                          " br or zstd.", status=415, code="unsupported_content_encoding")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -73,7 +80,24 @@ async def read_json_object(request: web.Request, limit: int, *,
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(value):
         raise BadRequest(f"Request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
                          code="invalid_json")
+    if _LONG_DIGITS.search(raw) and _has_huge_integer(raw):
+        raise BadRequest("Request body holds an integer beyond 64 bits; Rungate reads, records and forwards numbers"
+                         " only within that range.", code="invalid_json")
     return raw, value
+
+
+def _has_huge_integer(raw: bytes) -> bool:
+    """Whether the JSON text `raw` (already known to be valid) holds an integer outside the 64-bit range."""
+    found = False
+
+    def check(text: str) -> int:
+        nonlocal found
+        # Past 20 digits it is out of range whatever they are (and `int` refuses a string of thousands).
+        found = found or len(text.lstrip("-")) > 20 or int(text) not in _INT_RANGE
+        return 0
+
+    json.loads(raw, parse_int=check)
+    return found
 
 
 def _too_deep(value: dict[str, Any]) -> bool:
