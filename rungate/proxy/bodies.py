@@ -96,7 +96,10 @@ def _has_huge_integer(raw: bytes) -> bool:
         found = found or len(text.lstrip("-")) > 20 or int(text) not in _INT_RANGE
         return 0
 
-    json.loads(raw, parse_int=check)
+    try:
+        json.loads(raw, parse_int=check)
+    except ValueError:  # what orjson read, the standard parser refuses: nothing it could say about integers
+        return False
     return found
 
 
