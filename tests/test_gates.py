@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rungate.enforce.gates import MAX_SUBJECT_LENGTH, ApprovalRules, GateMatch
@@ -362,6 +362,7 @@ def test_gt_and_lte_partition_present_numbers(value: float, threshold: float, as
        separators=st.lists(st.sampled_from(["-", "_", ".", " ", "_-"]), min_size=3, max_size=3),
        upper=st.lists(st.booleans(), max_size=30), prefix=st.sampled_from(["", "mcp__srv__", "srv/", "srv:"]),
        arguments=JSON)
+@example(words=["x", "x"], separators=["-", "-", "-"], upper=[], prefix="", arguments=None)  # found by CI
 def test_a_spelling_variant_never_escapes_a_gate(words: list[str], separators: list[str], upper: list[bool],
                                                  prefix: str, arguments: Any) -> None:
     canonical = "_".join(words)
@@ -370,7 +371,13 @@ def test_a_spelling_variant_never_escapes_a_gate(words: list[str], separators: l
     rules = _rules({"name": "g", "tool": canonical})
     assert rules.offers_gated_tool([variant])
     assert (rules.gate(variant, orjson.dumps(arguments).decode()) or _fail()).rule == "g"
-    assert rules.gate(variant + "x", "{}") is None
+    assert rules.gate(variant + other_letter(canonical), "{}") is None  # a longer last word: another tool
+
+
+def other_letter(canonical: str) -> str:
+    """A letter that, appended to a spelling of `canonical`, makes another tool: "x", unless the name is only
+    x's (`x_x` is also `xx`, which is the last word of `x-x` + "x": that name is `xx` behind an `x` prefix)."""
+    return "y" if set(canonical.replace("_", "")) == {"x"} else "x"
 
 
 ALL_OPS = _rules({"name": "every-op", "tool": "t", "when": [

@@ -3,7 +3,7 @@ always fits, and the tool and model matchers cannot be dodged by spelling."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rungate.enforce.policy import CompiledPolicy, canonical_tool, parse_document
@@ -18,6 +18,7 @@ from rungate.enforce.rules import (
     shrink,
 )
 from rungate.prices import format_usd
+from tests.test_gates import other_letter
 
 PICO = st.integers(min_value=0, max_value=10**15)
 TOKENS = st.integers(min_value=0, max_value=10**7)
@@ -78,6 +79,8 @@ WORDS = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_si
        prefix=st.sampled_from(["", "mcp__srv__", "mcp_srv_", "srv__", "mcp.srv.", "server/", "a/b/", "box:"]),
        pad=st.sampled_from(["", " ", "  "]), invisible=st.sampled_from(["", "\u200b", "\u2060", "\ufeff"]),
        wide=st.booleans())
+@example(words=["x", "x"], separators=["-"] * 4, upper=[], prefix="", pad="", invisible="", wide=False)
+@example(words=["x"], separators=["-"] * 4, upper=[], prefix="", pad=" ", invisible="", wide=False)
 def test_a_blocked_tool_cannot_slip_past_by_spelling(words: list[str], separators: list[str], upper: list[bool],
                                                      prefix: str, pad: str, invisible: str, wide: bool) -> None:
     canonical = "_".join(words)
@@ -90,7 +93,7 @@ def test_a_blocked_tool_cannot_slip_past_by_spelling(words: list[str], separator
     spelled = pad + prefix + variant + pad
     policy = CompiledPolicy("pol_t", 1, parse_document({"name": "t", "tools": {"blocked": [canonical]}}))
     assert policy.tools_blocked.blocked(spelled)
-    assert not policy.tools_blocked.blocked(spelled + "x")  # a different tool is not caught
+    assert not policy.tools_blocked.blocked(spelled + other_letter(canonical))  # a different tool is not caught
 
 
 @settings(max_examples=200, deadline=None)
