@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from rungate.prices import parse_usd
 from rungate.proxy.gating import checked_edit
 from rungate.runs import ResumeRun, StopRun, run_stream
 from rungate.storage import open_store
-from rungate.store import EventStore
+from rungate.store import Anchor, EventStore
 from rungate.views import agent_view, approval_view, budgeted_run_view, provider_key_view, step_view
 
 
@@ -233,10 +234,11 @@ async def _replay(store: EventStore, run_id: str, after: int) -> int:
     return 0
 
 
-async def _verify(store: EventStore) -> int:
-    report = await store.verify()
+async def _verify(store: EventStore, anchors: list[Anchor]) -> int:
+    report = await store.verify(anchors)
     if report.ok:
-        print(f"ok ({report.events} events)")
+        head = f", head {report.head[0]}:{report.head[1]}" if report.head is not None else ""
+        print(f"ok ({report.events} events{head})")
         return 0
     print(f"broken at position {report.broken_at}: {report.reason}")
     return 1
@@ -270,6 +272,16 @@ def _position(text: str) -> int:
     if not 0 <= value <= 2**62:
         raise argparse.ArgumentTypeError("must be a log position, 0 or more")
     return value
+
+
+def _anchor(text: str) -> Anchor:
+    """POSITION:HASH, as `rungate verify` prints the head."""
+    position, _, digest = text.partition(":")
+    if not (position.isascii() and position.isdigit() and int(position) >= 1
+            and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise argparse.ArgumentTypeError("must be POSITION:HASH as `rungate verify` prints the head"
+                                         " (a position from 1 and a 64-digit lowercase hex hash)")
+    return int(position), digest
 
 
 def _positive(text: str) -> int:
@@ -351,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="print a run's events as NDJSON")
     replay.add_argument("run_id")
     replay.add_argument("--after", type=_position, default=0, help="only events after this log position")
-    sub.add_parser("verify", help="check the event log's hash chain")
+    verify = sub.add_parser("verify", help="check the event log's hash chain (and anchors kept from earlier checks)")
+    verify.add_argument("--anchor", type=_anchor, action="append", default=[], metavar="POSITION:HASH",
+                        help="a head printed by an earlier verify and kept elsewhere: the event at POSITION must"
+                             " still have HASH (repeatable)")
     rebuild = sub.add_parser("rebuild", help="drop the projections and replay the log into them (once it verifies)")
     rebuild.add_argument("--force", action="store_true", help="rebuild even if the log does not verify")
     return parser
@@ -377,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"RUNGATE_DATABASE_URL: no database at {path} (serve, agents create, keys add and"
                               " policies apply create one)")
         if args.command == "verify":  # read-only: the file checked is not written to (not even its schema)
-            return asyncio.run(_verify(open_store(settings)))
+            return asyncio.run(_verify(open_store(settings), args.anchor))
         return asyncio.run(_with_store(settings, lambda store: _dispatch(args, settings, store)))
     except ConfigError as exc:
         print(f"configuration error: {exc.message}", file=sys.stderr)

@@ -136,6 +136,12 @@ async def head_position(store: EventStore) -> int:
     return int(row["head"] or 0) if row is not None else 0
 
 
+async def log_head(store: EventStore) -> tuple[int, str] | None:
+    """(position, hash) of the log's newest event; None for an empty log."""
+    row = await store.fetchone("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+    return (int(row["position"]), row["hash"]) if row is not None else None
+
+
 async def stops_between(store: EventStore, after: int, upto: int) -> list[tuple[str, int]]:
     """(run id, position) of every `RunStopped` in positions `after` (exclusive) to `upto`, oldest first."""
     rows = await store.fetch("SELECT position, data FROM events WHERE position > ? AND position <= ?"

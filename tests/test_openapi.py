@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator
 from rungate.config import Settings, load_settings
 from rungate.openapi import load_spec
 from rungate.proxy.app import create_app
+from rungate.proxy.keys import STORE
 from tests.openapi_check import (
     HTTP_METHODS,
     documented_routes,
@@ -372,11 +373,18 @@ async def test_end_to_end_answers_match_the_document(client: TestClient[Any, Any
     resp = await client.get("/api/runs/r1/events", headers=ADMIN, params={"after": str(lines[2]["position"])})
     assert [json.loads(line) for line in (await resp.text()).splitlines()] == lines[3:]
 
+    # the log's head, to keep as an anchor: the newest event's position and hash
+    head = (await _call(client, "GET", "/api/log/head", 200, headers=ADMIN))["data"]
+    newest = await client.app[STORE].read_all(head["position"] - 1, 2)
+    assert [(e.position, e.hash) for e in newest] == [(head["position"], head["hash"])]
+    assert head["anchor"] == f"{head['position']}:{head['hash']}"
+
     health = await _call(client, "GET", "/health", 200)
     assert health["status"] == "ok" and health["database"] == "ok"
 
     # admin errors: 401, 404, 400, 409
     await _call(client, "GET", "/api/runs", 401)
+    await _call(client, "GET", "/api/log/head", 401)
     await _call(client, "GET", "/api/agents", 401, headers={"Authorization": "Bearer rg_adm_wrong"})
     await _call(client, "GET", "/api/agents", 401, headers=auth)  # an agent token is not an admin token
     not_found = await _call(client, "GET", "/api/runs/{run_id}", 404, params={"run_id": "nope"}, headers=ADMIN)

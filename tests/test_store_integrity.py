@@ -13,7 +13,8 @@ import pytest
 
 from rungate.admin import CreateAgent
 from rungate.runs import AdmitCall, CompleteRun
-from rungate.store import VerifyReport
+from rungate.store import Anchor, VerifyReport
+from rungate.store.hashing import chain_hash
 from tests.store_helpers import copy_database, facts, opened, run_cli, settle
 
 Tamper = Callable[[sqlite3.Connection], None]
@@ -129,10 +130,24 @@ async def _verify(path: Path) -> VerifyReport:
         return await store.verify()
 
 
+async def _verify_with(path: Path, anchors: list[Anchor]) -> VerifyReport:
+    async with opened(path) as store:
+        return await store.verify(anchors)
+
+
+def _hash_at(path: Path, position: int = EVENTS) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT hash FROM events WHERE position = ?", (position,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
 async def test_an_untampered_copy_verifies(populated: Path, tmp_path: Path) -> None:
-    # given a plain copy of a healthy log, when verified, then ok with every event counted
-    report = await _verify(_tampered(populated, tmp_path / "copy.db", None))
-    assert report == VerifyReport(True, EVENTS)
+    # given a plain copy of a healthy log, when verified, then ok with every event counted and the head named
+    path = _tampered(populated, tmp_path / "copy.db", None)
+    report = await _verify(path)
+    assert report == VerifyReport(True, EVENTS, head=(EVENTS, _hash_at(path)))
 
 
 @pytest.mark.parametrize(("tamper", "broken_at", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -149,7 +164,81 @@ async def test_verify_names_the_first_tampered_position(populated: Path, tmp_pat
 
 
 async def test_the_source_log_is_untouched_by_tampering_with_copies(populated: Path) -> None:
-    assert await _verify(populated) == VerifyReport(True, EVENTS)
+    assert await _verify(populated) == VerifyReport(True, EVENTS, head=(EVENTS, _hash_at(populated)))
+
+
+def _rehash_from(position: int) -> Tamper:
+    """Change the event at `position`, then compute every hash from it on again, and the recorded head: what
+    someone who can write the file and knows the (unkeyed) chain can do."""
+
+    def tamper(conn: sqlite3.Connection) -> None:
+        _change_column(position, "data", "json_set(data, '$.forged', 1)")(conn)
+        prev = conn.execute("SELECT hash FROM events WHERE position = ?", (position - 1,)).fetchone()[0]
+        rows = conn.execute("SELECT position, event_id, stream, version, type, schema_version, data, metadata,"
+                            " recorded_at, idempotency_key FROM events WHERE position >= ? ORDER BY position",
+                            (position,)).fetchall()
+        for row in rows:
+            digest = chain_hash(prev, *row)
+            conn.execute("UPDATE events SET prev_hash = ?, hash = ? WHERE position = ?", (prev, digest, row[0]))
+            prev = digest
+        conn.execute("UPDATE chain_head SET hash = ? WHERE id = 1", (prev,))
+
+    return tamper
+
+
+def _cut_tail_and_head(position: int) -> Tamper:
+    """Delete the events from `position` on and move the recorded head back to the event before."""
+
+    def tamper(conn: sqlite3.Connection) -> None:
+        _truncate_from(position)(conn)
+        last = conn.execute("SELECT hash FROM events WHERE position = ?", (position - 1,)).fetchone()[0]
+        conn.execute("UPDATE chain_head SET position = ?, hash = ? WHERE id = 1", (position - 1, last))
+
+    return tamper
+
+
+@pytest.mark.parametrize(("tamper", "anchor_at", "broken_at", "reason"), [
+    (_rehash_from(17), EVENTS, EVENTS, "anchor"),  # the head kept: the rewrite changed every later hash
+    (_rehash_from(17), 20, 20, "anchor"),  # an older anchor: the first it covers
+    (_rehash_from(17), 17, 17, "anchor"),
+    (_cut_tail_and_head(37), EVENTS, 37, "missing from the end"),
+], ids=["rewritten-head-anchor", "rewritten-older-anchor", "rewritten-at-anchor", "cut-tail"])
+async def test_an_anchor_kept_elsewhere_shows_a_rewrite_the_chain_cannot(
+        populated: Path, tmp_path: Path, tamper: Tamper, anchor_at: int, broken_at: int, reason: str) -> None:
+    # Given anchors kept from a check of the healthy log
+    async with opened(populated) as store:
+        healthy = await store.verify()
+        kept = {e.position: e.hash for e in await store.read_all(0, EVENTS)}
+    assert healthy.head == (EVENTS, kept[EVENTS])
+    # When the log is rewritten consistently (or cut, with its recorded head moved back)
+    path = _tampered(populated, tmp_path / "rewritten.db", tamper)
+    # Then the chain alone verifies: this is the limit of an unkeyed chain
+    assert (await _verify(path)).ok
+    # But the anchor does not: the first position it covers is named
+    report = await _verify_with(path, [(anchor_at, kept[anchor_at])])
+    assert not report.ok and report.broken_at == broken_at and reason in (report.reason or ""), report
+    # and anchors older than the change still hold
+    assert (await _verify_with(path, [(16, kept[16]), (3, kept[3])])).ok
+
+
+def test_cli_verify_prints_the_head_and_checks_anchors(populated: Path, tmp_path: Path) -> None:
+    path = _tampered(populated, tmp_path / "copy.db", None)
+    head = f"{EVENTS}:{_hash_at(path)}"
+    # `rungate verify` prints the head as the anchor to keep
+    result = run_cli(path, "verify")
+    assert result.returncode == 0 and f"head {head}" in result.stdout, result.stdout
+    # which checks out later, on the same log
+    result = run_cli(path, "verify", "--anchor", head, "--anchor", f"1:{_hash_at(path, 1)}")
+    assert result.returncode == 0 and result.stdout.startswith("ok"), (result.stdout, result.stderr)
+    # and not on a log rewritten since
+    rewritten = _tampered(populated, tmp_path / "rewritten.db", _rehash_from(30))
+    assert run_cli(rewritten, "verify").returncode == 0
+    result = run_cli(rewritten, "verify", "--anchor", head)
+    assert result.returncode == 1 and f"broken at position {EVENTS}:" in result.stdout, result.stdout
+    # an anchor that is not POSITION:HASH is a usage error, named
+    for bad in ("41", f"0:{'a' * 64}", "41:xyz", f"41:{'A' * 64}", f"-1:{'a' * 64}"):
+        result = run_cli(path, "verify", "--anchor", bad)
+        assert result.returncode == 2 and "POSITION:HASH" in result.stderr, (bad, result.stderr)
 
 
 def test_cli_verify_prints_ok_and_exits_0_on_a_good_log(populated: Path, tmp_path: Path) -> None:

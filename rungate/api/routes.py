@@ -446,6 +446,18 @@ async def runs_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@routes.get("/api/log/head")
+async def log_head(request: web.Request) -> web.Response:
+    """The position and hash of the newest event: an anchor to keep outside this machine, which
+    `rungate verify --anchor POSITION:HASH` checks later (the chain itself can be recomputed by whoever can
+    write the database)."""
+    _admin(request)
+    head = await queries.log_head(request.app[STORE])
+    if head is None:
+        return _data({"position": 0, "hash": None, "anchor": None})
+    return _data({"position": head[0], "hash": head[1], "anchor": f"{head[0]}:{head[1]}"})
+
+
 # --- approval requests ------------------------------------------------------------------------------
 
 @routes.get("/api/approval-requests")

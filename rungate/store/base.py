@@ -192,14 +192,20 @@ class Append:
         return self.events
 
 
+Anchor = tuple[int, str]  # (position, hash) of an event, as an operator kept it outside the log
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """The outcome of checking the hash chain: `ok`, how many events, and the first broken position."""
+    """The outcome of checking the hash chain: `ok`, how many events, the first broken position, and the
+    head (position and hash of the last event) when the chain holds — what an operator keeps, elsewhere, as
+    an anchor for later checks."""
 
     ok: bool
     events: int
     broken_at: int | None = None
     reason: str | None = None
+    head: Anchor | None = None
 
 
 class EventStore(Protocol):
@@ -237,7 +243,14 @@ class EventStore(Protocol):
         """
         ...
 
-    async def verify(self) -> VerifyReport: ...
+    async def verify(self, anchors: Sequence[Anchor] = ()) -> VerifyReport:
+        """Check the hash chain, and that the event at each anchor's position still has the anchor's hash.
+
+        The chain's hashes are not keyed: someone who can write the database can rewrite a stretch of the
+        log, or cut its end, and recompute every hash after it. Only a (position, hash) kept outside the
+        log shows that; `anchors` are such figures from an earlier `verify` (or `GET /api/log/head`).
+        """
+        ...
 
     async def rebuild(self) -> int:
         """Drop every projection table and replay the log into it; returns the events replayed."""

@@ -35,7 +35,7 @@ import aiosqlite
 from rungate.errors import RungateError, StoreError
 from rungate.events import Recorded
 from rungate.log import get_logger
-from rungate.store.base import Command, Projection, Row, VerifyReport
+from rungate.store.base import Anchor, Command, Projection, Row, VerifyReport
 from rungate.store.batch import BatchWriter, Job, Outcome, StatementsFailed, fold_all, row_to_recorded
 from rungate.store.hashing import verify_rows
 
@@ -382,21 +382,22 @@ class SQLiteEventStore:
     async def ping(self) -> None:
         await self.fetch("SELECT 1")
 
-    async def verify(self) -> VerifyReport:
-        """Check the chain on a read-only snapshot (on its own thread: writers are not held up). Needs no
-        `start`: a store never started checks the file without writing to it (no schema set-up); a closed one
-        refuses, as its other operations do."""
+    async def verify(self, anchors: Sequence[Anchor] = ()) -> VerifyReport:
+        """Check the chain (and `anchors`) on a read-only snapshot, on its own thread: writers are not held
+        up. Needs no `start`: a store never started checks the file without writing to it (no schema set-up);
+        a closed one refuses, as its other operations do."""
         if self._closed:
             raise StoreError("the event store is closed")
-        return await asyncio.to_thread(self._verify_snapshot)
+        return await asyncio.to_thread(self._verify_snapshot, anchors)
 
-    def _verify_snapshot(self) -> VerifyReport:
+    def _verify_snapshot(self, anchors: Sequence[Anchor]) -> VerifyReport:
         conn = self._open_reader(busy_timeout_ms=BUSY_TIMEOUT_MS)
         try:
             conn.execute("BEGIN")  # one consistent snapshot for the whole scan
             recorded = conn.execute("SELECT position, hash FROM chain_head WHERE id = 1").fetchone()
             head = (int(recorded[0]), recorded[1]) if recorded else None
-            return verify_rows((dict(row) for row in conn.execute("SELECT * FROM events ORDER BY position")), head)
+            return verify_rows((dict(row) for row in conn.execute("SELECT * FROM events ORDER BY position")), head,
+                               anchors)
         finally:
             conn.close()
 
