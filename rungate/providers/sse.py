@@ -160,19 +160,23 @@ class SSEParser:
         Takes complete events of exactly one `data:` line from the front of `buf` and returns where it
         stopped; anything else (other fields, comments, stray blank lines, a partial event) is left to the
         general loop, which then starts at an event boundary. The result is what the general loop gives.
+        The buffer is split once, in C: every piece but the last ended in a blank line (about a third of
+        the instructions of finding each event's end and line breaks separately, on a chat stream).
         """
-        start, end = 0, len(buf)
-        while start < end:
-            stop = buf.find(b"\n\n", start)
-            if stop < 0 or not buf.startswith(b"data:", start) or buf.find(b"\n", start, stop) >= 0:
+        end = buf.rfind(b"\n\n")
+        if end < 0:  # no complete event (a large one still arriving is not copied again on every read)
+            return 0
+        start = 0
+        pieces = bytes(buf[:end + 2]).split(b"\n\n")
+        del pieces[-1]  # what follows the last blank line: not a complete event
+        for piece in pieces:
+            if not piece.startswith(b"data:") or b"\n" in piece:
                 break
-            self._check_size(stop + 2 - start)
-            value = bytes(buf[start + 5:stop])
-            if value.startswith(b" "):
-                value = value[1:]
-            events.append(SSEEvent(raw=bytes(buf[start:stop + 2]), event=None,
-                                   data=value.decode("utf-8", "replace"), is_comment=False))
-            start = stop + 2
+            size = len(piece) + 2
+            self._check_size(size)
+            value = piece[6:] if piece.startswith(b" ", 5) else piece[5:]
+            events.append(SSEEvent(piece + b"\n\n", None, value.decode("utf-8", "replace"), False))
+            start += size
         return start
 
     def _check_size(self, size: int) -> None:
