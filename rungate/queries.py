@@ -11,7 +11,7 @@ import orjson
 from rungate.clock import iso_minus, isoformat, parse_iso
 from rungate.enforce.policy import cached_policy, compile_policy
 from rungate.errors import BadRequest
-from rungate.store import EventStore, Row
+from rungate.store import Anchor, EventStore, Row
 
 RUN_STATUSES = ("active", "paused", "completed", "blocked", "stopped")
 
@@ -136,7 +136,7 @@ async def head_position(store: EventStore) -> int:
     return int(row["head"] or 0) if row is not None else 0
 
 
-async def log_head(store: EventStore) -> tuple[int, str] | None:
+async def log_head(store: EventStore) -> Anchor | None:
     """(position, hash) of the log's newest event; None for an empty log."""
     row = await store.fetchone("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
     return (int(row["position"]), row["hash"]) if row is not None else None
