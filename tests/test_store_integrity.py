@@ -135,10 +135,14 @@ async def _verify_with(path: Path, anchors: list[Anchor]) -> VerifyReport:
         return await store.verify(anchors)
 
 
+def _hash_in(conn: sqlite3.Connection, position: int) -> str:
+    return conn.execute("SELECT hash FROM events WHERE position = ?", (position,)).fetchone()[0]
+
+
 def _hash_at(path: Path, position: int = EVENTS) -> str:
     conn = sqlite3.connect(path)
     try:
-        return conn.execute("SELECT hash FROM events WHERE position = ?", (position,)).fetchone()[0]
+        return _hash_in(conn, position)
     finally:
         conn.close()
 
@@ -173,7 +177,7 @@ def _rehash_from(position: int) -> Tamper:
 
     def tamper(conn: sqlite3.Connection) -> None:
         _change_column(position, "data", "json_set(data, '$.forged', 1)")(conn)
-        prev = conn.execute("SELECT hash FROM events WHERE position = ?", (position - 1,)).fetchone()[0]
+        prev = _hash_in(conn, position - 1)
         rows = conn.execute("SELECT position, event_id, stream, version, type, schema_version, data, metadata,"
                             " recorded_at, idempotency_key FROM events WHERE position >= ? ORDER BY position",
                             (position,)).fetchall()
@@ -191,7 +195,7 @@ def _cut_tail_and_head(position: int) -> Tamper:
 
     def tamper(conn: sqlite3.Connection) -> None:
         _truncate_from(position)(conn)
-        last = conn.execute("SELECT hash FROM events WHERE position = ?", (position - 1,)).fetchone()[0]
+        last = _hash_in(conn, position - 1)
         conn.execute("UPDATE chain_head SET position = ?, hash = ? WHERE id = 1", (position - 1, last))
 
     return tamper
