@@ -55,6 +55,7 @@ DEFAULT_ROUNDS = 5
 MAX_ERRORS_SHOWN = 5
 REQUEST_TIMEOUT_S = 60.0
 DISTINCT_BODIES = 1000
+PADDED_BODIES_BYTES = 20 * 1024 * 1024  # with --body-bytes: fewer distinct bodies, at most this much in memory
 
 # `--governed`: every rule kind admission enforces, with limits no benchmark call reaches, so each call pays
 # for every check (models, offered tools, steps, repeats, rate windows, run USD and token budgets, the
@@ -161,12 +162,19 @@ class Target:
     headers: dict[str, str]
 
 
-def payloads(stream: bool) -> list[bytes]:
-    """`DISTINCT_BODIES` request bodies of equal size that differ in their text (`benchmark 0042`): an agent
-    rarely sends the same body twice, and a policy's `max_repeats` counts identical bodies per run."""
+def payloads(stream: bool, body_bytes: int = 0) -> list[bytes]:
+    """Request bodies of equal size that differ in their text (`benchmark 0042`): an agent rarely sends the same
+    body twice, and a policy's `max_repeats` counts identical bodies per run. With `body_bytes`, each also
+    carries a system message of that many bytes of prose (an agent's instructions and context), and there are
+    fewer of them (`PADDED_BODIES_BYTES` in all, at least 50)."""
+    count = DISTINCT_BODIES if not body_bytes else max(50, min(DISTINCT_BODIES, PADDED_BODIES_BYTES // body_bytes))
+    context = ("Context: the agent reads this before it answers. " * (body_bytes // 50 + 1))[:body_bytes]
     out = []
-    for i in range(DISTINCT_BODIES):
-        body: dict[str, Any] = {"model": "mock-gpt", "messages": [{"role": "user", "content": f"benchmark {i:04d}"}]}
+    for i in range(count):
+        messages = [{"role": "user", "content": f"benchmark {i:04d}"}]
+        if body_bytes:
+            messages.insert(0, {"role": "system", "content": context})
+        body: dict[str, Any] = {"model": "mock-gpt", "messages": messages}
         if stream:
             body["stream"] = True
         out.append(orjson.dumps(body))
@@ -191,10 +199,10 @@ async def one_request(client: aiohttp.ClientSession, target: Target, body: bytes
 
 
 async def run_load(client: aiohttp.ClientSession, target: Target, mode: str, concurrency: int,
-                   requests: int) -> Result:
+                   requests: int, body_bytes: int = 0) -> Result:
     """`requests` calls from `concurrency` workers pulling from one shared counter."""
     stream = mode == "stream"
-    bodies = payloads(stream)
+    bodies = payloads(stream, body_bytes)
     latencies: list[float] = []
     errors: list[str] = []
     remaining = requests
@@ -203,7 +211,7 @@ async def run_load(client: aiohttp.ClientSession, target: Target, mode: str, con
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            body = bodies[remaining % DISTINCT_BODIES]
+            body = bodies[remaining % len(bodies)]
             start = time.perf_counter()
             try:
                 problem = await one_request(client, target, body, stream)
@@ -239,6 +247,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_REQUESTS} requests per cell, one round")
     parser.add_argument("--durability", choices=("full", "normal"), default="full",
                         help="Rungate's RUNGATE_DURABILITY (default full: every commit fsynced)")
+    parser.add_argument("--body-bytes", type=int, default=0, metavar="N",
+                        help="add a system message of N bytes to every request (default 0: bodies of about 100"
+                             " bytes); large prompts cost per byte what small ones do not")
     parser.add_argument("--governed", action="store_true",
                         help="bind the bench agent to a policy with every enforced rule kind active (limits set"
                              " high enough that no call is refused)")
@@ -249,6 +260,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.rounds = 1 if args.quick else DEFAULT_ROUNDS
     if args.requests < 1 or args.rounds < 1:
         parser.error("--requests and --rounds must be at least 1")
+    if args.body_bytes < 0:
+        parser.error("--body-bytes must not be negative")
     try:
         args.levels = [int(part) for part in args.concurrency.split(",") if part.strip()]
     except ValueError:
@@ -395,7 +408,8 @@ async def _bench(args: argparse.Namespace, tmpdir: Path, runners: list[web.AppRu
     print(f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} CPUs; "
           f"one process, one event loop for the client and all 3 servers; loopback only")
     print(f"{args.requests} requests per cell and round, {args.rounds} round(s), concurrency "
-          f"{','.join(map(str, args.levels))}, modes {'/'.join(MODES)}; warm-up {WARMUP_REQUESTS} per target")
+          f"{','.join(map(str, args.levels))}, modes {'/'.join(MODES)}; warm-up {WARMUP_REQUESTS} per target; "
+          f"request bodies of {len(payloads(False, args.body_bytes)[0])} bytes")
     print(f"Rungate: {settings.database_url} (RUNGATE_DURABILITY={settings.durability}, "
           f"writer connection PRAGMA synchronous={await writer_synchronous(store)})"
           + (f"; governed by policy {GOVERNED_POLICY['name']}: {GOVERNED_POLICY}" if args.governed else ""))
@@ -406,7 +420,8 @@ async def _bench(args: argparse.Namespace, tmpdir: Path, runners: list[web.AppRu
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as client:
         for target in targets:  # warm-up: connections, code paths, the agent's auto-run
-            warm = [await run_load(client, target, mode, 4, WARMUP_REQUESTS // 2) for mode in MODES]
+            warm = [await run_load(client, target, mode, 4, WARMUP_REQUESTS // 2, args.body_bytes)
+                    for mode in MODES]
             served += drain_mock_log(mock_app)
             if any(w.errors for w in warm):
                 print(f"warm-up errors against {target.name}: {[e for w in warm for e in w.errors][:3]}")
@@ -417,7 +432,7 @@ async def _bench(args: argparse.Namespace, tmpdir: Path, runners: list[web.AppRu
                     shift = round_no % len(targets)
                     for target in targets[shift:] + targets[:shift]:
                         before = write_stats(store)
-                        result = await run_load(client, target, mode, level, args.requests)
+                        result = await run_load(client, target, mode, level, args.requests, args.body_bytes)
                         if target.name == "rungate":
                             result.jobs_per_commit = jobs_per_commit(before, write_stats(store))
                         served += drain_mock_log(mock_app)

@@ -34,11 +34,13 @@ def agent(token: str, **extra: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}", "content-type": "application/json", **extra}
 
 
-def with_nested(template: dict[str, Any], depth: int) -> bytes:
+def with_nested(template: dict[str, Any], depth: int, pad: int = 0) -> bytes:
     """`template` as JSON plus a key `x` holding arrays nested so that the whole body is `depth` levels deep
-    (built as text: orjson itself writes no more than 254 levels)."""
+    (built as text: orjson itself writes no more than 254 levels), the innermost holding a string of `pad`
+    bytes when `pad` is given."""
     inner = depth - 1
-    return orjson.dumps(template)[:-1] + b', "x": ' + b"[" * inner + b"]" * inner + b"}"
+    core = b'"' + b"p" * pad + b'"' if pad else b""
+    return orjson.dumps(template)[:-1] + b', "x": ' + b"[" * inner + core + b"]" * inner + b"}"
 
 
 def openai_error(body: Any, code: str) -> bool:
@@ -83,16 +85,18 @@ async def test_a_worst_case_beyond_what_one_call_may_reserve_is_a_400(gateway: G
 @pytest.mark.parametrize(("path", "template"), [
     ("/v1/chat/completions", CHAT), ("/v1/messages", MESSAGES), ("/v1/runs/deep-1/steps", {"tool": "t"}),
 ])
+# Small bodies are checked closely only past MAX_JSON_DEPTH brackets, large ones (over 16 KB) always.
+@pytest.mark.parametrize("pad", [0, 20_000])
 async def test_json_nested_past_the_limit_is_a_400_and_up_to_it_is_served(gateway: Gateway, path: str,
-                                                                          template: dict[str, Any]) -> None:
+                                                                          template: dict[str, Any], pad: int) -> None:
     token = await gateway.new_agent()
     # 254 to 1023 levels were read (orjson reads 1024) and then failed to be written again: a 500
     for depth in (MAX_JSON_DEPTH + 1, 300, 1000):
-        status, answer, _ = await send(gateway, path, with_nested(template, depth), agent(token))
+        status, answer, _ = await send(gateway, path, with_nested(template, depth, pad), agent(token))
         assert status == 400, depth
         assert anthropic_error(answer) if path == "/v1/messages" else openai_error(answer, "invalid_json")
     assert gateway.upstream_requests == []
-    status, _, _ = await send(gateway, path, with_nested(template, MAX_JSON_DEPTH), agent(token))
+    status, _, _ = await send(gateway, path, with_nested(template, MAX_JSON_DEPTH, pad), agent(token))
     assert status in (200, 201)
 
 

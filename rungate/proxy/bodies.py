@@ -28,6 +28,7 @@ _LONG_RUN = b"0" * 19
 # expression `[0-9]{19}` it replaced tried a match at every position, 3.4 ms for a 200 KB body.
 _SHAPE = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x5B if byte in b"[{" else 0x20 for byte in range(256))
 _INT_RANGE = range(-(2**63), 2**64)
+_ALWAYS_DEPTH_CHECKED = 16 * 1024  # bytes: see `read_json_object`
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -81,7 +82,9 @@ async def read_json_object(request: web.Request, limit: int, *,
     if not isinstance(value, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_json")
     shape = raw.translate(_SHAPE)
-    if shape.count(b"[") > MAX_JSON_DEPTH and _too_deep(value):
+    # Small bodies are looked at closely only with enough brackets; a large one always, as writing it again costs
+    # less than counting its brackets (orjson writes 200 KB in 10 us; counting takes 120).
+    if (len(raw) > _ALWAYS_DEPTH_CHECKED or shape.count(b"[") > MAX_JSON_DEPTH) and _too_deep(value):
         raise BadRequest(f"Request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
                          code="invalid_json")
     if _LONG_RUN in shape and _has_huge_integer(raw):
