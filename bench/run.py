@@ -168,7 +168,8 @@ def payloads(stream: bool, body_bytes: int = 0) -> list[bytes]:
     carries a system message of that many bytes of prose (an agent's instructions and context), and there are
     fewer of them (`PADDED_BODIES_BYTES` in all, at least 50)."""
     count = DISTINCT_BODIES if not body_bytes else max(50, min(DISTINCT_BODIES, PADDED_BODIES_BYTES // body_bytes))
-    context = ("Context: the agent reads this before it answers. " * (body_bytes // 50 + 1))[:body_bytes]
+    sentence = "Context: the agent reads this before it answers. "
+    context = (sentence * (body_bytes // len(sentence) + 1))[:body_bytes]
     out = []
     for i in range(count):
         messages = [{"role": "user", "content": f"benchmark {i:04d}"}]
