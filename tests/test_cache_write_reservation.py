@@ -115,3 +115,23 @@ async def test_the_words_cache_control_in_a_message_reserve_at_the_input_rate(ai
     assert status == 402
     assert Decimal(refusal["error"]["context"]["requested_usd"]) == Decimal(
         format_usd(prices.max_cost_pico(MODEL, tokens, MAX_TOKENS) or 0))
+
+
+async def test_an_openai_format_body_that_asks_for_caching_reserves_at_the_write_rate(aiohttp_server: Any,
+                                                                                       tmp_path: Path) -> None:
+    # An OpenAI-compatible target may serve Anthropic models and honour `cache_control` in content parts: the
+    # worst case of such a body is priced at the model's dearest write rate whatever the format it came in.
+    root = await _gateway(aiohttp_server, tmp_path)
+    prices = PriceTable.load()
+    body = {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "summarise the report", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]}
+    tokens = estimate_input_tokens(body)
+    at_write_rate = prices.max_cost_pico(MODEL, tokens, MAX_TOKENS, cache_writes=True)
+    assert at_write_rate is not None and at_write_rate > (prices.max_cost_pico(MODEL, tokens, MAX_TOKENS) or 0)
+    async with aiohttp.ClientSession() as http:
+        token = await _agent_under_cap(http, root, "openai-cached", 1)  # no call fits: the refusal shows the ask
+        async with http.post(root + "/v1/chat/completions", data=orjson.dumps(body), headers={
+                "authorization": f"Bearer {token}", "content-type": "application/json"}) as resp:
+            status, refusal = resp.status, await resp.json()
+    assert status == 402
+    assert Decimal(refusal["error"]["context"]["requested_usd"]) == Decimal(format_usd(at_write_rate))

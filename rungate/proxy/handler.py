@@ -143,10 +143,10 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     fingerprint = hashlib.sha256(fmt.name.encode() + b"\n" + canonical).hexdigest()
     # Prompt caching asked for anywhere (Anthropic's `cache_control`, on the request or a block): the input may
     # be billed at a cache-write rate, dearer than the input rate, so the worst case counts it so. (As a key it
-    # is `"cache_control":`; the same words inside a string are escaped and do not match.) Only a body in
-    # Anthropic's format can ask: translation to Anthropic builds its blocks afresh, without the key, and OpenAI
-    # bills no cache writes; so other bodies are not searched (a pass over every byte: 0.15 ms for 200 KB).
-    cache_writes = fmt.provider == "anthropic" and b'"cache_control":' in canonical
+    # is `"cache_control":`; the same words inside a string are escaped and do not match.) Bodies in OpenAI's
+    # formats are searched too: a target with an OpenAI-compatible API may serve Anthropic models and honour
+    # the key.
+    cache_writes = b'"cache_control":' in canonical
     searches = web_search_limit(body)  # their fees are part of the worst case
     offered = offered_tools(body)
     # The route's targets are picked inside the admission, once the run's policy (whose routes win) is known;
