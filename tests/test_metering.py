@@ -15,6 +15,7 @@ from rungate.providers.metering import (
     MessagesStreamMeter,
     ResponsesStreamMeter,
     ToolCall,
+    embeddings_usage_at_end,
     estimate_input_tokens,
     prepare_chat_stream_request,
     tool_calls_from_chat,
@@ -991,3 +992,47 @@ def test_stream_meters_never_raise(payloads: list[tuple[str | None, Any]], wants
         for call in meter.tool_calls:
             assert isinstance(call.name, str) and isinstance(call.arguments, str)
         assert meter.error is None or isinstance(meter.error, dict)
+
+
+# --- an embeddings answer's usage, read off its end -------------------------------------------------------
+
+OPENAI_EMBEDDINGS = {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [0.25, -0.5, 1e-7]}
+                                                for i in range(3)],
+                     "model": "text-embedding-3-small", "usage": {"prompt_tokens": 9, "total_tokens": 9}}
+
+
+@pytest.mark.parametrize("answer", [
+    orjson.dumps(OPENAI_EMBEDDINGS),
+    orjson.dumps(OPENAI_EMBEDDINGS, option=orjson.OPT_INDENT_2) + b"\n",
+    orjson.dumps({**OPENAI_EMBEDDINGS, "model": 'x"usage":{"prompt_tokens":1}'}),  # escaped quotes in a string
+    orjson.dumps({**OPENAI_EMBEDDINGS, "usage": {"total_tokens": 9}}),
+], ids=["compact", "indented", "key-in-a-string", "total-only"])
+def test_an_embeddings_answer_s_usage_is_read_off_its_end(answer: bytes) -> None:
+    assert embeddings_usage_at_end(answer) == usage_from_embeddings(orjson.loads(answer)) == Usage(input=9)
+
+
+@pytest.mark.parametrize("answer", [
+    orjson.dumps({"usage": {"prompt_tokens": 9}, **{k: v for k, v in OPENAI_EMBEDDINGS.items() if k != "usage"}}),
+    # an item's own usage, last in the answer: nested, so not the answer's
+    orjson.dumps({"object": "list", "data": [{"embedding": [0.1], "usage": {"prompt_tokens": 1}}]}),
+    orjson.dumps({"object": "list", "data": [], "usage": None}),
+    b'{"object": "list", "usage": {"prompt_tokens": 9,}}',
+    b'["usage", {"prompt_tokens": 9}]',
+    b"",
+], ids=["usage-first", "nested", "null", "broken", "not-an-object", "empty"])
+def test_usage_not_last_in_the_answer_is_left_to_a_whole_read(answer: bytes) -> None:
+    assert embeddings_usage_at_end(answer) is None
+
+
+@settings(max_examples=300)
+@given(data=st.lists(st.dictionaries(KEYS, JSONISH, max_size=4), max_size=4),  # KEYS holds "usage"
+       usage=JSONISH, order=st.permutations(["object", "data", "model", "usage"]))
+def test_usage_read_off_the_end_never_differs_from_a_whole_read(data: list[Any], usage: Any,
+                                                                order: list[str]) -> None:
+    answer = {"object": "list", "data": data, "model": "m", "usage": usage}
+    raw = orjson.dumps({key: answer[key] for key in order})
+    found = embeddings_usage_at_end(raw)
+    assert found is None or found == usage_from_embeddings(orjson.loads(raw))
+    if order[-1] == "usage" and usage_from_embeddings(answer) is not None and b'"usage"' not in orjson.dumps(usage):
+        assert found == usage_from_embeddings(answer)  # the answer's own usage, last (and plain): always found
+

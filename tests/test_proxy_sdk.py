@@ -16,6 +16,8 @@ import orjson
 import pytest
 
 from rungate.prices import PriceTable
+from rungate.proxy.formats import CHAT, EMBEDDINGS
+from rungate.proxy.forward import LARGE_ANSWER_BYTES, _read_answer
 from rungate.usage import Usage
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, Gateway
 
@@ -206,6 +208,50 @@ async def test_embeddings_are_metered(gateway: Gateway) -> None:
     assert len(result.data) == 2
     [step] = await steps_of(gateway, "run-e")
     assert step["endpoint"] == "embeddings" and step["tokens"]["input"] == result.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+async def test_a_large_embeddings_answer_reaches_the_agent_whole_and_is_metered(gateway: Gateway,
+                                                                               encoding: str) -> None:
+    # Past LARGE_ANSWER_BYTES Rungate reads only the answer's usage, off its end; the agent gets every byte.
+    inputs = [f"document {i} " * 20 for i in range(48)]
+    token = await gateway.new_agent()
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "mock-embedding", "input": inputs, "dimensions": 1536, "encoding_format": encoding}
+        async with http.post(gateway.upstream.make_url("/v1/embeddings"), json=body) as resp:
+            direct = await resp.read()
+        async with http.post(gateway.url + "/v1/embeddings", json=body, headers={
+                "authorization": f"Bearer {token}", "x-rungate-run-id": "run-big-e"}) as resp:
+            assert resp.status == 200
+            relayed = await resp.read()
+    assert len(relayed) > LARGE_ANSWER_BYTES
+    assert relayed == direct
+    answer = orjson.loads(relayed)
+    assert len(answer["data"]) == 48
+    [step] = await steps_of(gateway, "run-big-e")
+    assert step["status"] == "ok" and not step["estimated"]
+    tokens = answer["usage"]["prompt_tokens"]
+    assert step["tokens"]["input"] == tokens > 0
+    assert Decimal(step["cost_usd"]) == Decimal(cost_of("mock-embedding", Usage(input=tokens)))
+
+
+def test_only_a_large_embeddings_answer_is_read_off_its_end() -> None:
+    vectors = [{"object": "embedding", "index": i, "embedding": [0.5] * 2048} for i in range(40)]
+    large = orjson.dumps({"object": "list", "data": vectors, "model": "m", "usage": {"prompt_tokens": 7}})
+    small = orjson.dumps({"object": "list", "data": vectors[:1], "model": "m", "usage": {"prompt_tokens": 7}})
+    assert len(large) > LARGE_ANSWER_BYTES > len(small)
+    assert _read_answer(EMBEDDINGS, large) == ({}, Usage(input=7))  # the vectors were not read
+    parsed, usage = _read_answer(EMBEDDINGS, small)
+    assert parsed == orjson.loads(small) and usage == Usage(input=7)
+    # usage first: read whole, and metered the same
+    reordered = orjson.dumps({"usage": {"prompt_tokens": 7}, "object": "list", "data": vectors})
+    parsed, usage = _read_answer(EMBEDDINGS, reordered)
+    assert parsed == orjson.loads(reordered) and usage == Usage(input=7)
+    # a chat answer is always read whole
+    chat = orjson.dumps({"choices": [{"message": {"content": "x" * LARGE_ANSWER_BYTES}}], "usage": {
+        "prompt_tokens": 1, "completion_tokens": 2}})
+    parsed, usage = _read_answer(CHAT, chat)
+    assert parsed == orjson.loads(chat) and usage == Usage(input=1, output=2)
 
 
 @pytest.mark.parametrize("as_bearer", [False, True], ids=["x-api-key", "bearer"])

@@ -188,6 +188,35 @@ def usage_from_embeddings(body: Any) -> Usage | None:
     return None if prompt is None else Usage(input=prompt)
 
 
+# How far from the end of an embeddings answer its usage object may start to be read off the bytes.
+_USAGE_TAIL_BYTES = 64 * 1024
+_USAGE_KEY = b'"usage"'
+_WHITESPACE = b" \t\r\n"
+
+
+def embeddings_usage_at_end(payload: bytes) -> Usage | None:
+    """The usage of an embeddings answer read off its last bytes, without reading its vectors; None when it
+    is not found there (the caller then reads the answer whole).
+
+    Found only as the answer's own last member: the key `"usage"` (its last occurrence), a colon, an object,
+    then nothing but the `}` that closes the answer. Nested deeper, an object would be followed by more than
+    one closing bracket. An answer of numbers, base64 and a few short strings holds `"usage"` with both quotes
+    unescaped only as a key; OpenAI writes it last.
+    """
+    body = payload.rstrip(_WHITESPACE)
+    key = body.rfind(_USAGE_KEY, max(0, len(body) - _USAGE_TAIL_BYTES))
+    if key < 0 or not body.endswith(b"}") or not payload.lstrip(_WHITESPACE).startswith(b"{"):
+        return None
+    rest = body[key + len(_USAGE_KEY):-1].lstrip(_WHITESPACE)  # the value, without the answer's closing `}`
+    if not rest.startswith(b":"):
+        return None
+    try:
+        value = orjson.loads(rest[1:])
+    except orjson.JSONDecodeError:
+        return None
+    return usage_from_embeddings({"usage": value}) if isinstance(value, dict) else None
+
+
 _ANTHROPIC_COUNTS = (
     "input_tokens",
     "output_tokens",

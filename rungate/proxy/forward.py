@@ -11,9 +11,11 @@ import orjson
 from aiohttp import hdrs, web
 
 from rungate.prices import PriceTable
+from rungate.providers.metering import embeddings_usage_at_end
 from rungate.proxy.call import Call, FailedAttempt, refuse_stopped, rungate_headers, settle_step
 from rungate.proxy.crossing import CROSSINGS
 from rungate.proxy.failover import Failure, failure_of
+from rungate.proxy.formats import EMBEDDINGS, WireFormat
 from rungate.proxy.holding import await_approval, hold_if_gated
 from rungate.proxy.keys import HTTP, PRICES, SETTINGS, STORE
 from rungate.proxy.relay import blocked_tool, note_shadowed_tools, relay_stream, tool_refusal
@@ -25,6 +27,7 @@ from rungate.translate.requests import with_prefill
 from rungate.usage import Usage
 
 DEFAULT_MAX_TOKENS = 4096  # the output limit asked of another vendor's model with no known limit of its own
+LARGE_ANSWER_BYTES = 256 * 1024  # an embeddings answer past this is not read whole (see `_read_answer`)
 
 
 def attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output: int | None,
@@ -151,8 +154,7 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                 headers[hdrs.CONTENT_TYPE] = "application/json"
                 return web.Response(body=orjson.dumps(error), status=shown, headers=headers)
         else:
-            parsed: Any = _json_or_none(payload)
-            usage = call.upstream_fmt.usage(parsed)
+            parsed, usage = _read_answer(call.upstream_fmt, payload)
             if call.routed and not isinstance(parsed, dict):  # not an answer at all: another target may give one
                 await settle_step(store, prices, call, status="error", http_status=upstream.status,
                                   usage=usage or Usage(input=call.input_estimate), estimated=usage is None,
@@ -184,6 +186,22 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                 return await await_approval(request, call, gated)
         headers.update(rungate_headers(call))
         return web.Response(body=payload, status=upstream.status, headers=headers)
+
+
+def _read_answer(fmt: WireFormat, payload: bytes) -> tuple[Any, Usage | None]:
+    """A plain answer as JSON (None when it is not) and its usage.
+
+    A large embeddings answer is not read whole: its vectors are nearly all of it (16 MB of floats took 79 ms
+    of the loop and 222 MB to read), and what Rungate needs of it is the usage object at its end. `{}` then
+    stands for the answer, which holds no tool calls and is never translated. When its usage is not found
+    that way, it is read whole.
+    """
+    if fmt is EMBEDDINGS and len(payload) > LARGE_ANSWER_BYTES:
+        usage = embeddings_usage_at_end(payload)
+        if usage is not None:
+            return {}, usage
+    parsed = _json_or_none(payload)
+    return parsed, fmt.usage(parsed)
 
 
 def _json_or_none(payload: bytes) -> Any:
