@@ -14,12 +14,15 @@ class Projection:
     """A read model: its tables' DDL and a handler per event type it cares about.
 
     Subclasses set `name`, `tables` (dropped on rebuild, in order) and `ddl` (portable SQL accepted
-    by SQLite and PostgreSQL), and register handlers in `handlers`.
+    by SQLite and PostgreSQL), and register handlers in `handlers`. An index added to a projection that
+    already exists goes in `indexes`: a change to `ddl` rebuilds the projection from the log at the next
+    start, an index only needs creating.
     """
 
     name: str = ""
     tables: Sequence[str] = ()
     ddl: Sequence[str] = ()
+    indexes: Sequence[str] = ()
     image_tables: Sequence[str] = ()  # see `images`
 
     def __init__(self) -> None:

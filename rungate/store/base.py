@@ -151,6 +151,9 @@ class Projection(Protocol):
     name: str
     tables: Sequence[str]
     ddl: Sequence[str]
+    # Indexes added after the tables were first defined (`CREATE INDEX IF NOT EXISTS`): created at start when
+    # missing, without a rebuild, since an index changes no row; not part of the schema's fingerprint.
+    indexes: Sequence[str]
     # Tables whose every change the projection describes with `images`: the writer may then answer a look-up
     # of such a row by its id from what it was told, without reading the row.
     image_tables: Sequence[str]

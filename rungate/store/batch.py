@@ -328,7 +328,7 @@ def fold_all(conn: sqlite3.Connection, projections: Sequence[Projection]) -> int
     for projection in projections:
         for table in projection.tables:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
-        for ddl in projection.ddl:
+        for ddl in (*projection.ddl, *projection.indexes):
             conn.execute(ddl)
     count = 0
     cursor = conn.execute("SELECT * FROM events ORDER BY position")

@@ -144,7 +144,8 @@ class SQLiteEventStore:
         return conn
 
     def _ensure_projections(self, conn: sqlite3.Connection) -> None:
-        """Create the projection tables; rebuild them from the log when their schema changed."""
+        """Create the projection tables; rebuild them from the log when their schema changed; create the
+        indexes added since (`Projection.indexes`)."""
         conn.execute("CREATE TABLE IF NOT EXISTS projection_schemas (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)")
         stored = {row[0]: row[1] for row in conn.execute("SELECT name, fingerprint FROM projection_schemas")}
         wanted = {p.name: _fingerprint(p) for p in self.projections}
@@ -154,7 +155,7 @@ class SQLiteEventStore:
             log.warning("projections_rebuilt", reason="schema changed", events=count)
         else:
             for projection in self.projections:
-                for ddl in projection.ddl:
+                for ddl in (*projection.ddl, *projection.indexes):
                     conn.execute(ddl)
         conn.execute("DELETE FROM projection_schemas")
         conn.executemany("INSERT INTO projection_schemas (name, fingerprint) VALUES (?, ?)", wanted.items())
