@@ -3,7 +3,9 @@
 Two of them read whole tables before: the look-up of an agent's newest auto-run, done by the one writer each
 time an agent starts a run after an idle close (77 ms for an agent with 100,000 past runs), and the sweeper's
 reads of idle runs and unsettled steps every 30 seconds (a million steps took 100-140 ms). These tests ask
-SQLite how it runs the SQL Rungate sends: no plan may scan a table that grows with use or sort its rows.
+SQLite how it runs the SQL Rungate sends: no plan may scan a table that grows with use or sort its rows. Pages
+of runs in the audit API are walked along an index too (a page of an agent's runs sorted all of them: 110 ms for
+an agent with 100,000).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def plan(db: Path, sql: str, params: tuple[Any, ...]) -> list[str]:
 def assert_point_read(db: Path, sql: str, params: tuple[Any, ...]) -> None:
     steps = plan(db, sql, params)
     assert not any(step.startswith("SCAN") and step.split()[1] in GROWING for step in steps), (sql, steps)
-    assert not any("TEMP B-TREE" in step for step in steps), (sql, steps)
+    assert "USE TEMP B-TREE FOR ORDER BY" not in steps, (sql, steps)  # every matching row read, then sorted
 
 
 async def test_an_agent_s_newest_auto_run_is_found_through_the_index(tmp_path: Path) -> None:
@@ -82,13 +84,40 @@ async def test_the_sweeper_reads_idle_runs_and_open_steps_through_indexes(tmp_pa
         assert_point_read(db, sql, params)
 
 
+async def test_a_page_of_runs_is_read_in_index_order_whatever_the_filter(tmp_path: Path) -> None:
+    db = tmp_path / "pages.db"
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+    async with opened(db) as store:
+        original = store.fetch
+
+        async def recording(sql: str, params: Any = ()) -> Any:
+            sent.append((sql, tuple(params)))
+            return await original(sql, params)
+
+        store.fetch = recording  # type: ignore[method-assign]
+        cursor = queries._cursor_encode("2026-06-01T00:00:00.000000Z", "run_x")  # as a page's last run gives
+        pages: list[dict[str, str]] = [{}, {"agent_id": "agt_x"}, {"status": "completed"},
+                                       {"agent_id": "agt_x", "since": "2026-01-01"},
+                                       {"since": "2026-01-01", "until": "2026-02-01"}]
+        for filters in pages:
+            await queries.list_runs(store, limit=50, **filters)
+            await queries.list_runs(store, limit=50, cursor=cursor, **filters)
+    assert len(sent) == 10
+    for sql, params in sent:
+        steps = plan(db, sql, params)
+        # walked newest first along an index and stopped after a page: never every run read and sorted
+        assert "USE TEMP B-TREE FOR ORDER BY" not in steps, (sql, steps)
+        assert not any(step == "SCAN runs" for step in steps), (sql, steps)
+
+
 async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebuild(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     async with opened(db) as store:
         await store.execute(CreateAgent("a", {}))
     # given a database from before the indexes existed, with a row no rebuild from the log would keep
     with sqlite3.connect(db) as conn:
-        conn.execute("DROP INDEX runs_status_auto")
+        conn.execute("DROP INDEX runs_status_started")
+        conn.execute("DROP INDEX runs_agent_started")
         conn.execute("DROP INDEX steps_open")
         conn.execute("INSERT INTO agent_spend (agent_id, minute, spend_pusd) VALUES ('marker', '2026-01-01T00:00', 1)")
     # when Rungate starts on it
@@ -99,5 +128,5 @@ async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebu
     with sqlite3.connect(db) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         marker = conn.execute("SELECT spend_pusd FROM agent_spend WHERE agent_id = 'marker'").fetchone()
-    assert {"runs_status_auto", "steps_open"} <= names
+    assert {"runs_status_started", "runs_agent_started", "steps_open"} <= names
     assert marker == (1,)
