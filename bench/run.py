@@ -250,7 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Rungate's RUNGATE_DURABILITY (default full: every commit fsynced)")
     parser.add_argument("--body-bytes", type=int, default=0, metavar="N",
                         help="add a system message of N bytes to every request (default 0: bodies of about 100"
-                             " bytes); large prompts cost per byte what small ones do not")
+                             " bytes), to see what a proxy spends per byte of a prompt")
     parser.add_argument("--governed", action="store_true",
                         help="bind the bench agent to a policy with every enforced rule kind active (limits set"
                              " high enough that no call is refused)")
