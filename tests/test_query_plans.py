@@ -29,6 +29,19 @@ def plan(db: Path, sql: str, params: tuple[Any, ...]) -> list[str]:
         return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
 
 
+def recorded_reads(store: SQLiteEventStore) -> list[tuple[str, tuple[Any, ...]]]:
+    """The (SQL, parameters) of every read `store.fetch` sends from now on, in a list that grows as they go."""
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+    original = store.fetch
+
+    async def recording(sql: str, params: Any = ()) -> Any:
+        sent.append((sql, tuple(params)))
+        return await original(sql, params)
+
+    store.fetch = recording  # type: ignore[method-assign]
+    return sent
+
+
 def assert_point_read(db: Path, sql: str, params: tuple[Any, ...]) -> None:
     steps = plan(db, sql, params)
     assert not any(step.startswith("SCAN") and step.split()[1] in GROWING for step in steps), (sql, steps)
@@ -68,15 +81,8 @@ async def test_an_agent_s_newest_auto_run_is_found_through_the_index(tmp_path: P
 
 async def test_the_sweeper_reads_idle_runs_and_open_steps_through_indexes(tmp_path: Path) -> None:
     db = tmp_path / "sweep.db"
-    sent: list[tuple[str, tuple[Any, ...]]] = []
     async with opened(db) as store:
-        original = store.fetch
-
-        async def recording(sql: str, params: Any = ()) -> Any:
-            sent.append((sql, tuple(params)))
-            return await original(sql, params)
-
-        store.fetch = recording  # type: ignore[method-assign]
+        sent = recorded_reads(store)
         await queries.idle_auto_runs(store, "2026-12-08T00:00:00.000000Z", 900)
         await queries.open_steps_started_before(store, "2026-12-08T00:00:00.000000Z")
     assert len(sent) >= 3
@@ -86,15 +92,8 @@ async def test_the_sweeper_reads_idle_runs_and_open_steps_through_indexes(tmp_pa
 
 async def test_a_page_of_runs_is_read_in_index_order_whatever_the_filter(tmp_path: Path) -> None:
     db = tmp_path / "pages.db"
-    sent: list[tuple[str, tuple[Any, ...]]] = []
     async with opened(db) as store:
-        original = store.fetch
-
-        async def recording(sql: str, params: Any = ()) -> Any:
-            sent.append((sql, tuple(params)))
-            return await original(sql, params)
-
-        store.fetch = recording  # type: ignore[method-assign]
+        sent = recorded_reads(store)
         cursor = queries._cursor_encode("2026-06-01T00:00:00.000000Z", "run_x")  # as a page's last run gives
         pages: list[dict[str, str]] = [{}, {"agent_id": "agt_x"}, {"status": "completed"},
                                        {"agent_id": "agt_x", "since": "2026-01-01"},
