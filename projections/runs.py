@@ -80,6 +80,9 @@ class RunsProjection(Projection):
         # steps index when admitted and leaves it when settled.
         "CREATE INDEX IF NOT EXISTS runs_status_started ON runs (status, started_at, id)",
         "CREATE INDEX IF NOT EXISTS runs_agent_started ON runs (agent_id, started_at, id)",
+        # An agent's runs in one status: else walked along one of the two above (790 ms for an agent's one
+        # completed run among 300,000).
+        "CREATE INDEX IF NOT EXISTS runs_agent_status_started ON runs (agent_id, status, started_at, id)",
         "CREATE INDEX IF NOT EXISTS steps_open ON steps (started_at) WHERE status = 'started'",
     )
 

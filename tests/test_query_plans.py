@@ -96,17 +96,21 @@ async def test_a_page_of_runs_is_read_in_index_order_whatever_the_filter(tmp_pat
         sent = recorded_reads(store)
         cursor = queries._cursor_encode("2026-06-01T00:00:00.000000Z", "run_x")  # as a page's last run gives
         pages: list[dict[str, str]] = [{}, {"agent_id": "agt_x"}, {"status": "completed"},
+                                       {"agent_id": "agt_x", "status": "completed"},
                                        {"agent_id": "agt_x", "since": "2026-01-01"},
                                        {"since": "2026-01-01", "until": "2026-02-01"}]
         for filters in pages:
             await queries.list_runs(store, limit=50, **filters)
             await queries.list_runs(store, limit=50, cursor=cursor, **filters)
-    assert len(sent) == 10
+    assert len(sent) == 12
     for sql, params in sent:
         steps = plan(db, sql, params)
         # walked newest first along an index and stopped after a page: never every run read and sorted
         assert "USE TEMP B-TREE FOR ORDER BY" not in steps, (sql, steps)
         assert not any(step == "SCAN runs" for step in steps), (sql, steps)
+        # both filters narrow the walk: along one alone, an agent's few runs are looked for among all others
+        if "agent_id = ?" in sql and "status = ?" in sql:
+            assert any("agent_id=? AND status=?" in step for step in steps), (sql, steps)
 
 
 async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebuild(tmp_path: Path) -> None:
@@ -117,6 +121,7 @@ async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebu
     with sqlite3.connect(db) as conn:
         conn.execute("DROP INDEX runs_status_started")
         conn.execute("DROP INDEX runs_agent_started")
+        conn.execute("DROP INDEX runs_agent_status_started")
         conn.execute("DROP INDEX steps_open")
         conn.execute("INSERT INTO agent_spend (agent_id, minute, spend_pusd) VALUES ('marker', '2026-01-01T00:00', 1)")
     # when Rungate starts on it
@@ -127,5 +132,5 @@ async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebu
     with sqlite3.connect(db) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         marker = conn.execute("SELECT spend_pusd FROM agent_spend WHERE agent_id = 'marker'").fetchone()
-    assert {"runs_status_started", "runs_agent_started", "steps_open"} <= names
+    assert {"runs_status_started", "runs_agent_started", "runs_agent_status_started", "steps_open"} <= names
     assert marker == (1,)
