@@ -45,6 +45,12 @@ class ApprovalsProjection(Projection):
         "CREATE INDEX IF NOT EXISTS gates_run ON gates (run_id, created_at)",
         "CREATE INDEX IF NOT EXISTS gates_agent ON gates (agent_id, created_at)",
     )
+    indexes = (
+        # Pages of approval requests newest first, all of them or in one status (an operator's inbox polls
+        # these): else every gate ever created (or in that status) is read and sorted for each page.
+        "CREATE INDEX IF NOT EXISTS gates_created ON gates (created_at, id)",
+        "CREATE INDEX IF NOT EXISTS gates_status_created ON gates (status, created_at, id)",
+    )
 
     def __init__(self) -> None:
         super().__init__()

@@ -113,6 +113,22 @@ async def test_a_page_of_runs_is_read_in_index_order_whatever_the_filter(tmp_pat
             assert any("agent_id=? AND status=?" in step for step in steps), (sql, steps)
 
 
+async def test_a_page_of_approval_requests_is_read_in_index_order(tmp_path: Path) -> None:
+    db = tmp_path / "gates.db"
+    async with opened(db) as store:
+        sent = recorded_reads(store)
+        # (Pending gates are read through their expiry and sorted: only those not yet expired, which the
+        # sweeper keeps few.)
+        for filters in ({}, {"status": "approved"}, {"status": "rejected"}, {"agent_id": "agt_x"},
+                        {"run_id": "run_x"}):
+            await queries.list_approval_requests(store, now="2026-12-08T00:00:00.000000Z", **filters)
+    assert len(sent) == 5
+    for sql, params in sent:
+        steps = plan(db, sql, params)
+        assert "USE TEMP B-TREE FOR ORDER BY" not in steps, (sql, steps)  # every gate (in the status) sorted
+        assert not any(step == "SCAN gates" for step in steps), (sql, steps)
+
+
 async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebuild(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     async with opened(db) as store:
@@ -122,6 +138,7 @@ async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebu
         conn.execute("DROP INDEX runs_status_started")
         conn.execute("DROP INDEX runs_agent_started")
         conn.execute("DROP INDEX runs_agent_status_started")
+        conn.execute("DROP INDEX gates_status_created")
         conn.execute("DROP INDEX steps_open")
         conn.execute("INSERT INTO agent_spend (agent_id, minute, spend_pusd) VALUES ('marker', '2026-01-01T00:00', 1)")
     # when Rungate starts on it
@@ -132,5 +149,6 @@ async def test_indexes_added_to_a_projection_are_created_at_start_without_a_rebu
     with sqlite3.connect(db) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         marker = conn.execute("SELECT spend_pusd FROM agent_spend WHERE agent_id = 'marker'").fetchone()
-    assert {"runs_status_started", "runs_agent_started", "runs_agent_status_started", "steps_open"} <= names
+    assert {"runs_status_started", "runs_agent_started", "runs_agent_status_started", "steps_open",
+            "gates_status_created"} <= names
     assert marker == (1,)
