@@ -229,18 +229,24 @@ async def list_approval_requests(store: EventStore, *, agent_id: str | None = No
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    # Each part is read in the order asked (newest first), so a page stops after its rows.
+    parts: list[tuple[str, tuple[Any, ...]]] = [("", ())]
     if status == "pending":
-        clauses.append("status = 'pending' AND expires_at > ?")
-        params.append(now)
+        parts = [("status = 'pending' AND expires_at > ?", (now,))]
     elif status == "expired":
-        clauses.append("(status = 'expired' OR (status = 'pending' AND expires_at <= ?))")
-        params.append(now)
+        # Two parts merged, not one OR: the gates recorded as expired come off their index in order, and only
+        # the pending ones past their expiry (which the sweeper keeps few) are sorted.
+        parts = [("status = 'expired'", ()), ("status = 'pending' AND expires_at <= ?", (now,))]
     elif status is not None:
-        clauses.append("status = ?")
-        params.append(status)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    return await store.fetch(f"SELECT * FROM gates{where} ORDER BY created_at DESC, id DESC LIMIT ?",
-                             (*params, limit))
+        parts = [("status = ?", (status,))]
+    selects: list[str] = []
+    values: list[Any] = []
+    for condition, extra in parts:
+        where = " AND ".join(clause for clause in (*clauses, condition) if clause)
+        selects.append("SELECT * FROM gates" + (f" WHERE {where}" if where else ""))
+        values.extend([*params, *extra])
+    return await store.fetch(f"{' UNION ALL '.join(selects)} ORDER BY created_at DESC, id DESC LIMIT ?",
+                             (*values, limit))
 
 
 async def get_approval_request(store: EventStore, gate_id: str) -> Row | None:
