@@ -229,7 +229,7 @@ async def list_approval_requests(store: EventStore, *, agent_id: str | None = No
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
-    # Each part is read in the order asked (newest first), so a page stops after its rows.
+    # One SELECT per part, joined by UNION ALL; each walks an index newest first where one serves its status.
     parts: list[tuple[str, tuple[Any, ...]]] = [("", ())]
     if status == "pending":
         parts = [("status = 'pending' AND expires_at > ?", (now,))]

@@ -124,14 +124,6 @@ def _arguments(value: Any) -> str:
 _INVALID = object()
 
 
-def _load(data: str) -> Any:
-    """Parse one data payload; `_INVALID` when it is not JSON."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return _INVALID
-
-
 # --------------------------------------------------------------------------------------------------
 # Non-stream usage
 
@@ -203,11 +195,12 @@ def embeddings_usage_at_end(payload: bytes) -> Usage | None:
     one closing bracket. An answer of numbers, base64 and a few short strings holds `"usage"` with both quotes
     unescaped only as a key; OpenAI writes it last.
     """
-    body = payload.rstrip(_WHITESPACE)
-    key = body.rfind(_USAGE_KEY, max(0, len(body) - _USAGE_TAIL_BYTES))
-    if key < 0 or not body.endswith(b"}") or not payload.lstrip(_WHITESPACE).startswith(b"{"):
+    # Only the ends are looked at (and copied): stripping the whole answer would copy its megabytes.
+    tail = payload[-_USAGE_TAIL_BYTES:].rstrip(_WHITESPACE)
+    key = tail.rfind(_USAGE_KEY)
+    if key < 0 or not tail.endswith(b"}") or not payload[:_USAGE_TAIL_BYTES].lstrip(_WHITESPACE).startswith(b"{"):
         return None
-    rest = body[key + len(_USAGE_KEY):-1].lstrip(_WHITESPACE)  # the value, without the answer's closing `}`
+    rest = tail[key + len(_USAGE_KEY):-1].lstrip(_WHITESPACE)  # the value, without the answer's closing `}`
     if not rest.startswith(b":"):
         return None
     try:
