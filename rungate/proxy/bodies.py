@@ -112,7 +112,7 @@ def _has_huge_integer(raw: bytes) -> bool:
 
 def _too_deep(value: dict[str, Any]) -> bool:
     """Whether `value` nests deeper than `MAX_JSON_DEPTH`: orjson, asked to write it inside enough levels of
-    padding, reaches its own limit exactly then (checked only for bodies with that many brackets at all)."""
+    padding, reaches its own limit exactly then (asked of large bodies, and of small ones with that many brackets)."""
     padded: Any = value
     for _ in range(_PADDING):
         padded = [padded]
