@@ -8,7 +8,8 @@ Counts are kept as the provider bills them so the cost can be computed at the se
 - `cache_write_1h` input tokens written with a 1-hour TTL (Anthropic; billed at `cache_write_1h`)
 - `output`       output tokens, reasoning included (both vendors bill reasoning at the output rate)
 - `reasoning`    the part of `output` spent on reasoning (informational unless priced separately)
-- `web_searches` server-side web searches the provider ran for the call (Anthropic; billed per search)
+- `web_searches` server-side web searches the provider ran for the call (Anthropic's web search tool, OpenAI's
+                 built-in `web_search` in the Responses API; billed per search)
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ from rungate.providers.metering import (
     usage_from_embeddings,
     usage_from_messages,
     usage_from_responses,
+    web_search_limit,
 )
 from rungate.providers.sse import SSEEvent, SSEParser, encode_event
 from rungate.usage import Usage
@@ -355,6 +357,57 @@ def test_responses_tool_call_from_final_response_only() -> None:
     final = response_object("completed", RESPONSE_USAGE)
     run(meter, typed({"type": "response.completed", "sequence_number": 0, "response": final}))
     assert meter.tool_calls == [ToolCall("call_1", "get_weather", '{"city":"Paris"}')]
+
+
+def search_item(n: int, status: str = "completed") -> dict[str, Any]:
+    return {"type": "web_search_call", "id": f"ws_{n}", "status": status,
+            "action": {"type": "search", "query": f"query {n}"}}
+
+
+def test_a_responses_answer_counts_its_web_search_calls() -> None:
+    # OpenAI bills each call of its built-in web search; the usage object does not count them, the output does
+    body = response_object("completed", RESPONSE_USAGE)
+    body["output"] = [search_item(1), search_item(2), *body["output"]]
+    assert usage_from_responses(body) == replace(RESPONSE_USAGE_MAPPED, web_searches=2)
+    assert usage_from_responses(response_object("completed", RESPONSE_USAGE)) == RESPONSE_USAGE_MAPPED
+    assert usage_from_responses({**body, "usage": None}) is None  # searches without usage: an estimate's job
+
+
+def test_a_responses_stream_counts_the_searches_of_its_final_output_or_those_it_announced() -> None:
+    final = response_object("completed", RESPONSE_USAGE)
+    final["output"] = [search_item(0), *final["output"]]
+    announced = [{"type": "response.output_item.added", "sequence_number": 100 + n, "output_index": 10 + n,
+                  "item": search_item(n, "in_progress")} for n in range(3)]
+    announced.append({"type": "response.output_item.done", "sequence_number": 110, "output_index": 10,
+                      "item": search_item(0)})  # the same search, done: counted once
+    # the final output lists one search, the stream announced three: three were run (and billed)
+    meter = ResponsesStreamMeter()
+    run(meter, typed(*announced, {"type": "response.completed", "sequence_number": 120, "response": final}))
+    assert meter.usage == replace(RESPONSE_USAGE_MAPPED, web_searches=3)
+    # the final output alone
+    meter = ResponsesStreamMeter()
+    run(meter, typed({"type": "response.completed", "sequence_number": 0, "response": final}))
+    assert meter.usage == replace(RESPONSE_USAGE_MAPPED, web_searches=1)
+    # a stream cut after announcing them is charged its estimate and the searches it announced
+    meter = ResponsesStreamMeter()
+    run(meter, typed(*RESPONSES_BODY, *announced))
+    assert meter.usage is None
+    assert meter.estimated_usage(800).web_searches == 3
+
+
+@pytest.mark.parametrize(("body", "limit"), [
+    ({"tools": [{"type": "web_search"}], "max_tool_calls": 4}, 4),
+    ({"tools": [{"type": "web_search_preview_2025_03_11"}], "max_tool_calls": 2}, 2),
+    ({"tools": [{"type": "web_search"}]}, 0),  # unbounded: nothing to reserve
+    ({"tools": [{"type": "function", "name": "f"}], "max_tool_calls": 4}, 0),  # no search tool
+    ({"tools": [{"type": "web_search"}], "max_tool_calls": -1}, 0),
+    ({"tools": [{"type": "web_search"}], "max_tool_calls": True}, 0),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}], "max_tool_calls": 9}, 5),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                {"type": "web_search"}], "max_tool_calls": 9}, 14),
+])
+def test_web_search_limit_reads_max_uses_or_max_tool_calls(body: dict[str, Any], limit: int) -> None:
+    assert web_search_limit(body) == limit
 
 
 # --------------------------------------------------------------------------------------------------

@@ -95,8 +95,8 @@ def test_the_mock_models_are_priced(
 def test_the_shipped_file_is_the_newest_and_dated(table: PriceTable) -> None:
     folder = resources.files("rungate").joinpath("data")
     files = sorted(p.name for p in folder.iterdir() if re.match(r"^prices-\d{4}-\d{2}-\d{2}\.json$", p.name))
-    assert files[-1] == "prices-2026-11-24.json"
-    assert table.as_of == "2026-11-24"
+    assert files[-1] == "prices-2026-12-08.json"
+    assert table.as_of == "2026-12-08"
     assert len(table) == len(table.models) >= len(REFERENCE_52) + 3
     for price in table:
         assert price.provider in {"openai", "anthropic"}
@@ -232,8 +232,12 @@ def test_web_searches_cost_their_fee_per_thousand(table: PriceTable) -> None:
     usage = Usage(input=1000, web_searches=3)
     assert table.cost("claude-sonnet-4-5", usage) == D("0.033")
     assert table.cost_pico("claude-sonnet-4-5", usage) == to_pico(D("0.033"))
+    # OpenAI's built-in web search costs the same $10 per 1,000 calls on the models that offer it
+    for model in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3", "o4-mini", "gpt-5"):
+        assert table.cost(model, Usage(web_searches=3)) == D("0.03")
     # a model with no search fee bills none; a fee finer than a pico per search takes the Decimal path
-    assert table.cost("gpt-4o", Usage(web_searches=3)) == 0
+    assert table.cost("gpt-4o-2024-05-13", Usage(web_searches=3)) == 0
+    assert table.cost("text-embedding-3-small", Usage(web_searches=3)) == 0
     fine = ModelPrice(model="f", provider=None, input=D("1"), output=D("1"), web_search_per_1k=D("0.0000000001"))
     assert fine.cost_pico(Usage(web_searches=3)) == to_pico(fine.cost(Usage(web_searches=3))) == 1
     # overridable like any price

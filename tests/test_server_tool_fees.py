@@ -1,6 +1,7 @@
-"""Anthropic's server-side web search is billed per search besides the tokens: a call that searched records,
-and is charged, its searches at the price table's `web_search_per_1k` (plain answers and streams alike), and a
-call reserves the fees of the searches its tools allow (`max_uses`)."""
+"""Server-side web search is billed per search besides the tokens (Anthropic's web search tool, OpenAI's built-in
+`web_search` in the Responses API): a call that searched records, and is charged, its searches at the price table's
+`web_search_per_1k` (plain answers and streams alike), and a call reserves the fees of the searches its tools allow
+(Anthropic's `max_uses`, OpenAI's `max_tool_calls`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import openai
 import orjson
 from aiohttp import web
 
@@ -59,13 +61,66 @@ def searching_upstream() -> web.Application:
     return app
 
 
-async def _gateway(aiohttp_server: Any, tmp_path: Path) -> str:
-    """Rungate in front of `searching_upstream`, on a fresh database; its root URL."""
-    upstream = await aiohttp_server(searching_upstream())
-    server = await aiohttp_server(create_app(load_settings(env={
-        "RUNGATE_DATABASE_URL": f"sqlite:///{tmp_path}/fees.db", "RUNGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "RUNGATE_ANTHROPIC_BASE_URL": str(upstream.make_url("")).rstrip("/"), "ANTHROPIC_API_KEY": "sk-ant-fees-1",
-        "RUNGATE_LOG_LEVEL": "warning"})))
+OPENAI_MODEL = "gpt-4.1"
+OPENAI_USAGE = {"input_tokens": 300, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 50,
+                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 350}
+
+
+def _search_item(n: int, status: str) -> dict[str, Any]:
+    return {"type": "web_search_call", "id": f"ws_{n}", "status": status,
+            "action": {"type": "search", "query": f"what changed today, part {n}"}}
+
+
+def searching_responses_upstream() -> web.Application:
+    """OpenAI Responses whose answers ran three web searches (three `web_search_call` output items, which the
+    usage object does not count), as a plain body or as a stream."""
+    async def responses(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        message = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": "found it", "annotations": []}]}
+        output = [*(_search_item(n, "completed") for n in range(SEARCHES)), message]
+        response = {"id": "resp_search", "object": "response", "created_at": 1765000000, "status": "completed",
+                    "model": body["model"], "output": output, "usage": OPENAI_USAGE, "error": None,
+                    "incomplete_details": None, "tools": body.get("tools", []), "parallel_tool_calls": True,
+                    "tool_choice": "auto"}
+        if not body.get("stream"):
+            return web.json_response(response)
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        events: list[dict[str, Any]] = [{"type": "response.created",
+                                         "response": {**response, "status": "in_progress", "output": [],
+                                                      "usage": None}}]
+        for n in range(SEARCHES):
+            events.append({"type": "response.output_item.added", "output_index": n,
+                           "item": _search_item(n, "in_progress")})
+            events.append({"type": "response.output_item.done", "output_index": n,
+                           "item": _search_item(n, "completed")})
+        events.append({"type": "response.output_item.done", "output_index": SEARCHES, "item": message})
+        events.append({"type": "response.completed", "response": response})
+        for number, event in enumerate(events):
+            event["sequence_number"] = number
+            await stream.write(b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+        await stream.write_eof()
+        return stream
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    return app
+
+
+async def _gateway(aiohttp_server: Any, tmp_path: Path, upstream_app: web.Application | None = None) -> str:
+    """Rungate in front of `searching_upstream` (or `upstream_app`, as OpenAI), on a fresh database; its root
+    URL."""
+    env = {"RUNGATE_DATABASE_URL": f"sqlite:///{tmp_path}/fees.db", "RUNGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+           "RUNGATE_LOG_LEVEL": "warning"}
+    if upstream_app is None:
+        upstream = await aiohttp_server(searching_upstream())
+        env |= {"RUNGATE_ANTHROPIC_BASE_URL": str(upstream.make_url("")).rstrip("/"),
+                "ANTHROPIC_API_KEY": "sk-ant-fees-1"}
+    else:
+        upstream = await aiohttp_server(upstream_app)
+        env |= {"RUNGATE_OPENAI_BASE_URL": str(upstream.make_url("/v1")), "OPENAI_API_KEY": "sk-fees-1"}
+    server = await aiohttp_server(create_app(load_settings(env=env)))
     return str(server.make_url("")).rstrip("/")
 
 
@@ -124,4 +179,67 @@ async def test_a_call_reserves_the_fees_of_the_searches_it_allows(aiohttp_server
             worst = prices.max_cost_pico(MODEL, estimate_input_tokens(body), 100, web_searches=uses or 0)
             assert worst is not None and asked[uses] == Decimal(format_usd(worst))
     # the seven allowed searches add $0.07 to the worst case (the two bodies differ by `"max_uses":7,` too)
+    assert asked[7] - asked[None] >= Decimal("0.07")
+
+
+async def test_an_openai_responses_call_that_searched_is_charged_its_searches(aiohttp_server: Any,
+                                                                              tmp_path: Path) -> None:
+    root = await _gateway(aiohttp_server, tmp_path, searching_responses_upstream())
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as http, http.post(root + "/api/agents", json={"name": "researcher"},
+                                                          headers=admin) as resp:
+        token = (await resp.json())["data"]["token"]
+    expected = PriceTable.load().cost_pico(OPENAI_MODEL, Usage(input=300, output=50, web_searches=SEARCHES))
+    tokens_only = PriceTable.load().cost_pico(OPENAI_MODEL, Usage(input=300, output=50))
+    assert expected is not None and tokens_only is not None
+    assert expected - tokens_only == SEARCHES * 10_000_000_000  # $0.01 each, in pico
+    client = openai.AsyncOpenAI(api_key=token, base_url=root + "/v1", max_retries=0)
+    tools: Any = [{"type": "web_search"}]
+    async with client:
+        # when the model searches three times, in a plain answer and in a stream
+        plain = await client.responses.with_raw_response.create(
+            model=OPENAI_MODEL, input="what changed today?", tools=tools,
+            extra_headers={"x-rungate-run-id": "researching"})
+        async with client.responses.stream(model=OPENAI_MODEL, input="what changed today?", tools=tools,
+                                           extra_headers={"x-rungate-run-id": "researching"}) as stream:
+            final = await stream.get_final_response()
+    # then each step is charged the tokens plus three searches at $10 per 1,000, and records them
+    assert plain.headers["x-rungate-cost-usd"] == format_usd(expected)
+    assert plain.parse().output_text == final.output_text == "found it"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(root + "/api/runs/researching/steps", headers=admin) as resp:
+            steps = (await resp.json())["data"]
+        async with http.get(root + "/api/runs/researching/events", headers=admin) as resp:
+            events = [orjson.loads(line) for line in (await resp.read()).splitlines()]
+    assert [Decimal(step["cost_usd"]) for step in steps] == [Decimal(format_usd(expected))] * 2
+    completed = [event["data"] for event in events if event["type"] == "StepCompleted"]
+    assert [data["usage"].get("web_searches") for data in completed] == [SEARCHES, SEARCHES]
+
+
+async def test_an_openai_responses_call_reserves_the_searches_its_max_tool_calls_allows(aiohttp_server: Any,
+                                                                                       tmp_path: Path) -> None:
+    root = await _gateway(aiohttp_server, tmp_path, searching_responses_upstream())
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    prices = PriceTable.load()
+    async with aiohttp.ClientSession() as http:
+        async with http.put(root + "/api/policies/by-name/tiny", headers=admin,
+                            json={"budget": {"hard_limit_usd": "0.000001"}}) as resp:
+            assert resp.status == 201
+        async with http.post(root + "/api/agents", headers=admin, json={"name": "capped", "policy": "tiny"}) as resp:
+            token = (await resp.json())["data"]["token"]
+        asked = {}
+        for calls in (None, 7):  # a search without a bound, then at most 7 built-in tool calls
+            body: dict[str, Any] = {"model": OPENAI_MODEL, "max_output_tokens": 100, "tools": [{"type": "web_search"}],
+                                    "input": "what changed today?"}
+            if calls is not None:
+                body["max_tool_calls"] = calls
+            async with http.post(root + "/v1/responses", data=orjson.dumps(body), headers={
+                    "Authorization": f"Bearer {token}", "content-type": "application/json",
+                    "x-rungate-run-id": f"capped-{calls}"}) as resp:
+                assert resp.status == 402
+                asked[calls] = Decimal((await resp.json())["error"]["context"]["requested_usd"])
+            assert web_search_limit(body) == (calls or 0)
+            worst = prices.max_cost_pico(OPENAI_MODEL, estimate_input_tokens(body), 100, web_searches=calls or 0)
+            assert worst is not None and asked[calls] == Decimal(format_usd(worst))
+    # the seven allowed calls add $0.07 to the worst case (the two bodies differ by `"max_tool_calls":7,` too)
     assert asked[7] - asked[None] >= Decimal("0.07")

@@ -13,7 +13,7 @@ Contracts shared by everything here:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -159,14 +159,26 @@ def usage_from_chat(body: Any) -> Usage | None:
 
 
 def usage_from_responses(body: Any) -> Usage | None:
-    """Usage of a Responses API `response` object: input = input_tokens - cached_tokens."""
-    return _openai_usage(
+    """Usage of a Responses API `response` object: input = input_tokens - cached_tokens; web_searches = its
+    `web_search_call` output items (OpenAI bills each search of its built-in tool; the usage object does not
+    count them)."""
+    usage = _openai_usage(
         body.get("usage") if isinstance(body, dict) else None,
         "input_tokens",
         "output_tokens",
         "input_tokens_details",
         "output_tokens_details",
     )
+    searches = responses_web_searches(body)
+    return replace(usage, web_searches=searches) if usage is not None and searches else usage
+
+
+def responses_web_searches(body: Any) -> int:
+    """The `web_search_call` items in a Responses API `response` object's `output`."""
+    return sum(1 for item in _list(body, "output") if _str(item, "type") == _WEB_SEARCH_CALL)
+
+
+_WEB_SEARCH_CALL = "web_search_call"
 
 
 def usage_from_embeddings(body: Any) -> Usage | None:
@@ -358,13 +370,20 @@ def estimate_input_tokens(body: Any) -> int:
 
 def web_search_limit(body: Any) -> int:
     """The most server-side web searches a request allows: the sum of `max_uses` over its `web_search_*` tools
-    (Anthropic). A search tool without `max_uses` adds nothing: its searches have no bound to reserve."""
+    (Anthropic), or, when it offers a web search tool without one (OpenAI Responses: `web_search`,
+    `web_search_preview`), its `max_tool_calls`, the bound on all its built-in tool calls. A search tool with
+    neither bound adds nothing: its searches have no limit to reserve."""
     tools = body.get("tools") if isinstance(body, dict) else None
     limit = 0
+    unbounded = False
     for tool in tools if isinstance(tools, list) else ():
         if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
             uses = _count(tool.get("max_uses"))
+            if uses is None:
+                unbounded = True
             limit += uses or 0
+    if unbounded:
+        limit += _count(body.get("max_tool_calls")) or 0
     return limit
 
 
@@ -581,7 +600,9 @@ class ResponsesStreamMeter(_StreamMeter):
     """Meters a Responses API stream (`event: <type>` + JSON data with the same `type`).
 
     Usage comes from `response.usage` of `response.completed` / `response.incomplete` /
-    `response.failed` (which also end the stream; so does `data: [DONE]`). Function calls come from
+    `response.failed` (which also end the stream; so does `data: [DONE]`), with the web searches its final
+    `output` lists, or as many `web_search_call` items as were announced if that is more (a stream cut short
+    is charged the searches it announced). Function calls come from
     `response.output_item.added|done`, `response.function_call_arguments.delta|done` and the final
     response's `output`. `event: error` (or `type: error`) and `response.failed`'s `response.error` are
     recorded as `error`. Every event is forwarded.
@@ -591,10 +612,18 @@ class ResponsesStreamMeter(_StreamMeter):
         super().__init__()
         self._calls: dict[str, _CallAcc] = {}
         self._by_index: dict[int, str] = {}
+        # The `web_search_call` items announced so far, by output index (or id): each search was billed, even
+        # when the stream is cut before the final response counts them.
+        self._searches: set[int | str] = set()
 
     @property
     def tool_calls(self) -> list[ToolCall]:
         return [acc.to_call() for acc in self._calls.values()]
+
+    def estimated_usage(self, input_estimate: int) -> Usage:
+        usage = super().estimated_usage(input_estimate)
+        searches = len(self._searches)
+        return replace(usage, web_searches=searches) if searches > usage.web_searches else usage
 
     def _accumulators(self) -> Iterable[_CallAcc]:
         return self._calls.values()
@@ -618,7 +647,9 @@ class ResponsesStreamMeter(_StreamMeter):
             response = _dict(payload, "response")
             usage = usage_from_responses(response)
             if usage is not None:
-                self._usage = usage
+                # The final `output` lists every search; one announced by an event and missing there was run too.
+                searches = len(self._searches)
+                self._usage = replace(usage, web_searches=searches) if searches > usage.web_searches else usage
             failure = _dict(response, "error")
             if kind == "response.failed" and failure is not None:
                 self._set_error(failure)
@@ -654,6 +685,11 @@ class ResponsesStreamMeter(_StreamMeter):
 
     def _item(self, output_index: int | None, item: Any, final: bool) -> None:
         kind = _str(item, "type")
+        if kind == _WEB_SEARCH_CALL:
+            key = output_index if output_index is not None else _str(item, "id")
+            if key is not None:
+                self._searches.add(key)
+            return
         if kind not in ("function_call", "custom_tool_call"):
             return
         acc = self._acc(item.get("id"), output_index)
