@@ -37,7 +37,7 @@ from typing import Any
 from rungate.errors import ConfigError
 from rungate.usage import Usage
 
-__all__ = ["PRICE_KEYS", "ModelPrice", "PriceTable", "format_usd", "to_pico"]
+__all__ = ["DEFAULT_IMAGE_INPUT_TOKENS", "PRICE_KEYS", "ModelPrice", "PriceTable", "format_usd", "to_pico"]
 
 PRICE_KEYS: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning",
                                "web_search_per_1k")
@@ -45,7 +45,7 @@ PRICE_KEYS: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "
 provider's server-side web search, `web_search_per_1k`, in USD per 1,000 searches)."""
 
 _REQUIRED_PRICES = ("input", "output")
-_ENTRY_KEYS = frozenset(PRICE_KEYS) | {"provider", "max_output_tokens", "kind", "note"}
+_ENTRY_KEYS = frozenset(PRICE_KEYS) | {"provider", "max_output_tokens", "image_input_tokens", "kind", "note"}
 _DATA_PACKAGE = "rungate"
 _DATA_DIR = "data"
 _DATA_FILE = re.compile(r"^prices-\d{4}-\d{2}-\d{2}\.json$")
@@ -56,6 +56,10 @@ _SNAPSHOT = re.compile(
 )
 _PER_TOKENS = Decimal(1_000_000)
 _PER_SEARCHES = Decimal(1_000)  # `web_search_per_1k` is per 1,000 searches
+DEFAULT_IMAGE_INPUT_TOKENS = 1_600
+"""The most input tokens one image is taken to cost on a model whose entry does not say
+(`image_input_tokens`): Anthropic's, for an image at its resize limit of about 1.15 megapixels (width x height
+/ 750), which also bounds OpenAI's tile-priced models (gpt-4o: 85 + 8 tiles x 170 = 1,445)."""
 
 
 def snapshot_base(model: str) -> str | None:
@@ -78,6 +82,8 @@ class ModelPrice:
     `reasoning` of `None` means reasoning tokens are billed as output (both vendors do so today).
     `web_search_per_1k` is the fee per 1,000 server-side web searches (`None`: searches are not billed).
     `max_output_tokens` is the model's output limit, used for worst-case reservations; `None` if unknown.
+    `image_input_tokens` is the most input tokens one image in a request can cost (the provider's resize limits),
+    also for reservations; `None`: `DEFAULT_IMAGE_INPUT_TOKENS` (see `image_tokens`).
     `kind` is `"chat"` or `"embedding"`.
     """
 
@@ -92,6 +98,7 @@ class ModelPrice:
     web_search_per_1k: Decimal | None = None
     max_output_tokens: int | None = None
     kind: str = "chat"
+    image_input_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for key in PRICE_KEYS:
@@ -100,9 +107,15 @@ class ModelPrice:
                 continue
             if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
                 raise ValueError(f"{self.model}: {key} must be a finite Decimal >= 0, got {value!r}")
-        limit = self.max_output_tokens
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"{self.model}: max_output_tokens must be an int >= 0, got {limit!r}")
+        for key in ("max_output_tokens", "image_input_tokens"):
+            limit = getattr(self, key)
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+                raise ValueError(f"{self.model}: {key} must be an int >= 0, got {limit!r}")
+
+    @property
+    def image_tokens(self) -> int:
+        """The most input tokens one image in a request can cost on this model (what a reservation counts)."""
+        return DEFAULT_IMAGE_INPUT_TOKENS if self.image_input_tokens is None else self.image_input_tokens
 
     def cost(self, usage: Usage) -> Decimal:
         """The exact USD cost of `usage` at these prices (reference §5.3); no rounding.
@@ -468,6 +481,9 @@ def _parse_entry(name: str, entry: Any, source: str) -> ModelPrice:
     limit = entry.get("max_output_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ConfigError(f"{where}.max_output_tokens must be a positive integer or null")
+    image = entry.get("image_input_tokens")
+    if image is not None and (isinstance(image, bool) or not isinstance(image, int) or image <= 0):
+        raise ConfigError(f"{where}.image_input_tokens must be a positive integer or null")
     kind = entry.get("kind", "chat")
     if not isinstance(kind, str) or not kind:
         raise ConfigError(f"{where}.kind must be a non-empty string")
@@ -477,7 +493,7 @@ def _parse_entry(name: str, entry: Any, source: str) -> ModelPrice:
     input_price, output_price = prices.pop("input"), prices.pop("output")
     assert input_price is not None and output_price is not None
     return ModelPrice(model=name, provider=provider.lower() if provider else None, input=input_price,
-                      output=output_price, max_output_tokens=limit, kind=kind, **prices)
+                      output=output_price, max_output_tokens=limit, image_input_tokens=image, kind=kind, **prices)
 
 
 def _with_prices(base: ModelPrice, values: Mapping[str, Decimal]) -> ModelPrice:

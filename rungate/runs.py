@@ -182,7 +182,8 @@ class CallFacts:
     tools: tuple[str, ...] = ()  # tools the request offers the model
     policy_name: str | None = None  # `x-rungate-policy: NAME[@VERSION]`: binds a run this call starts
     policy_version: int | None = None
-    input_tokens: int = 0  # the input estimate (for `on_exceed: shrink`, with the model's price)
+    input_tokens: int = 0  # the input estimate (for `on_exceed: shrink`, with the model's price; a planned call
+    # takes its plan's, which counts its images at the target model's most)
     cache_writes: bool = False  # the request asks for prompt caching (its input may cost a write rate)
     web_searches: int = 0  # the most server-side web searches the request allows (each billed a fee)
     price: ModelPrice | None = None
@@ -211,6 +212,7 @@ class Plan:
     output_bounded: bool
     skipped: tuple[dict[str, Any], ...] = ()  # targets left out (an open circuit, a model the policy refuses)
     routed: bool = False  # a route named the targets (else: the format's own provider, no failover)
+    input_tokens: int = 0  # the input the reservation counts (the estimate, images at the first target's most)
 
 
 @dataclass(frozen=True)
@@ -458,7 +460,7 @@ class AdmitCall:
             hold = found.get(hold_lookup(self.run_id, f.fingerprint))
             if hold is not None:  # a retry of a held request: neither a step nor a repeat, not charged
                 return self._retry_held(found, hold, now)
-        provider, model = f.provider, f.model
+        provider, model, input_tokens = f.provider, f.model, f.input_tokens
         reserved_pusd, reserved_tokens, priced, price, bounded = (f.reserved_pusd, f.reserved_tokens, f.priced,
                                                                   f.price, f.output_bounded)
         if f.planner is not None:
@@ -468,7 +470,7 @@ class AdmitCall:
             if not plan.targets:
                 self._refuse(ProviderError("Every target of this model's route is failing (circuits open).",
                                            list(plan.skipped)))
-            provider, model = plan.provider, plan.model
+            provider, model, input_tokens = plan.provider, plan.model, plan.input_tokens
             reserved_pusd, reserved_tokens, priced, price, bounded = (
                 plan.reserved_pusd, plan.reserved_tokens, plan.priced, plan.price, plan.output_bounded)
         repeats = (found.get(self._repeats(self.run_id, self.policy.max_repeats))
@@ -477,7 +479,7 @@ class AdmitCall:
         self.state = state
         decisions: list[dict[str, Any]] = []
         ask = CallAsk(f.provider, f.model, reserved_pusd, reserved_tokens, priced, f.tools,
-                      input_tokens=f.input_tokens, embedding=f.embedding, choices=f.choices,
+                      input_tokens=input_tokens, embedding=f.embedding, choices=f.choices,
                       output_bounded=bounded)
         rate_scopes: list[str] = []
         if self.policy is not None:
@@ -502,7 +504,7 @@ class AdmitCall:
                 verdicts = [v for v in verdicts if v.rule.startswith(_ATTEMPT_RULES)]
             if any(v.code in _SHRINKABLE and not v.shadow for v in verdicts) and price is not None:
                 # What shrinking needs of the price, worked out only when it may happen.
-                ask = replace(ask, input_pusd=price.max_cost_pico(f.input_tokens, 0, cache_writes=f.cache_writes,
+                ask = replace(ask, input_pusd=price.max_cost_pico(input_tokens, 0, cache_writes=f.cache_writes,
                                                                   web_searches=f.web_searches),
                               output_pusd_per_million=price.max_cost_pico(0, 1_000_000))
                 shrunk = shrink(self.policy, state, ask, hour)

@@ -17,6 +17,7 @@ from rungate.providers.metering import (
     ResponsesStreamMeter,
     ToolCall,
     embeddings_usage_at_end,
+    estimate_input,
     estimate_input_tokens,
     prepare_chat_stream_request,
     tool_calls_from_chat,
@@ -914,6 +915,44 @@ def test_estimate_input_tokens() -> None:
     assert estimate_input_tokens({}) == 1
     assert estimate_input_tokens({"input": 2**70}) >= 1  # not JSON-encodable by orjson: still estimated
     assert estimate_input_tokens({"input": "\ud800" * 8}) >= 6  # a lone surrogate: 3 bytes, not an error
+
+
+IMAGE_URL = "https://images.example/chart.png"
+BASE64_PNG = "data:image/png;base64," + "iVBORw0KGgo" * 30_000  # 330 KB of an image in base64
+
+
+@pytest.mark.parametrize(("body", "images"), [
+    # OpenAI chat: image_url parts, by URL or inline
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "compare"},
+                                                  {"type": "image_url", "image_url": {"url": IMAGE_URL}},
+                                                  {"type": "image_url", "image_url": {"url": BASE64_PNG}}]}]}, 2),
+    # Responses: input_image parts, and a computer-use screenshot sent back
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "compare"},
+                                             {"type": "input_image", "image_url": BASE64_PNG, "detail": "high"}]},
+                {"type": "computer_call_output", "call_id": "c1",
+                 "output": {"type": "computer_screenshot", "image_url": BASE64_PNG}}]}, 2),
+    # Anthropic: image blocks in a message and in a tool result
+    ({"system": "be brief", "messages": [
+        {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": IMAGE_URL}},
+                                     {"type": "text", "text": "compare"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": BASE64_PNG[22:]}}]}]}]},
+     2),
+])
+def test_the_estimate_counts_image_parts_instead_of_their_bytes(body: dict[str, Any], images: int) -> None:
+    estimate = estimate_input(body)
+    assert estimate.images == images
+    assert estimate.tokens < 80  # the words and the structure; the images' bytes are left out
+    assert estimate_input_tokens(body) == estimate.tokens
+
+
+def test_words_about_images_and_tool_schemas_are_text() -> None:
+    text = {"messages": [{"role": "user", "content": 'describe an "image_url" of {"type": "image"}'}],
+            "tools": [{"type": "function", "function": {"name": "draw", "parameters": {
+                "type": "object", "properties": {"image": {"type": "string"}, "kind": {"enum": ["image"]}}}}}]}
+    assert estimate_input(text) == (estimate_input_tokens(text), 0)
+    assert estimate_input_tokens(text) == math.ceil(
+        (len(orjson.dumps(text["messages"])) + len(orjson.dumps(text["tools"]))) / 4)
 
 
 def test_estimates_count_bytes_so_non_latin_text_is_not_a_quarter_token_per_character() -> None:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rungate.errors import ConfigError
-from rungate.prices import ModelPrice, PriceTable, format_usd, to_pico
+from rungate.prices import DEFAULT_IMAGE_INPUT_TOKENS, ModelPrice, PriceTable, format_usd, to_pico
 from rungate.usage import Usage
 
 D = Decimal
@@ -255,6 +255,21 @@ def test_the_worst_case_counts_the_fees_of_the_searches_a_call_allows(table: Pri
         table.max_cost_pico("claude-sonnet-4-5", 1000, 100, web_searches=-1)
 
 
+def test_an_image_costs_at_most_the_models_own_limit(table: PriceTable) -> None:
+    # tile-priced models: base + 8 tiles (the 2048 x 768 worst case); patch-priced: 1536 patches x multiplier
+    expected = {"gpt-4o": 85 + 8 * 170, "gpt-4o-mini": 2833 + 8 * 5667, "o3": 75 + 8 * 150,
+                "gpt-4.1-mini": 2489, "o4-mini": 2642, "gpt-4.1": 1536, "gpt-5": 1536}
+    for model, tokens in expected.items():
+        price = table.lookup(model)
+        assert price is not None and price.image_tokens == price.image_input_tokens == tokens
+    # a model whose entry does not say (every Claude model: about 1.15 megapixels / 750) takes the default
+    claude = table.lookup("claude-sonnet-4-5")
+    assert claude is not None and claude.image_input_tokens is None
+    assert claude.image_tokens == DEFAULT_IMAGE_INPUT_TOKENS == 1600
+    with pytest.raises(ValueError, match="image_input_tokens"):
+        ModelPrice(model="m", provider=None, input=D("1"), output=D("1"), image_input_tokens=-1)
+
+
 def test_a_negative_token_count_is_a_bug() -> None:
     with pytest.raises(ValueError, match="usage.output"):
         PriceTable.load().cost("gpt-4o", Usage(output=-1))
@@ -366,6 +381,9 @@ def _doc(**entry: Any) -> dict[str, Any]:
         (_doc(max_output_tokens=0), "max_output_tokens"),
         (_doc(max_output_tokens="4096"), "max_output_tokens"),
         (_doc(max_output_tokens=True), "max_output_tokens"),
+        (_doc(image_input_tokens=0), "image_input_tokens"),
+        (_doc(image_input_tokens=1.5), "image_input_tokens"),
+        (_doc(image_input_tokens=False), "image_input_tokens"),
         (_doc(cache_wirte="1"), "cache_wirte"),
         (_doc(provider=""), "provider"),
         ({"as_of": "Nov 2026", "models": {"m": {"input": "1", "output": "1"}}}, "as_of"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -23,9 +23,11 @@ from rungate.usage import Usage
 
 __all__ = [
     "ChatStreamMeter",
+    "InputEstimate",
     "MessagesStreamMeter",
     "ResponsesStreamMeter",
     "ToolCall",
+    "estimate_input",
     "estimate_input_tokens",
     "prepare_chat_stream_request",
     "tool_calls_from_chat",
@@ -352,20 +354,68 @@ def prepare_chat_stream_request(body: dict[str, Any]) -> tuple[dict[str, Any], b
 
 
 _INPUT_PARTS = ("messages", "input", "instructions", "system", "tools")
+# Content parts that are images (OpenAI chat, Responses, Anthropic, a computer-use screenshot): a provider bills one
+# by its pixels, up to a limit of its own, whatever its bytes say. Tool definitions hold none.
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image", "computer_screenshot"})
+_HOLDS_IMAGES = ("messages", "input", "system")
+
+
+class InputEstimate(NamedTuple):
+    """A request's input, as a reservation counts it: `tokens` for its text and structure, and `images` image
+    parts, each taken at the serving model's most per image (`ModelPrice.image_tokens`)."""
+
+    tokens: int
+    images: int
+
+
+def estimate_input(body: Any) -> InputEstimate:
+    """Rough input size: ceil(UTF-8 bytes of the JSON of messages/input/instructions/system/tools / 4), >= 1,
+    leaving out the image parts, which are counted instead.
+
+    Bytes, not characters: a CJK character (three bytes) is most of a token, not a quarter of one. An image's
+    bytes say nothing of its tokens: a 1 MB screenshot in base64 would read as 330,000 tokens, an image by URL as
+    twenty, where either costs at most some 1,600 (a model's own limit). Used for budget reservations and as the
+    fallback when a provider reports no usage.
+    """
+    size = images = 0
+    if isinstance(body, dict):
+        for key in _INPUT_PARTS:
+            if key not in body:
+                continue
+            value = body[key]
+            try:
+                dumped = orjson.dumps(value)
+            except TypeError:  # orjson.JSONEncodeError subclasses TypeError (huge ints, lone surrogates)
+                size += _utf8_size(str(value))
+                continue
+            size += len(dumped)
+            if key in _HOLDS_IMAGES and b'image' in dumped:  # a cheap test first: most requests carry no image
+                found, their_bytes = _image_parts(value)
+                images += found
+                size -= their_bytes
+    return InputEstimate(max(1, -(-size // 4)), images)
 
 
 def estimate_input_tokens(body: Any) -> int:
-    """Rough input size: ceil(UTF-8 bytes of the JSON of messages/input/instructions/system/tools / 4), >= 1.
+    """The text part of `estimate_input` (what a request's input is estimated at, images aside)."""
+    return estimate_input(body).tokens
 
-    Bytes, not characters: a CJK character (three bytes) is most of a token, not a quarter of one.
-    Used for budget reservations and as the fallback when a provider reports no usage.
-    """
-    size = 0
-    if isinstance(body, dict):
-        for key in _INPUT_PARTS:
-            if key in body:
-                size += _json_size(body[key])
-    return max(1, -(-size // 4))
+
+def _image_parts(value: Any) -> tuple[int, int]:
+    """The image parts inside `value` and the bytes of their JSON."""
+    count = size = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("type") in _IMAGE_PARTS:
+                count += 1
+                size += _json_size(item)
+            else:
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count, size
 
 
 def web_search_limit(body: Any) -> int:

@@ -179,7 +179,7 @@ async def _readmit(request: web.Request, call: Call, admit: AdmitCall, planner: 
     priced = planner.reserve((spec,), extra_input=extra)
     again = AdmitCall(replace(
         facts, run_id=call.run_id, new_run=False, policy_name=None, policy_version=None, provider=spec.provider,
-        model=spec.model, input_tokens=facts.input_tokens + extra, reserved_pusd=priced.reserved_pusd,
+        model=spec.model, input_tokens=priced.input_tokens, reserved_pusd=priced.reserved_pusd,
         reserved_tokens=priced.reserved_tokens,
         priced=priced.priced, price=priced.price, output_bounded=priced.output_bounded, planner=None,
         failover=Failover(call.step_id, call.target.provider, call.target.model, failure.reason,
@@ -191,6 +191,7 @@ async def _readmit(request: web.Request, call: Call, admit: AdmitCall, planner: 
         error.headers.update(rungate_headers(call))
         raise
     call.next_attempt(again.step_id, Target(spec.provider, spec.model, "", "", ""), again.reserved_pusd)
+    call.input_estimate = priced.input_tokens  # its images at this target's most per image
     call.warnings.extend(w for w in again.warnings if w not in call.warnings)
     if again.policy is not None:
         call.budget = Budget.after_admission(again)

@@ -33,7 +33,7 @@ from rungate.clock import utcnow
 from rungate.enforce.policy import CompiledPolicy
 from rungate.enforce.rules import model_allowed
 from rungate.errors import BadRequest
-from rungate.prices import PriceTable, format_usd
+from rungate.prices import DEFAULT_IMAGE_INPUT_TOKENS, PriceTable, format_usd
 from rungate.proxy.breaker import Breakers, TargetKey
 from rungate.proxy.crossing import CROSSINGS
 from rungate.proxy.formats import WireFormat
@@ -174,6 +174,7 @@ class Planner:
     choices: int
     cache_writes: bool = False  # the call asks for prompt caching: its input may be billed at a write rate
     web_searches: int = 0  # the most server-side web searches the call allows (their fees are reserved)
+    images: int = 0  # image parts in the input, each reserved at the target model's most per image
 
     def __call__(self, policy: CompiledPolicy | None) -> Plan | None:
         routed = policy.routes.match(self.model) if policy is not None and policy.routes else None
@@ -210,15 +211,16 @@ class Planner:
 
     def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = (), *,
                 routed: bool = False, extra_input: int = 0) -> Plan:
-        """The plan with the first target's worst case (input estimate plus the output limit, at its price,
-        the input at a cache-write rate where the call asks for caching and that rate is dearer, and the fees of
-        the web searches it allows);
+        """The plan with the first target's worst case (input estimate, each image at the model's most per image,
+        plus the output limit, at its price, the input at a cache-write rate where the call asks for caching and
+        that rate is dearer, and the fees of the web searches it allows);
         `extra_input` tokens more of input (a continuation carries the answer so far)."""
         first = targets[0]
         price = self.prices.lookup(first.model)
         out_limit = self.max_output if self.max_output is not None else (
             price.max_output_tokens if price is not None else None)
-        input_tokens = self.input_tokens + extra_input
+        per_image = price.image_tokens if price is not None else DEFAULT_IMAGE_INPUT_TOKENS
+        input_tokens = self.input_tokens + extra_input + self.images * per_image
         worst = self.prices.max_cost_pico(first.model, input_tokens, (out_limit or 0) * self.choices,
                                           cache_writes=self.cache_writes, web_searches=self.web_searches)
         if worst is not None and worst > MAX_RESERVATION_PUSD:
@@ -228,7 +230,7 @@ class Planner:
         return Plan(targets=tuple(targets), provider=first.provider, model=first.model, reserved_pusd=worst or 0,
                     reserved_tokens=input_tokens + (out_limit or 0) * self.choices, priced=worst is not None,
                     price=price, output_bounded=out_limit is not None or self.fmt.meter is None, skipped=skipped,
-                    routed=routed)
+                    routed=routed, input_tokens=input_tokens)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -4,6 +4,7 @@ an answer), the request, and the plain answer or error it gets back (a stream go
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,7 @@ from rungate.usage import Usage
 
 DEFAULT_MAX_TOKENS = 4096  # the output limit asked of another vendor's model with no known limit of its own
 LARGE_ANSWER_BYTES = 256 * 1024  # an embeddings answer past this is not read whole (see `_read_answer`)
+LARGE_REQUEST_BYTES = 1024 * 1024  # a request body past this is sent upstream in chunks (see `forward_attempt`)
 
 
 def attempt_body(call: Call, body: dict[str, Any], spec: RouteTarget, max_output: int | None,
@@ -82,9 +84,12 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
     target = call.target
     try:
         timeout = target.client_timeout(app[SETTINGS].upstream_timeout_s)
-        post = (app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, target),
+        # A body over a megabyte (images in base64, long contexts) goes out in chunks that let the loop run
+        # between them; aiohttp warns against sending one whole (a ResourceWarning, an error under `-W error`).
+        data: bytes | io.BytesIO = io.BytesIO(forward) if len(forward) > LARGE_REQUEST_BYTES else forward
+        post = (app[HTTP].post(url, data=data, headers=upstream_headers(request.headers, target),
                                allow_redirects=False) if timeout is None else
-                app[HTTP].post(url, data=forward, headers=upstream_headers(request.headers, target),
+                app[HTTP].post(url, data=data, headers=upstream_headers(request.headers, target),
                                allow_redirects=False, timeout=timeout))
         if target.first_token_s is None or not call.stream:
             upstream = await post

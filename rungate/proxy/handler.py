@@ -19,7 +19,7 @@ from rungate.auth import authenticate_agent
 from rungate.enforce.tools import offered_tools
 from rungate.errors import BadRequest
 from rungate.ids import is_valid_client_id
-from rungate.providers.metering import estimate_input_tokens, prepare_chat_stream_request, web_search_limit
+from rungate.providers.metering import estimate_input, prepare_chat_stream_request, web_search_limit
 from rungate.proxy.attempts import record_admission, run_attempts
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.call import Budget, Call, settle_step, shielded
@@ -135,7 +135,8 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     client_wants_usage = False
     if fmt is CHAT and stream:
         body, client_wants_usage = prepare_chat_stream_request(body)
-    input_estimate = estimate_input_tokens(body)
+    estimate = estimate_input(body)
+    input_estimate = estimate.tokens
     choices = _choices(body, fmt)
     # The request's fingerprint: its endpoint and its canonical body (keys sorted), so a retry is the same
     # request whatever its key order, and the same body sent to another endpoint is another request.
@@ -152,7 +153,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
     # The route's targets are picked inside the admission, once the run's policy (whose routes win) is known;
     # the first target's worst case is what the admission reserves.
     planner = Planner(fmt, model, settings.routes, prices, app[BREAKERS], app[TARGETS].circuit, input_estimate,
-                      _max_output(body, fmt), choices, cache_writes, searches)
+                      _max_output(body, fmt), choices, cache_writes, searches, estimate.images)
     admit = AdmitCall(CallFacts(
         agent_id=agent["id"], token_hash=agent["token_hash"], run_id=options.run_id, new_run=options.new_run,
         endpoint=fmt.name, provider=fmt.provider, model=model, stream=stream, fingerprint=fingerprint,
@@ -171,7 +172,7 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
         return await answer_from_hold(request, call, admit)
     plan = admit.plan
     assert plan is not None  # the planner ran: the call was admitted
-    call.reserved_pusd, call.routed = admit.reserved_pusd, plan.routed
+    call.reserved_pusd, call.routed, call.input_estimate = admit.reserved_pusd, plan.routed, plan.input_tokens
     if admit.policy is not None:
         call.budget = Budget.after_admission(admit)
     structlog.contextvars.bind_contextvars(run_id=admit.run_id)
