@@ -20,7 +20,7 @@ EXCEEDED = {"run_usd": "budget_exceeded", "run_tokens": "budget_exceeded_tokens"
 
 class RunsProjection(Projection):
     name = "runs"
-    tables = ("agent_spend", "rate_buckets", "steps", "runs")
+    tables = ("responses", "agent_spend", "rate_buckets", "steps", "runs")
     # A step's row is written by three events only; the writer keeps what `StepStarted` wrote, so settling a
     # step it admitted needs no read of the row (see `images`).
     image_tables = ("steps",)
@@ -67,6 +67,10 @@ class RunsProjection(Projection):
         """CREATE TABLE IF NOT EXISTS rate_buckets (
             scope TEXT NOT NULL, second BIGINT NOT NULL, requests BIGINT NOT NULL, tokens BIGINT NOT NULL,
             PRIMARY KEY (scope, second))""",
+        # Responses API answers by their id, with the tokens (input and output) a call that continues one
+        # (`previous_response_id`) carries as input: what its reservation counts beyond its own body.
+        """CREATE TABLE IF NOT EXISTS responses (
+            id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, tokens BIGINT NOT NULL, position BIGINT NOT NULL)""",
     )
 
     indexes = (
@@ -241,7 +245,18 @@ class RunsProjection(Projection):
               cost, int(d["unpriced"]), int(d["estimated"]), d["latency_ms"], d.get("error"),
               _json(d.get("tool_calls") or []), rec.recorded_at, rec.position, d["step_id"])),
             *self._agent_spend(rec, d["run_id"], cost or 0),
+            *self._response(rec, u),
         ]
+
+    @staticmethod
+    def _response(rec: Recorded, usage: Usage) -> list[Statement]:
+        response_id = rec.data.get("response_id")
+        if response_id is None:
+            return []
+        return [("INSERT INTO responses (id, agent_id, tokens, position) SELECT ?, agent_id, ?, ? FROM runs"
+                 " WHERE id = ? ON CONFLICT (id) DO UPDATE SET agent_id = excluded.agent_id,"
+                 " tokens = excluded.tokens, position = excluded.position",
+                 (response_id, usage.total, rec.position, rec.data["run_id"]))]
 
     def _tool_step(self, rec: Recorded) -> list[Statement]:
         d = rec.data

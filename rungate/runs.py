@@ -184,6 +184,7 @@ class CallFacts:
     policy_version: int | None = None
     input_tokens: int = 0  # the input estimate (for `on_exceed: shrink`, with the model's price; a planned call
     # takes its plan's, which counts its images at the target model's most)
+    previous_response_id: str | None = None  # a Responses call that continues an answer (its tokens are input)
     cache_writes: bool = False  # the request asks for prompt caching (its input may cost a write rate)
     web_searches: int = 0  # the most server-side web searches the request allows (each billed a fee)
     price: ModelPrice | None = None
@@ -192,7 +193,7 @@ class CallFacts:
     output_bounded: bool = True
     # Routes (SPEC §6.1): picks the call's targets once its run's policy is known (the policy's routes win
     # over the configuration file's); None refuses the call (no target of its route is allowed).
-    planner: Callable[[CompiledPolicy | None], Plan | None] | None = None
+    planner: Callable[[CompiledPolicy | None, int], Plan | None] | None = None
     # A failover attempt: the step that failed and why. Such an admission is checked against the budget and
     # the model lists only (the call was already counted by its first admission) and records the failover.
     failover: Failover | None = None
@@ -257,6 +258,7 @@ class AdmitCall:
     hold_outcome: str | None = None
     plan: Plan | None = None  # set when the facts carry a planner
     run_exists: bool = False  # the call's run is the agent's and exists: a refusal is recorded on its stream
+    carried: int = 0  # tokens the answer it continues (`previous_response_id`) adds to its input, as recorded
     _idle_seen: tuple[tuple[str, str], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -264,8 +266,12 @@ class AdmitCall:
         f = self.facts
         self._agent = _admitting_agent(f.agent_id)
         self._run = _run_lookup(f.run_id) if f.run_id is not None else _active_auto_run(f.agent_id)
+        self._continued = (Lookup.of("responses", "tokens", id=f.previous_response_id, agent_id=f.agent_id)
+                           if f.previous_response_id is not None else None)
 
     def lookups(self) -> Sequence[Lookup]:
+        if self._continued is not None:
+            return (self._agent, self._run, self._continued)
         return (self._agent, self._run)
 
     @functools.cached_property
@@ -464,7 +470,9 @@ class AdmitCall:
         reserved_pusd, reserved_tokens, priced, price, bounded = (f.reserved_pusd, f.reserved_tokens, f.priced,
                                                                   f.price, f.output_bounded)
         if f.planner is not None:
-            plan = self.plan = f.planner(self.policy)
+            continued = found.get(self._continued) if self._continued is not None else None
+            self.carried = int(continued["tokens"]) if continued is not None else 0
+            plan = self.plan = f.planner(self.policy, self.carried)
             if plan is None:
                 self._refuse(no_allowed_target(self.run_id, f.model, self.policy), rule="models.allowed")
             if not plan.targets:

@@ -143,6 +143,9 @@ class StepCompleted(Event):
     translation_dropped: list[str] = []
     # Shadow-mode decisions on the answer (a tool a shadow `tools.blocked` would have refused), as StepStarted's.
     warnings: list[dict[str, Any]] = []
+    # A Responses API answer's own id: a later call that continues it (`previous_response_id`) carries its input
+    # and output as input, which that call's reservation counts.
+    response_id: str | None = None
 
 
 class StepFailedOver(Event):

@@ -171,11 +171,11 @@ def usage_from_responses(body: Any) -> Usage | None:
         "input_tokens_details",
         "output_tokens_details",
     )
-    searches = responses_web_searches(body)
+    searches = _web_searches(body)
     return replace(usage, web_searches=searches) if usage is not None and searches else usage
 
 
-def responses_web_searches(body: Any) -> int:
+def _web_searches(body: Any) -> int:
     """The `web_search_call` items in a Responses API `response` object's `output`."""
     return sum(1 for item in _list(body, "output") if _str(item, "type") == _WEB_SEARCH_CALL)
 
@@ -463,6 +463,7 @@ class _StreamMeter:
         self._text_bytes = 0
         self._delta_seen = False
         self.malformed = False  # an event whose data is not JSON: the stream is broken
+        self.response_id: str | None = None  # a Responses API stream's response id, once seen
 
     @property
     def usage(self) -> Usage | None:
@@ -695,6 +696,7 @@ class ResponsesStreamMeter(_StreamMeter):
         elif kind in _RESPONSES_TERMINAL:
             self._done = True
             response = _dict(payload, "response")
+            self.response_id = _str(response, "id") or self.response_id
             usage = usage_from_responses(response)
             if usage is not None:
                 # The final `output` lists every search; one announced by an event and missing there was run too.
@@ -707,6 +709,8 @@ class ResponsesStreamMeter(_StreamMeter):
                 self._item(position, item, final=True)
         elif kind in _RESPONSES_TEXT_DELTAS:
             self._delta(payload.get("delta"))
+        elif kind == "response.created":
+            self.response_id = _str(_dict(payload, "response"), "id")
         elif kind in ("response.output_item.added", "response.output_item.done"):
             self._item(_index(payload.get("output_index")), payload.get("item"), kind.endswith(".done"))
         elif kind in ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta"):

@@ -176,7 +176,7 @@ async def _readmit(request: web.Request, call: Call, admit: AdmitCall, planner: 
     is the agent's answer. `continued`: the answer text the next attempt is asked to continue (its input)."""
     facts = admit.facts
     extra = 0 if continued is None else -(-len(continued.encode()) // 4)  # what the prefill adds to the input
-    priced = planner.reserve((spec,), extra_input=extra)
+    priced = planner.reserve((spec,), extra_input=extra + admit.carried)
     again = AdmitCall(replace(
         facts, run_id=call.run_id, new_run=False, policy_name=None, policy_version=None, provider=spec.provider,
         model=spec.model, input_tokens=priced.input_tokens, reserved_pusd=priced.reserved_pusd,

@@ -30,7 +30,7 @@ from rungate.providers.metering import ToolCall
 from rungate.providers.sse import encode_event
 from rungate.proxy.crossing import Crossing
 from rungate.proxy.failover import Failure
-from rungate.proxy.formats import StreamMeter, WireFormat
+from rungate.proxy.formats import RESPONSES, StreamMeter, WireFormat
 from rungate.proxy.keys import STREAM_STARTED
 from rungate.proxy.upstream import Target
 from rungate.runs import AdmitCall, SettleStep, force_stopped
@@ -135,6 +135,7 @@ class Call:
     client: ClientStream | None = None  # set when a later target of the route can continue a broken stream
     broken: bool = False  # the stream broke after tokens reached the agent (its target failed)
     answered: bool = False  # its target's circuit was told it answered (before a long wait for an approval)
+    response_id: str | None = None  # a plain Responses API answer's id (a stream's is its meter's)
 
     def __hash__(self) -> int:  # registered in a set while in flight
         return id(self)
@@ -173,6 +174,7 @@ class Call:
         self.usage, self.cost_pusd = Usage(), 0
         self.task, self.awaiting_upstream, self.upstream = None, False, None
         self.crossing, self.tool_names, self.dropped = None, ToolNames(), []
+        self.response_id = None
         self.failovers += 1
 
     def seen_usage(self) -> tuple[Usage, bool]:
@@ -279,6 +281,16 @@ def warning_header(warnings: Sequence[str]) -> str:
     return _CONTROL.sub(" ", "; ".join(warnings))
 
 
+def _response_id(call: Call) -> str | None:
+    """The id of the Responses API answer this attempt got from its provider (None for other formats and for an
+    answer translated from another vendor's, whose id no provider knows)."""
+    if call.fmt is not RESPONSES or call.crossing is not None:
+        return None
+    if call.response_id is not None:
+        return call.response_id
+    return call.meter.response_id if call.meter is not None else None
+
+
 async def settle_step(store: EventStore, prices: PriceTable, call: Call, *, status: str, http_status: int | None,
                       usage: Usage, estimated: bool, error: str | None, tool_calls: Sequence[ToolCall] = (),
                       charge: int | None = None, then: Sequence[NewEvent] = ()) -> None:
@@ -302,7 +314,7 @@ async def settle_step(store: EventStore, prices: PriceTable, call: Call, *, stat
         provider=call.target.provider, model=call.target.model, usage=usage.as_dict(), cost_pusd=cost,
         unpriced=unpriced, estimated=estimated, latency_ms=int((time.monotonic() - call.started) * 1000),
         error=error, tool_calls=[{"id": t.id, "name": t.name, "arguments": t.arguments} for t in tool_calls],
-        translation_dropped=list(call.dropped), warnings=list(call.decisions))
+        translation_dropped=list(call.dropped), warnings=list(call.decisions), response_id=_response_id(call))
     holding = any(isinstance(new.event, AnswerHeld) for new in then)
     settled_now = False
     for attempt in range(SETTLE_ATTEMPTS):

@@ -176,12 +176,14 @@ class Planner:
     web_searches: int = 0  # the most server-side web searches the call allows (their fees are reserved)
     images: int = 0  # image parts in the input, each reserved at the target model's most per image
 
-    def __call__(self, policy: CompiledPolicy | None) -> Plan | None:
+    def __call__(self, policy: CompiledPolicy | None, carried: int = 0) -> Plan | None:
+        """The targets `policy` allows, and the first one's worst case; `carried`: input tokens the request
+        brings beyond its own body (the answer it continues)."""
         routed = policy.routes.match(self.model) if policy is not None and policy.routes else None
         if routed is None:
             routed = self.routes.match(self.model) if self.routes else None
         if routed is None:  # no route: the format's own provider, the model as asked, no failover
-            return self.reserve((_default_target(self.fmt.provider, self.model),))
+            return self.reserve((_default_target(self.fmt.provider, self.model),), extra_input=carried)
         usable: list[RouteTarget] = []
         skipped: list[dict[str, Any]] = []
         for spec in routed:
@@ -207,14 +209,15 @@ class Planner:
             return Plan(targets=(), provider=usable[0].provider, model=usable[0].model, reserved_pusd=0,
                         reserved_tokens=0, priced=True, price=None, output_bounded=True, skipped=tuple(skipped),
                         routed=True)
-        return self.reserve(tuple(healthy), tuple(skipped), routed=True)
+        return self.reserve(tuple(healthy), tuple(skipped), routed=True, extra_input=carried)
 
     def reserve(self, targets: Sequence[RouteTarget], skipped: tuple[dict[str, Any], ...] = (), *,
                 routed: bool = False, extra_input: int = 0) -> Plan:
         """The plan with the first target's worst case (input estimate, each image at the model's most per image,
         plus the output limit, at its price, the input at a cache-write rate where the call asks for caching and
         that rate is dearer, and the fees of the web searches it allows);
-        `extra_input` tokens more of input (a continuation carries the answer so far)."""
+        `extra_input` tokens more of input (a continuation carries the answer so far; a Responses call, the answer
+        it continues)."""
         first = targets[0]
         price = self.prices.lookup(first.model)
         out_limit = self.max_output if self.max_output is not None else (

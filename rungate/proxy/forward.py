@@ -160,6 +160,8 @@ async def forward_attempt(request: web.Request, call: Call, forward: bytes,
                 return web.Response(body=orjson.dumps(error), status=shown, headers=headers)
         else:
             parsed, usage = _read_answer(call.upstream_fmt, payload)
+            if isinstance(parsed, dict) and isinstance(parsed.get("id"), str):
+                call.response_id = parsed["id"]  # recorded for a Responses answer (see `settle_step`)
             if call.routed and not isinstance(parsed, dict):  # not an answer at all: another target may give one
                 await settle_step(store, prices, call, status="error", http_status=upstream.status,
                                   usage=usage or Usage(input=call.input_estimate), estimated=usage is None,

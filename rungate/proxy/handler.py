@@ -24,7 +24,7 @@ from rungate.proxy.attempts import record_admission, run_attempts
 from rungate.proxy.bodies import read_json_object
 from rungate.proxy.call import Budget, Call, settle_step, shielded
 from rungate.proxy.failover import Planner
-from rungate.proxy.formats import CHAT, WireFormat
+from rungate.proxy.formats import CHAT, RESPONSES, WireFormat
 from rungate.proxy.gating import APPROVAL_MODE_HEADER, APPROVAL_MODES
 from rungate.proxy.holding import answer_from_hold
 from rungate.proxy.keys import AGENTS, BREAKERS, INFLIGHT, PRICES, SETTINGS, STORE, TARGETS
@@ -64,6 +64,13 @@ def _choices(body: dict[str, Any], fmt: WireFormat) -> int:
     """How many answers the call asks for (OpenAI chat `n`; 1 elsewhere)."""
     n = body.get("n") if fmt is CHAT else None
     return n if isinstance(n, int) and not isinstance(n, bool) and 1 < n <= 128 else 1
+
+
+def _continues(body: dict[str, Any], fmt: WireFormat) -> str | None:
+    """The Responses API answer the call continues (`previous_response_id`): the provider adds that answer's
+    input and output to the call's input, which the request's own bytes do not show."""
+    previous = body.get("previous_response_id") if fmt is RESPONSES else None
+    return previous if isinstance(previous, str) and 0 < len(previous) <= 256 else None
 
 
 def _run_options(request: web.Request, body: dict[str, Any]) -> RunOptions:
@@ -159,7 +166,8 @@ async def proxy_call(request: web.Request, fmt: WireFormat) -> web.StreamRespons
         endpoint=fmt.name, provider=fmt.provider, model=model, stream=stream, fingerprint=fingerprint,
         reserved_pusd=0, idle_timeout_s=settings.idle_timeout_s, tools=offered, policy_name=options.policy_name,
         policy_version=options.policy_version, input_tokens=input_estimate, embedding=fmt.meter is None,
-        choices=choices, planner=planner, cache_writes=cache_writes, web_searches=searches))
+        choices=choices, planner=planner, cache_writes=cache_writes, web_searches=searches,
+        previous_response_id=_continues(body, fmt)))
     # Until a target is resolved the call names the model as asked (a retry answered from a hold keeps it).
     call = Call(fmt, agent["id"], "", admit.step_id, Target(fmt.provider, model, "", "", ""), stream,
                 input_estimate, 0, fingerprint=fingerprint, offered=offered, approval_mode=approval_mode,
