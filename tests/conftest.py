@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -21,6 +22,16 @@ from rungate.proxy.app import create_app
 ADMIN_TOKEN = "rg_adm_" + "t" * 40
 OPENAI_KEY = "sk-upstream-openai-0001"
 ANTHROPIC_KEY = "sk-ant-upstream-0002"
+
+
+async def send_messages(http: aiohttp.ClientSession, root: str, token: str, run_id: str,
+                        body: dict[str, Any]) -> tuple[int, Any]:
+    """POST an Anthropic Messages body to Rungate at `root` as the agent `token`, in run `run_id`; the status
+    and the JSON answer."""
+    async with http.post(root + "/v1/messages", data=orjson.dumps(body), headers={
+            "x-api-key": token, "anthropic-version": "2023-06-01", "content-type": "application/json",
+            "x-rungate-run-id": run_id}) as resp:
+        return resp.status, await resp.json()
 
 
 def pytest_report_header() -> str:

@@ -80,6 +80,16 @@ def chat_events(model: str, words: list[str] | None = None) -> list[bytes]:
     return events
 
 
+async def send_responses_stream(request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
+    """Answer `request` with a Responses API stream of `events` (each given its `sequence_number`)."""
+    stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await stream.prepare(request)
+    for number, event in enumerate(events):
+        await stream.write(encode_event(orjson.dumps({**event, "sequence_number": number}), event["type"]))
+    await stream.write_eof()
+    return stream
+
+
 def messages_events(model: str, words: list[str] | None = None) -> list[bytes]:
     words = WORDS if words is None else words
     def event(name: str, data: dict[str, Any]) -> bytes:

@@ -17,7 +17,7 @@ from rungate.config import load_settings
 from rungate.prices import PriceTable, format_usd
 from rungate.providers.metering import estimate_input_tokens
 from rungate.proxy.app import create_app
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, send_messages
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MODEL = "mock-claude"  # priced: input 1.00, 5-minute writes 1.25, 1-hour writes 2.00, output 2.00 per 1M tokens
@@ -67,14 +67,6 @@ async def _agent_under_cap(http: aiohttp.ClientSession, root: str, name: str, ca
     return token
 
 
-async def _send(http: aiohttp.ClientSession, root: str, token: str, run_id: str,
-                body: dict[str, Any]) -> tuple[int, Any]:
-    async with http.post(root + "/v1/messages", data=orjson.dumps(body), headers={
-            "x-api-key": token, "anthropic-version": "2023-06-01", "content-type": "application/json",
-            "x-rungate-run-id": run_id}) as resp:
-        return resp.status, await resp.json()
-
-
 async def test_concurrent_cached_calls_cannot_overshoot_the_run_cap(aiohttp_server: Any, tmp_path: Path) -> None:
     root = await _gateway(aiohttp_server, tmp_path)
     prices = PriceTable.load()
@@ -90,7 +82,7 @@ async def test_concurrent_cached_calls_cannot_overshoot_the_run_cap(aiohttp_serv
     async with aiohttp.ClientSession() as http:
         token = await _agent_under_cap(http, root, "cached", cap)
         # when two such calls arrive together
-        answers = await asyncio.gather(*(_send(http, root, token, "cached-run", body) for _ in range(2)))
+        answers = await asyncio.gather(*(send_messages(http, root, token, "cached-run", body) for _ in range(2)))
         # then one is admitted and the other refused with the write-rate worst case as what it asked for
         assert sorted(status for status, _ in answers) == [200, 402]
         [refusal] = [answer for status, answer in answers if status == 402]
@@ -111,7 +103,7 @@ async def test_the_words_cache_control_in_a_message_reserve_at_the_input_rate(ai
     tokens = estimate_input_tokens(plain)
     async with aiohttp.ClientSession() as http:
         token = await _agent_under_cap(http, root, "tiny", 1)  # a cap no call fits: the refusal shows the ask
-        status, refusal = await _send(http, root, token, "tiny-run", plain)
+        status, refusal = await send_messages(http, root, token, "tiny-run", plain)
     assert status == 402
     assert Decimal(refusal["error"]["context"]["requested_usd"]) == Decimal(
         format_usd(prices.max_cost_pico(MODEL, tokens, MAX_TOKENS) or 0))

@@ -17,6 +17,7 @@ from rungate.config import load_settings
 from rungate.providers.metering import estimate_input_tokens
 from rungate.proxy.app import create_app
 from tests.conftest import ADMIN_TOKEN
+from tests.faults import send_responses_stream
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MODEL = "gpt-4.1"
@@ -47,17 +48,11 @@ def stateful_upstream() -> web.Application:
                               "total_tokens": input_tokens + output_tokens}}
         if not body.get("stream"):
             return web.json_response(response)
-        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await stream.prepare(request)
-        events = [{"type": "response.created", "response": {**response, "status": "in_progress", "output": [],
-                                                              "usage": None}},
-                  {"type": "response.output_item.done", "output_index": 0, "item": response["output"][0]},
-                  {"type": "response.completed", "response": response}]
-        for number, event in enumerate(events):
-            event["sequence_number"] = number
-            await stream.write(b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
-        await stream.write_eof()
-        return stream
+        return await send_responses_stream(request, [
+            {"type": "response.created", "response": {**response, "status": "in_progress", "output": [],
+                                                      "usage": None}},
+            {"type": "response.output_item.done", "output_index": 0, "item": response["output"][0]},
+            {"type": "response.completed", "response": response}])
 
     app = web.Application()
     app.router.add_post("/v1/responses", responses)

@@ -20,7 +20,7 @@ from rungate.config import load_settings
 from rungate.prices import DEFAULT_IMAGE_INPUT_TOKENS, PriceTable, format_usd
 from rungate.providers.metering import estimate_input
 from rungate.proxy.app import create_app
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, send_messages
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CLAUDE = "mock-claude"  # priced: input 1.00, output 2.00 per 1M tokens; no image entry: 1,600 tokens per image
@@ -87,14 +87,6 @@ def image_message(text: str) -> dict[str, Any]:
         {"type": "text", "text": text}]}]}
 
 
-async def _send(http: aiohttp.ClientSession, root: str, token: str, run_id: str,
-                body: dict[str, Any]) -> tuple[int, Any]:
-    async with http.post(root + "/v1/messages", data=orjson.dumps(body), headers={
-            "x-api-key": token, "anthropic-version": "2023-06-01", "content-type": "application/json",
-            "x-rungate-run-id": run_id}) as resp:
-        return resp.status, await resp.json()
-
-
 async def test_concurrent_calls_with_images_cannot_overshoot_the_run_cap(aiohttp_server: Any,
                                                                          tmp_path: Path) -> None:
     root = await _gateway(aiohttp_server, tmp_path)
@@ -109,7 +101,7 @@ async def test_concurrent_calls_with_images_cannot_overshoot_the_run_cap(aiohttp
     async with aiohttp.ClientSession() as http:
         token = await _agent_under(http, root, "vision", {"hard_limit_usd": format_usd(cap)})
         # when twelve calls, each with an image the provider bills at its most, arrive together
-        answers = await asyncio.gather(*(_send(http, root, token, "vision-run", body) for _ in range(12)))
+        answers = await asyncio.gather(*(send_messages(http, root, token, "vision-run", body) for _ in range(12)))
         # then three are admitted, the others refused with the image counted in what they asked for
         assert sorted(status for status, _ in answers) == [200] * 3 + [402] * 9
         refusal = next(answer for status, answer in answers if status == 402)
@@ -141,7 +133,7 @@ async def test_a_token_cap_counts_each_image_at_the_models_most(aiohttp_server: 
         assert status == 402
         asked = refusal["error"]["context"]["requested_tokens"]
         assert asked == estimate_input(chat).tokens + 2 * 48_169 + MAX_TOKENS  # gpt-4o-mini: 2833 + 8 tiles x 5667
-        status, refusal = await _send(http, root, token, "screenshots", tool_result)
+        status, refusal = await send_messages(http, root, token, "screenshots", tool_result)
     assert status == 402
     assert refusal["error"]["context"]["requested_tokens"] == (estimate_input(tool_result).tokens
                                                                + DEFAULT_IMAGE_INPUT_TOKENS + MAX_TOKENS)

@@ -21,6 +21,7 @@ from rungate.providers.metering import estimate_input_tokens, web_search_limit
 from rungate.proxy.app import create_app
 from rungate.usage import Usage
 from tests.conftest import ADMIN_TOKEN
+from tests.faults import send_responses_stream
 
 MODEL = "claude-sonnet-4-5"
 SEARCHES = 3
@@ -85,8 +86,6 @@ def searching_responses_upstream() -> web.Application:
                     "tool_choice": "auto"}
         if not body.get("stream"):
             return web.json_response(response)
-        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await stream.prepare(request)
         events: list[dict[str, Any]] = [{"type": "response.created",
                                          "response": {**response, "status": "in_progress", "output": [],
                                                       "usage": None}}]
@@ -97,11 +96,7 @@ def searching_responses_upstream() -> web.Application:
                            "item": _search_item(n, "completed")})
         events.append({"type": "response.output_item.done", "output_index": SEARCHES, "item": message})
         events.append({"type": "response.completed", "response": response})
-        for number, event in enumerate(events):
-            event["sequence_number"] = number
-            await stream.write(b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
-        await stream.write_eof()
-        return stream
+        return await send_responses_stream(request, events)
 
     app = web.Application()
     app.router.add_post("/v1/responses", responses)
@@ -122,6 +117,17 @@ async def _gateway(aiohttp_server: Any, tmp_path: Path, upstream_app: web.Applic
         env |= {"RUNGATE_OPENAI_BASE_URL": str(upstream.make_url("/v1")), "OPENAI_API_KEY": "sk-fees-1"}
     server = await aiohttp_server(create_app(load_settings(env=env)))
     return str(server.make_url("")).rstrip("/")
+
+
+async def _capped_agent(http: aiohttp.ClientSession, root: str) -> str:
+    """An agent under a run cap no call fits (its refusals show what a call asks for); its token."""
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with http.put(root + "/api/policies/by-name/tiny", headers=admin,
+                        json={"budget": {"hard_limit_usd": "0.000001"}}) as resp:
+        assert resp.status == 201
+    async with http.post(root + "/api/agents", headers=admin, json={"name": "capped", "policy": "tiny"}) as resp:
+        token: str = (await resp.json())["data"]["token"]
+    return token
 
 
 async def test_a_call_that_searched_is_charged_its_searches(aiohttp_server: Any, tmp_path: Path) -> None:
@@ -155,14 +161,9 @@ async def test_a_call_that_searched_is_charged_its_searches(aiohttp_server: Any,
 
 async def test_a_call_reserves_the_fees_of_the_searches_it_allows(aiohttp_server: Any, tmp_path: Path) -> None:
     root = await _gateway(aiohttp_server, tmp_path)
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     prices = PriceTable.load()
     async with aiohttp.ClientSession() as http:
-        async with http.put(root + "/api/policies/by-name/tiny", headers=admin,
-                            json={"budget": {"hard_limit_usd": "0.000001"}}) as resp:
-            assert resp.status == 201
-        async with http.post(root + "/api/agents", headers=admin, json={"name": "capped", "policy": "tiny"}) as resp:
-            token = (await resp.json())["data"]["token"]
+        token = await _capped_agent(http, root)
         asked = {}
         for uses in (None, 7):  # a search tool without max_uses, then one allowing 7 searches
             tool: dict[str, Any] = {"type": "web_search_20250305", "name": "web_search"}
@@ -219,14 +220,9 @@ async def test_an_openai_responses_call_that_searched_is_charged_its_searches(ai
 async def test_an_openai_responses_call_reserves_the_searches_its_max_tool_calls_allows(aiohttp_server: Any,
                                                                                        tmp_path: Path) -> None:
     root = await _gateway(aiohttp_server, tmp_path, searching_responses_upstream())
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     prices = PriceTable.load()
     async with aiohttp.ClientSession() as http:
-        async with http.put(root + "/api/policies/by-name/tiny", headers=admin,
-                            json={"budget": {"hard_limit_usd": "0.000001"}}) as resp:
-            assert resp.status == 201
-        async with http.post(root + "/api/agents", headers=admin, json={"name": "capped", "policy": "tiny"}) as resp:
-            token = (await resp.json())["data"]["token"]
+        token = await _capped_agent(http, root)
         asked = {}
         for calls in (None, 7):  # a search without a bound, then at most 7 built-in tool calls
             body: dict[str, Any] = {"model": OPENAI_MODEL, "max_output_tokens": 100, "tools": [{"type": "web_search"}],
