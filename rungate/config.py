@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from rungate import yamldoc
 from rungate.errors import ConfigError
+from rungate.prices import LIMIT_KEYS, OVERRIDE_KEYS, Override, override_limit
 from rungate.routing import EMPTY as EMPTY_ROUTES
 from rungate.routing import RouteTable, parse_config_routes
 
@@ -70,7 +71,6 @@ SETTINGS_DOC: tuple[tuple[str, str, str, str], ...] = (
 
 _SERVER_KEYS = {name for name, *_ in SETTINGS_DOC} - {"config"}
 _FILE_SECTIONS = {"server", "prices", "routes"}
-_PRICE_FIELDS = {"input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Settings:
     breaker_cooldown_s: float = 30.0
     openai_api_key: SecretStr | None = None
     anthropic_api_key: SecretStr | None = None
-    price_overrides: Mapping[str, Mapping[str, Decimal]] = field(default_factory=dict)
+    price_overrides: Mapping[str, Override] = field(default_factory=dict)
     routes: RouteTable = EMPTY_ROUTES
 
     @property
@@ -202,18 +202,21 @@ def _as_database_url(name: str, value: Any) -> str:
     raise ConfigError(f"{name} must be sqlite:///PATH or postgresql://…")
 
 
-def _parse_prices(raw: Any, source: str) -> dict[str, dict[str, Decimal]]:
+def _parse_prices(raw: Any, source: str) -> dict[str, Override]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: prices must be a mapping of model to prices")
-    table: dict[str, dict[str, Decimal]] = {}
+    table: dict[str, Override] = {}
     for model, entry in raw.items():
         if not isinstance(entry, dict) or not entry:
-            raise ConfigError(f"{source}: prices.{model} must be a mapping of {sorted(_PRICE_FIELDS)}")
-        unknown = set(entry) - _PRICE_FIELDS
+            raise ConfigError(f"{source}: prices.{model} must be a mapping of {list(OVERRIDE_KEYS)}")
+        unknown = set(entry) - set(OVERRIDE_KEYS)
         if unknown:
             raise ConfigError(f"{source}: prices.{model} has unknown keys {sorted(unknown)}")
-        parsed: dict[str, Decimal] = {}
+        parsed: dict[str, Decimal | int] = {}
         for key, value in entry.items():
+            if key in LIMIT_KEYS:
+                parsed[key] = override_limit(f"{source}: prices.{model}.{key}", value)
+                continue
             try:
                 amount = Decimal(str(value))
             except InvalidOperation:

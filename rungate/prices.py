@@ -37,15 +37,23 @@ from typing import Any
 from rungate.errors import ConfigError
 from rungate.usage import Usage
 
-__all__ = ["DEFAULT_IMAGE_INPUT_TOKENS", "PRICE_KEYS", "ModelPrice", "PriceTable", "format_usd", "to_pico"]
+__all__ = ["DEFAULT_IMAGE_INPUT_TOKENS", "LIMIT_KEYS", "OVERRIDE_KEYS", "PRICE_KEYS", "ModelPrice", "Override",
+           "PriceTable", "format_usd", "to_pico"]
 
 PRICE_KEYS: tuple[str, ...] = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning",
                                "web_search_per_1k")
 """The price fields of a model: what the data file and overrides may set (USD per 1M tokens; the fee for the
 provider's server-side web search, `web_search_per_1k`, in USD per 1,000 searches)."""
+LIMIT_KEYS: tuple[str, ...] = ("max_output_tokens", "image_input_tokens")
+"""The token limits of a model that the data file and overrides may set besides its prices (positive integers):
+its output limit and the most one image costs, both for worst-case reservations."""
+Override = Mapping[str, Decimal | int]
+"""One model's overrides: some of `PRICE_KEYS` (amounts) and `LIMIT_KEYS` (positive integers)."""
 
 _REQUIRED_PRICES = ("input", "output")
-_ENTRY_KEYS = frozenset(PRICE_KEYS) | {"provider", "max_output_tokens", "image_input_tokens", "kind", "note"}
+_ENTRY_KEYS = frozenset(PRICE_KEYS) | frozenset(LIMIT_KEYS) | {"provider", "kind", "note"}
+OVERRIDE_KEYS: tuple[str, ...] = (*PRICE_KEYS, *LIMIT_KEYS)
+"""What a price override (the config file's `prices`) may set: amounts, then token limits."""
 _DATA_PACKAGE = "rungate"
 _DATA_DIR = "data"
 _DATA_FILE = re.compile(r"^prices-\d{4}-\d{2}-\d{2}\.json$")
@@ -248,11 +256,11 @@ class PriceTable:
             self._index[name.lower()] = price
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Mapping[str, Decimal]] | None = None) -> PriceTable:
+    def load(cls, overrides: Mapping[str, Override] | None = None) -> PriceTable:
         """Read the newest shipped `data/prices-*.json` and apply `overrides`.
 
-        `overrides` maps a model name (optionally `provider/model`) to some of `PRICE_KEYS`. A known model
-        gets those prices replaced; an unknown one is added and then needs both `input` and `output`.
+        `overrides` maps a model name (optionally `provider/model`) to some of `PRICE_KEYS` and `LIMIT_KEYS`. A
+        known model gets those replaced; an unknown one is added and then needs both `input` and `output`.
         Raises `ConfigError` for a bad data file or override (naming the model and key).
         """
         folder = resources.files(_DATA_PACKAGE).joinpath(_DATA_DIR)
@@ -268,7 +276,7 @@ class PriceTable:
         return cls.from_data(data, overrides, source=source)
 
     @classmethod
-    def from_data(cls, data: Any, overrides: Mapping[str, Mapping[str, Decimal]] | None = None, *,
+    def from_data(cls, data: Any, overrides: Mapping[str, Override] | None = None, *,
                   source: str = "price table") -> PriceTable:
         """Build a table from a parsed price document (the data file's shape) and apply `overrides`.
 
@@ -359,18 +367,19 @@ class PriceTable:
                 found = self._index.get(match.group("base"))
         return found
 
-    def _with_overrides(self, overrides: Mapping[str, Mapping[str, Decimal]]) -> PriceTable:
+    def _with_overrides(self, overrides: Mapping[str, Override]) -> PriceTable:
         models = dict(self._models)
         canonical = {name.lower(): name for name in models}
         for key, entry in overrides.items():
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"prices: model name {key!r} must be a non-empty string")
             if not isinstance(entry, Mapping) or not entry:
-                raise ConfigError(f"prices.{key} must be a non-empty mapping of {list(PRICE_KEYS)}")
-            unknown = sorted(str(k) for k in entry if k not in PRICE_KEYS)
+                raise ConfigError(f"prices.{key} must be a non-empty mapping of {list(OVERRIDE_KEYS)}")
+            unknown = sorted(str(k) for k in entry if k not in OVERRIDE_KEYS)
             if unknown:
-                raise ConfigError(f"prices.{key} has unknown keys {unknown}; allowed: {list(PRICE_KEYS)}")
-            values = {k: _override_amount(key, k, v) for k, v in entry.items()}
+                raise ConfigError(f"prices.{key} has unknown keys {unknown}; allowed: {list(OVERRIDE_KEYS)}")
+            values = {k: _override_amount(key, k, v) for k, v in entry.items() if k in PRICE_KEYS}
+            limits = {k: override_limit(f"prices.{key}.{k}", v) for k, v in entry.items() if k in LIMIT_KEYS}
             name, provider = key, None
             if key.lower() not in canonical:
                 prefix, slash, rest = key.partition("/")
@@ -382,15 +391,15 @@ class PriceTable:
                 if provider is not None and current.provider not in (None, provider):
                     raise ConfigError(f"prices.{key}: {existing} is a {current.provider} model, "
                                       f"not {provider}")
-                models[existing] = _with_prices(current, values)
+                models[existing] = _with_limits(_with_prices(current, values), limits)
                 continue
             missing = [k for k in _REQUIRED_PRICES if k not in values]
             if missing:
                 raise ConfigError(f"prices.{key}: {key} is not in the shipped price table, so it needs "
                                   f"{' and '.join(missing)}")
-            models[name] = _with_prices(
-                ModelPrice(model=name, provider=provider, input=values["input"], output=values["output"]),
-                values)
+            models[name] = _with_limits(_with_prices(
+                ModelPrice(model=name, provider=provider, input=values["input"], output=values["output"]), values),
+                limits)
             canonical[name.lower()] = name
         return PriceTable(models, as_of=self._as_of)
 
@@ -507,6 +516,18 @@ def _with_prices(base: ModelPrice, values: Mapping[str, Decimal]) -> ModelPrice:
         reasoning=values.get("reasoning", base.reasoning),
         web_search_per_1k=values.get("web_search_per_1k", base.web_search_per_1k),
     )
+
+
+def _with_limits(base: ModelPrice, limits: Mapping[str, int]) -> ModelPrice:
+    return replace(base, max_output_tokens=limits.get("max_output_tokens", base.max_output_tokens),
+                   image_input_tokens=limits.get("image_input_tokens", base.image_input_tokens))
+
+
+def override_limit(where: str, value: object) -> int:
+    """A token limit of an override (`LIMIT_KEYS`): a positive integer, else `ConfigError` naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{where} must be a positive integer, got {value!r}")
+    return value
 
 
 def _override_amount(model: str, key: str, value: object) -> Decimal:

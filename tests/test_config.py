@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from rungate.config import load_settings
 from rungate.errors import ConfigError
+from rungate.prices import LIMIT_KEYS, PRICE_KEYS, PriceTable
 
 
 def test_defaults_match_the_spec() -> None:
@@ -56,6 +59,34 @@ def test_a_bad_file_value_names_the_file_key(tmp_path: Path) -> None:
     path = tmp_path / "rungate.yaml"
     path.write_text("server:\n  port: nope\n")
     with pytest.raises(ConfigError, match="server.port"):
+        load_settings(env={}, config_file=str(path))
+
+
+def test_the_file_overrides_every_price_field_and_token_limit_the_readme_names(tmp_path: Path) -> None:
+    # The README lists the keys a price override takes; the config file accepts each (a web-search fee was once
+    # refused there as an unknown key), and the table built from it shows them.
+    path = tmp_path / "rungate.yaml"
+    path.write_text("prices:\n"
+                    "  claude-sonnet-4-5: {web_search_per_1k: '5', image_input_tokens: 2000}\n"
+                    "  openai/gpt-9: {input: '1.5', output: 6, max_output_tokens: 65536, image_input_tokens: 1800}\n")
+    settings = load_settings(env={}, config_file=str(path))
+    table = PriceTable.load(settings.price_overrides)
+    claude, new = table.lookup("claude-sonnet-4-5"), table.lookup("gpt-9")
+    assert claude is not None and new is not None
+    assert (claude.web_search_per_1k, claude.image_tokens, claude.max_output_tokens) == (Decimal(5), 2000, 64000)
+    assert (new.provider, new.input, new.output, new.max_output_tokens, new.image_tokens) == (
+        "openai", Decimal("1.5"), Decimal(6), 65536, 1800)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("`prices` (per-model overrides"):readme.index("`routes` (see Failover)")]
+    for key in (*PRICE_KEYS, *LIMIT_KEYS):
+        assert re.search(rf"\b{key}\b", section), key
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "'4096'", "1.5", "true"])
+def test_a_token_limit_override_must_be_a_positive_integer(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "rungate.yaml"
+    path.write_text(f"prices:\n  gpt-4o: {{max_output_tokens: {value}}}\n")
+    with pytest.raises(ConfigError, match="prices.gpt-4o.max_output_tokens must be a positive integer"):
         load_settings(env={}, config_file=str(path))
 
 

@@ -345,7 +345,9 @@ def test_an_override_may_add_a_model() -> None:
         ({"gpt-4o": {"output": True}}, "gpt-4o"),
         ({"gpt-4o": {"output": "ten"}}, "gpt-4o"),
         ({"gpt-4o": {"inptu": D("1")}}, "inptu"),
-        ({"gpt-4o": {"max_output_tokens": D("1")}}, "max_output_tokens"),
+        ({"gpt-4o": {"max_output_tokens": D("1")}}, "max_output_tokens"),  # a limit is an integer
+        ({"gpt-4o": {"max_output_tokens": True}}, "max_output_tokens"),
+        ({"gpt-4o": {"image_input_tokens": 0}}, "image_input_tokens"),
         ({"gpt-4o": {}}, "gpt-4o"),
         ({"anthropic/gpt-4o": {"input": D("1")}}, "anthropic/gpt-4o"),  # gpt-4o is an openai model
     ],
@@ -354,6 +356,16 @@ def test_a_bad_override_raises_config_error_naming_it(overrides: Any, needle: st
     with pytest.raises(ConfigError) as caught:
         PriceTable.load(overrides)
     assert needle in str(caught.value)
+
+
+def test_overrides_set_the_token_limits_of_known_and_new_models() -> None:
+    table = PriceTable.load({"gpt-4o": {"max_output_tokens": 8192, "image_input_tokens": 2000},
+                             "openai/gpt-9": {"input": D("1"), "output": D("4"), "max_output_tokens": 65536}})
+    known, new = table.lookup("gpt-4o"), table.lookup("gpt-9")
+    assert known is not None and (known.input, known.max_output_tokens, known.image_tokens) == (D("2.50"), 8192, 2000)
+    assert new is not None and (new.max_output_tokens, new.image_tokens) == (65536, DEFAULT_IMAGE_INPUT_TOKENS)
+    # the output limit is what a call without max_tokens reserves
+    assert table.max_cost("gpt-9", 0, None) == D(4) * 65536 / 1_000_000
 
 
 def test_overrides_accept_decimal_strings_and_ints() -> None:
