@@ -296,78 +296,86 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rungate {__version__}")
     parser.add_argument("--config", help="YAML configuration file (or RUNGATE_CONFIG)")
     parser.add_argument("--database-url", help="override RUNGATE_DATABASE_URL")
+    # Every command also takes both after its name (`rungate verify --database-url …`, as SPEC §6.1 writes
+    # `rungate serve --config FILE`); given there, they win over the same option before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file (or RUNGATE_CONFIG)")
+    common.add_argument("--database-url", default=argparse.SUPPRESS, help="override RUNGATE_DATABASE_URL")
+
+    def command(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        leaf: argparse.ArgumentParser = group.add_parser(name, parents=[common], **kwargs)
+        return leaf
+
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the proxy and the admin API")
+    serve = command(sub, "serve", help="run the proxy and the admin API")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--mock", action="store_true", default=None, help="route every call to the built-in mock")
-    # SPEC §6.1 writes `rungate serve --config FILE`; the global `rungate --config FILE serve` works too.
-    serve.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file (or RUNGATE_CONFIG)")
 
-    demo = sub.add_parser("demo", help="run a short scripted agent through the mock provider")
+    demo = command(sub, "demo", help="run a short scripted agent through the mock provider")
     demo.add_argument("--port", type=int, default=0)
 
     agents = sub.add_parser("agents", help="manage agents").add_subparsers(dest="action", required=True)
-    agents_create = agents.add_parser("create")
+    agents_create = command(agents, "create")
     agents_create.add_argument("name")
     agents_create.add_argument("--policy", help="name of the default policy of the agent's runs")
-    agents.add_parser("list")
+    command(agents, "list")
 
     keys = sub.add_parser("keys", help="manage provider keys").add_subparsers(dest="action", required=True)
-    add = keys.add_parser("add", help="store a provider key (read from stdin, or --from-env VAR)")
+    add = command(keys, "add", help="store a provider key (read from stdin, or --from-env VAR)")
     add.add_argument("provider", choices=("openai", "anthropic"))
     add.add_argument("name")
     add.add_argument("--from-env", metavar="VAR")
-    keys.add_parser("list")
+    command(keys, "list")
 
     policies = sub.add_parser("policies", help="manage policies").add_subparsers(dest="action", required=True)
-    policies.add_parser("apply", help="create or update a policy from a YAML (or JSON) file").add_argument("file")
-    policies.add_parser("list")
-    policies.add_parser("show", help="a policy's current version, or NAME@VERSION").add_argument("name")
+    command(policies, "apply", help="create or update a policy from a YAML (or JSON) file").add_argument("file")
+    command(policies, "list")
+    command(policies, "show", help="a policy's current version, or NAME@VERSION").add_argument("name")
 
     runs = sub.add_parser("runs", help="inspect runs").add_subparsers(dest="action", required=True)
-    runs_list = runs.add_parser("list")
+    runs_list = command(runs, "list")
     runs_list.add_argument("--agent-id")
     runs_list.add_argument("--status")
     runs_list.add_argument("--limit", type=_positive, default=50)
-    runs.add_parser("show").add_argument("run_id")
-    runs_stop = runs.add_parser("stop", help="the kill switch: refuse the run's later calls, cut those in flight",
+    command(runs, "show").add_argument("run_id")
+    runs_stop = command(runs, "stop", help="the kill switch: refuse the run's later calls, cut those in flight",
                                 description="Refuse every later call of the run (403 run_force_stopped). A"
                                             " server running on the same database cuts the run's calls in flight"
                                             " when it reads the stop from the log (within about a quarter"
                                             " second).")
     runs_stop.add_argument("run_id")
     runs_stop.add_argument("--reason")
-    runs_resume = runs.add_parser("resume", help="let a stopped or blocked run take calls again")
+    runs_resume = command(runs, "resume", help="let a stopped or blocked run take calls again")
     runs_resume.add_argument("run_id")
     runs_resume.add_argument("--add-usd", help="raise the run's USD budget by this much, e.g. 2.50")
 
     approvals = sub.add_parser("approvals", help="decide approval requests (gated tool calls)").add_subparsers(
         dest="action", required=True)
-    approvals_list = approvals.add_parser("list", help="approval requests, newest first")
+    approvals_list = command(approvals, "list", help="approval requests, newest first")
     approvals_list.add_argument("--status", choices=queries.APPROVAL_STATUSES)
     approvals_list.add_argument("--run-id")
     approvals_list.add_argument("--agent-id")
-    approvals.add_parser("show", help="one approval request").add_argument("gate_id")
-    approve = approvals.add_parser("approve", help="approve a pending gate (optionally with edited arguments)")
+    command(approvals, "show", help="one approval request").add_argument("gate_id")
+    approve = command(approvals, "approve", help="approve a pending gate (optionally with edited arguments)")
     approve.add_argument("gate_id")
     approve.add_argument("--args", help="the tool call's new arguments, a JSON object (edit and approve)")
     approve.add_argument("--reason")
     approve.add_argument("--by", help="who decides (recorded; default: cli)")
-    reject = approvals.add_parser("reject", help="reject a pending gate")
+    reject = command(approvals, "reject", help="reject a pending gate")
     reject.add_argument("gate_id")
     reject.add_argument("--reason")
     reject.add_argument("--by", help="who decides (recorded; default: cli)")
 
-    replay = sub.add_parser("replay", help="print a run's events as NDJSON")
+    replay = command(sub, "replay", help="print a run's events as NDJSON")
     replay.add_argument("run_id")
     replay.add_argument("--after", type=_position, default=0, help="only events after this log position")
-    verify = sub.add_parser("verify", help="check the event log's hash chain (and anchors kept from earlier checks)")
+    verify = command(sub, "verify", help="check the event log's hash chain (and anchors kept from earlier checks)")
     verify.add_argument("--anchor", type=_anchor, action="append", default=[], metavar="POSITION:HASH",
                         help="a head printed by an earlier verify and kept elsewhere: the event at POSITION must"
                              " still have HASH (repeatable)")
-    rebuild = sub.add_parser("rebuild", help="drop the projections and replay the log into them (once it verifies)")
+    rebuild = command(sub, "rebuild", help="drop the projections and replay the log into them (once it verifies)")
     rebuild.add_argument("--force", action="store_true", help="rebuild even if the log does not verify")
     return parser
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -248,6 +250,61 @@ def test_serve_takes_the_config_file_after_the_command_too(tmp_path: Path) -> No
     assert build_parser().parse_args(["serve", "--config", "routes.yaml"]).config == "routes.yaml"
     assert build_parser().parse_args(["--config", "a.yaml", "serve"]).config == "a.yaml"
     assert build_parser().parse_args(["serve"]).config is None
+
+
+# Every command of the README's list, with the arguments it needs.
+COMMANDS = [["serve"], ["demo"], ["agents", "create", "a"], ["agents", "list"], ["keys", "add", "openai", "k"],
+            ["keys", "list"], ["policies", "apply", "p.yaml"], ["policies", "list"], ["policies", "show", "p"],
+            ["runs", "list"], ["runs", "show", "r"], ["runs", "stop", "r"], ["runs", "resume", "r"],
+            ["approvals", "list"], ["approvals", "show", "g"], ["approvals", "approve", "g"],
+            ["approvals", "reject", "g"], ["replay", "r"], ["verify"], ["rebuild"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_takes_config_and_database_url_before_or_after_its_name(command: list[str]) -> None:
+    # The README says every command takes both; an operator writes them after the command as often as before.
+    from rungate.cli import build_parser
+    parse = build_parser().parse_args
+    after = parse([*command, "--config", "c.yaml", "--database-url", "sqlite:///after.db"])
+    assert (after.config, after.database_url) == ("c.yaml", "sqlite:///after.db")
+    before = parse(["--config", "c.yaml", "--database-url", "sqlite:///before.db", *command])
+    assert (before.config, before.database_url) == ("c.yaml", "sqlite:///before.db")
+    both = parse(["--database-url", "sqlite:///before.db", *command, "--database-url", "sqlite:///after.db"])
+    assert both.database_url == "sqlite:///after.db"  # the one nearer the command wins
+    assert parse(command).database_url is None and parse(command).config is None
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of `parser`'s commands, all levels down."""
+    found: set[str] = set()
+    for action in parser._actions:  # argparse offers no public walk of its sub-commands
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= _options(child)
+        else:
+            found.update(option for option in action.option_strings if option.startswith("--"))
+    return found
+
+
+def test_the_readme_command_list_names_every_option_and_no_other() -> None:
+    from rungate.cli import build_parser
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    everywhere = {"--config", "--database-url"}  # said once, below the list
+    written = set(re.findall(r"--[a-z][a-z-]*", block)) - everywhere
+    assert written == _options(build_parser()) - everywhere - {"--help", "--version"}
+    assert "Every command takes `--config FILE` and `--database-url URL`" in readme
+
+
+def test_the_database_url_after_the_command_is_the_one_used(tmp_path: Path) -> None:
+    db, other = tmp_path / "after.db", tmp_path / "before.db"
+    created = rungate(other, "agents", "create", "ops-bot", "--database-url", f"sqlite:///{db}")
+    assert created.returncode == 0, created.stderr
+    assert db.exists() and not other.exists()
+    listed = rungate(other, "agents", "list", "--database-url", f"sqlite:///{db}")
+    assert [a["name"] for a in json.loads(listed.stdout)] == ["ops-bot"]
+    verified = rungate(other, "verify", "--database-url", f"sqlite:///{db}")
+    assert verified.returncode == 0 and verified.stdout.startswith("ok"), verified.stderr
 
 
 async def test_sigterm_lets_calls_in_flight_finish_and_leaves_no_open_step(tmp_path: Path, aiohttp_server: Any) -> None:
