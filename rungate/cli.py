@@ -341,10 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs_list.add_argument("--limit", type=_positive, default=50)
     command(runs, "show").add_argument("run_id")
     runs_stop = command(runs, "stop", help="the kill switch: refuse the run's later calls, cut those in flight",
-                                description="Refuse every later call of the run (403 run_force_stopped). A"
-                                            " server running on the same database cuts the run's calls in flight"
-                                            " when it reads the stop from the log (within about a quarter"
-                                            " second).")
+                        description="Refuse every later call of the run (403 run_force_stopped). A server running"
+                                    " on the same database cuts the run's calls in flight when it reads the stop"
+                                    " from the log (within about a quarter second).")
     runs_stop.add_argument("run_id")
     runs_stop.add_argument("--reason")
     runs_resume = command(runs, "resume", help="let a stopped or blocked run take calls again")
