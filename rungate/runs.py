@@ -266,8 +266,10 @@ class AdmitCall:
         f = self.facts
         self._agent = _admitting_agent(f.agent_id)
         self._run = _run_lookup(f.run_id) if f.run_id is not None else _active_auto_run(f.agent_id)
+        # What the answer it continues carried: only the planner counts it (a failover re-admission is given the
+        # plan's input, which already holds it).
         self._continued = (Lookup.of("responses", "tokens", id=f.previous_response_id, agent_id=f.agent_id)
-                           if f.previous_response_id is not None else None)
+                           if f.previous_response_id is not None and f.planner is not None else None)
 
     def lookups(self) -> Sequence[Lookup]:
         if self._continued is not None:

@@ -672,7 +672,11 @@ class ResponsesStreamMeter(_StreamMeter):
         return [acc.to_call() for acc in self._calls.values()]
 
     def estimated_usage(self, input_estimate: int) -> Usage:
-        usage = super().estimated_usage(input_estimate)
+        return self._with_announced_searches(super().estimated_usage(input_estimate))
+
+    def _with_announced_searches(self, usage: Usage) -> Usage:
+        """`usage` counting the searches the stream announced, where they are more than it says: each was run
+        (and billed), also when the stream was cut or its final `output` leaves one out."""
         searches = len(self._searches)
         return replace(usage, web_searches=searches) if searches > usage.web_searches else usage
 
@@ -699,9 +703,7 @@ class ResponsesStreamMeter(_StreamMeter):
             self.response_id = _str(response, "id") or self.response_id
             usage = usage_from_responses(response)
             if usage is not None:
-                # The final `output` lists every search; one announced by an event and missing there was run too.
-                searches = len(self._searches)
-                self._usage = replace(usage, web_searches=searches) if searches > usage.web_searches else usage
+                self._usage = self._with_announced_searches(usage)
             failure = _dict(response, "error")
             if kind == "response.failed" and failure is not None:
                 self._set_error(failure)
